@@ -1,0 +1,313 @@
+"""Tasks: a name plus train / validation / test splits in one prompt-completion form, and a scorer.
+
+Every split has the columns ``prompt``, ``completion``, ``answer`` (the gold answer text, used for
+exact match) and ``entry`` (a JSON string the task's scorer may need, "" when unused). The text
+follows the METIS reference code: ``instruction.rstrip() + "\\nAnswer: " + response.strip() + "\\n\\n"``,
+split so that the completion starts with the space (BPE tokenizers attach it to the answer's first
+token; the concatenated text is the reference's, character for character).
+
+Sources: reasoning-gym generators (disjoint seeds per split), local JSON/JSONL/CSV/Parquet files,
+and Hub datasets by id (or a dataset folder laid out like a Hub repo) with a column mapping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from datasets import Dataset, DatasetDict, load_dataset
+
+SPLITS = ("train", "validation", "test")
+COLUMNS = ("prompt", "completion", "answer", "entry")
+ANSWER_PREFIX = "\nAnswer:"
+
+# A scorer maps (model's answer text, example row) to a score in [0, 1].
+Scorer = Callable[[str, Mapping[str, Any]], float]
+
+
+def format_prompt(instruction: str) -> str:
+    return instruction.rstrip() + ANSWER_PREFIX
+
+
+def format_completion(response: str) -> str:
+    return " " + str(response).strip() + "\n\n"
+
+
+def extract_answer(generated: str) -> str:
+    """The answer a model generated after the prompt: the text up to the first blank line."""
+    return generated.strip().split("\n\n")[0].strip()
+
+
+def exact_match(prediction: str, answer: str) -> float:
+    return float(" ".join(prediction.split()) == " ".join(str(answer).split()))
+
+
+@dataclass
+class Task:
+    """One task: its splits in canonical form and, where it has one, a scorer."""
+
+    name: str
+    train: Dataset
+    validation: Dataset
+    test: Dataset
+    scorer: Scorer | None = None
+
+    def split(self, split: str) -> Dataset:
+        if split not in SPLITS:
+            raise ValueError(f"Unknown split {split!r} for task {self.name!r}; expected one of {SPLITS}.")
+        return getattr(self, split)
+
+    def score(self, prediction: str, example: Mapping[str, Any]) -> float:
+        """Partial-credit score where the task has a scorer, exact match otherwise."""
+        if self.scorer is None:
+            return exact_match(prediction, example["answer"])
+        return float(self.scorer(prediction, example))
+
+
+@dataclass
+class TaskSpec:
+    """How to build one task. Recipes list these under ``tasks:``."""
+
+    name: str = field(metadata={"help": "Task name, used in logs, metrics and adapter names."})
+    source: str = field(
+        default="reasoning_gym",
+        metadata={"help": "'reasoning_gym' (a generator), 'file' (local JSON/JSONL/CSV/Parquet) or 'hub'."},
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Generator name (default: the task name), a file path, or a Hub dataset id or folder."
+        },
+    )
+    data_files: dict[str, str] | None = field(
+        default=None, metadata={"help": "For source 'file': split name -> file path (instead of `dataset`)."}
+    )
+    config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration (subset)."})
+    splits: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"help": "Canonical split -> the source's split name, e.g. {validation: dev}."},
+    )
+    columns: dict[str, str] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Role -> source column. Roles: prompt/completion, instruction/response, messages, "
+            "answer. Detected from common names when empty."
+        },
+    )
+    train_size: int = field(default=1000, metadata={"help": "Training examples (sampled with `seed`)."})
+    validation_size: int = field(
+        default=100, metadata={"help": "Validation examples (loss gaps, eval loss)."}
+    )
+    test_size: int = field(default=200, metadata={"help": "Test examples (accuracy)."})
+    seed: int = field(
+        default=0, metadata={"help": "Sampling seed; reasoning-gym splits use seed, +1e4, +2e4."}
+    )
+    generator_config: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Extra keyword arguments for the reasoning-gym generator."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.source not in ("reasoning_gym", "file", "hub"):
+            raise ValueError(
+                f"Task {self.name!r}: unknown source {self.source!r} (reasoning_gym, file or hub)."
+            )
+        for split in SPLITS:
+            size = getattr(self, f"{split}_size")
+            if not isinstance(size, int) or size < 1:
+                raise ValueError(
+                    f"Task {self.name!r}: {split}_size must be a positive integer, got {size!r}."
+                )
+
+
+def build_task(spec: TaskSpec | Mapping[str, Any]) -> Task:
+    if not isinstance(spec, TaskSpec):
+        spec = TaskSpec(**spec)
+    if spec.source == "reasoning_gym":
+        return _reasoning_gym_task(spec)
+    return _dataset_task(spec)
+
+
+def build_tasks(specs: Sequence[TaskSpec | Mapping[str, Any]]) -> dict[str, Task]:
+    tasks: dict[str, Task] = {}
+    for spec in specs:
+        task = build_task(spec)
+        if task.name in tasks:
+            raise ValueError(f"Task name {task.name!r} appears twice.")
+        tasks[task.name] = task
+    if not tasks:
+        raise ValueError("No tasks given.")
+    return tasks
+
+
+# --- reasoning-gym ---------------------------------------------------------------------------
+
+_SPLIT_SEED_OFFSET = {"train": 0, "validation": 10_000, "test": 20_000}
+
+
+def _reasoning_gym_task(spec: TaskSpec) -> Task:
+    try:
+        import reasoning_gym
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("reasoning-gym tasks need `pip install reasoning-gym` (extra `offline`).") from err
+    generator = spec.dataset or spec.name
+    try:
+        scorer_dataset = reasoning_gym.create_dataset(
+            generator, size=1, seed=spec.seed, **spec.generator_config
+        )
+    except Exception as err:
+        raise ValueError(f"Task {spec.name!r}: reasoning-gym cannot build {generator!r}: {err}") from err
+
+    seen_questions: set[str] = set()
+    splits: dict[str, Dataset] = {}
+    for split in SPLITS:  # train first: later splits drop questions that training has seen
+        size = getattr(spec, f"{split}_size")
+        # Draw a few extra so that removing overlaps with earlier splits still leaves `size` items.
+        items = reasoning_gym.create_dataset(
+            generator,
+            size=size + size // 4 + 8,
+            seed=spec.seed + _SPLIT_SEED_OFFSET[split],
+            **spec.generator_config,
+        )
+        rows = []
+        for item in items:
+            if item["question"] in seen_questions or item["answer"] is None:
+                continue
+            seen_questions.add(item["question"])
+            rows.append(
+                {
+                    "prompt": format_prompt(item["question"]),
+                    "completion": format_completion(item["answer"]),
+                    "answer": str(item["answer"]).strip(),
+                    "entry": json.dumps(item, default=str),
+                }
+            )
+            if len(rows) == size:
+                break
+        _require_rows(spec.name, split, rows)
+        splits[split] = Dataset.from_list(rows)
+
+    def score(prediction: str, example: Mapping[str, Any]) -> float:
+        return float(scorer_dataset.score_answer(answer=prediction, entry=json.loads(example["entry"])))
+
+    return Task(spec.name, splits["train"], splits["validation"], splits["test"], scorer=score)
+
+
+# --- files and Hub datasets ------------------------------------------------------------------
+
+_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+_AUTO_COLUMNS = (
+    {"prompt": "prompt", "completion": "completion"},
+    {"instruction": "instruction", "response": "response"},
+    {"instruction": "instruction", "response": "output"},
+    {"instruction": "question", "response": "answer"},
+    {"instruction": "problem", "response": "solution"},
+    {"messages": "messages"},
+)
+
+
+def _load_raw(spec: TaskSpec) -> DatasetDict:
+    if spec.source == "file":
+        files = spec.data_files or ({"train": spec.dataset} if spec.dataset else None)
+        if not files:
+            raise ValueError(f"Task {spec.name!r}: source 'file' needs `dataset` (a path) or `data_files`.")
+        for split, path in files.items():
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"Task {spec.name!r}: data file {path!r} does not exist.")
+            if os.path.getsize(path) == 0:
+                raise ValueError(f"Task {spec.name!r}: split {split!r} is empty (file {path!r}).")
+        suffixes = {os.path.splitext(p)[1].lower() for p in files.values()}
+        formats = {_FILE_FORMATS.get(s) for s in suffixes}
+        if None in formats or len(formats) != 1:
+            raise ValueError(
+                f"Task {spec.name!r}: cannot read {sorted(suffixes)}; use one of {sorted(_FILE_FORMATS)}."
+            )
+        return load_dataset(formats.pop(), data_files=dict(files))
+    if not spec.dataset:
+        raise ValueError(f"Task {spec.name!r}: source 'hub' needs `dataset` (a Hub id or a dataset folder).")
+    # A Hub id and a local folder laid out like a Hub repo go through the same call.
+    return load_dataset(spec.dataset, spec.config_name)
+
+
+def _resolve_columns(spec: TaskSpec, split: str, column_names: Sequence[str]) -> dict[str, str]:
+    if spec.columns:
+        for role, column in spec.columns.items():
+            if column not in column_names:
+                raise ValueError(
+                    f"Task {spec.name!r}, split {split!r}: column {column!r} (for {role!r}) is missing; "
+                    f"the split has {list(column_names)}."
+                )
+        return dict(spec.columns)
+    for candidate in _AUTO_COLUMNS:
+        if all(c in column_names for c in candidate.values()):
+            return dict(candidate)
+    raise ValueError(
+        f"Task {spec.name!r}, split {split!r}: no prompt/completion, instruction/response or messages "
+        f"columns among {list(column_names)}; set `columns:` in the task spec."
+    )
+
+
+def _canonical_row(columns: Mapping[str, str], row: Mapping[str, Any]) -> dict[str, str]:
+    if "messages" in columns:
+        messages = row[columns["messages"]]
+        if not messages or messages[-1].get("role") != "assistant":
+            raise ValueError("a chat example must end with an assistant message")
+        instruction = "\n\n".join(m["content"] for m in messages[:-1])
+        response = messages[-1]["content"]
+    elif "prompt" in columns:
+        instruction, response = row[columns["prompt"]], row[columns["completion"]]
+    else:
+        instruction, response = row[columns["instruction"]], row[columns["response"]]
+    answer = row[columns["answer"]] if "answer" in columns else response
+    return {
+        "prompt": format_prompt(str(instruction)),
+        "completion": format_completion(str(response)),
+        "answer": str(answer).strip(),
+        "entry": "",
+    }
+
+
+def _dataset_task(spec: TaskSpec) -> Task:
+    raw = _load_raw(spec)
+    source_splits = {split: spec.splits.get(split, split) for split in SPLITS}
+    available = {s: raw[n] for s, n in source_splits.items() if n in raw}
+    if "train" not in available:
+        raise ValueError(
+            f"Task {spec.name!r}: split {source_splits['train']!r} not found; the source has {list(raw)}."
+        )
+    # Carve validation and test out of train when the source lacks them (seeded, disjoint).
+    carve = [s for s in ("validation", "test") if s not in available]
+    if carve:
+        pool = available["train"].shuffle(seed=spec.seed)
+        needed = sum(getattr(spec, f"{s}_size") for s in carve)
+        if len(pool) <= needed:
+            raise ValueError(
+                f"Task {spec.name!r}: split 'train' has {len(pool)} examples, too few to carve "
+                f"{' and '.join(carve)} ({needed}) from it and keep any for training."
+            )
+        start = 0
+        for split in carve:
+            size = getattr(spec, f"{split}_size")
+            available[split] = pool.select(range(start, start + size))
+            start += size
+        available["train"] = pool.select(range(start, len(pool)))
+
+    splits: dict[str, Dataset] = {}
+    for split in SPLITS:
+        data = available[split]
+        _require_rows(spec.name, split, data)
+        columns = _resolve_columns(spec, split, data.column_names)
+        data = data.shuffle(seed=spec.seed).select(range(min(getattr(spec, f"{split}_size"), len(data))))
+        try:
+            rows = [_canonical_row(columns, row) for row in data]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"Task {spec.name!r}, split {split!r}: malformed example ({err}).") from err
+        splits[split] = Dataset.from_list(rows)
+    return Task(spec.name, splits["train"], splits["validation"], splits["test"], scorer=None)
+
+
+def _require_rows(task: str, split: str, rows: Sequence[Any] | Dataset) -> None:
+    if len(rows) == 0:
+        raise ValueError(f"Task {task!r}: split {split!r} is empty.")

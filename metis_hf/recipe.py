@@ -1,0 +1,151 @@
+"""Recipes: YAML files validated into dataclasses, with ``--set key.path=value`` overrides.
+
+An unknown key or a value of the wrong type fails with the key's path (``tasks[2].train_size``).
+YAML is read with ``yaml.safe_load`` only.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from metis_hf.data import TaskSpec
+from metis_hf.models import DEFAULT_MODEL
+
+
+@dataclass
+class EvaluationSpec:
+    split: str = field(default="test", metadata={"help": "Split scored by generation."})
+    limit: int | None = field(default=None, metadata={"help": "Score at most this many examples per task."})
+    batch_size: int = field(default=32, metadata={"help": "Generation batch size."})
+    max_new_tokens: int = field(default=24, metadata={"help": "Longest generated answer, in tokens."})
+
+
+@dataclass
+class Recipe:
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Built-in name, Hub id or local path."})
+    seed: int = field(default=0, metadata={"help": "Seed for training and sampling."})
+    tasks: list[TaskSpec] = field(default_factory=list, metadata={"help": "The tasks to train and merge."})
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+    lora: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "peft.LoraConfig keyword arguments."}
+    )
+    training: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "MetisConfig keyword arguments."}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("tasks: a recipe needs at least one task.")
+
+
+class RecipeError(ValueError):
+    """A recipe that does not validate; the message starts with the offending key's path."""
+
+
+def _check_type(value: Any, annotation: Any, path: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _check_type(value, option, path)
+            except RecipeError:
+                continue
+        raise RecipeError(f"{path}: {value!r} does not match {annotation}")
+    if annotation is type(None):
+        if value is not None:
+            raise RecipeError(f"{path}: expected null, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        return from_dict(annotation, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{path}: expected a list, got {type(value).__name__}")
+        (item_type,) = typing.get_args(annotation) or (Any,)
+        return [_check_type(v, item_type, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{path}: expected a mapping, got {type(value).__name__}")
+        _, value_type = typing.get_args(annotation) or (Any, Any)
+        return {k: _check_type(v, value_type, f"{path}.{k}") for k, v in value.items()}
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float) and isinstance(value, bool):
+        raise RecipeError(f"{path}: expected {annotation.__name__}, got a boolean")
+    if isinstance(annotation, type) and not isinstance(value, annotation):
+        raise RecipeError(f"{path}: expected {annotation.__name__}, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking every key and type."""
+    where = path or "recipe"
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise RecipeError(
+            f"{path + '.' if path else ''}{unknown[0]}: unknown key (allowed: {', '.join(sorted(names))})"
+        )
+    kwargs = {k: _check_type(v, hints[k], f"{path + '.' if path else ''}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, RecipeError):
+            raise
+        raise RecipeError(f"{where}: {err}") from err
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides; values are parsed as YAML (``3``, ``0.5``, ``[a, b]``)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--set {item!r}: expected KEY=VALUE")
+        node: Any = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if isinstance(node, list):
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+        last = parts[-1]
+        value = yaml.safe_load(raw)
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def default_recipe_path() -> Path:
+    """The embedded offline default (the same file as recipes/offline/cpu-4tasks.yaml)."""
+    return Path(str(resources.files("metis_hf") / "resources" / "offline_default.yaml"))
+
+
+def load_recipe_dict(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    path = Path(path) if path is not None else default_recipe_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"Recipe {str(path)!r} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from err
+    return apply_overrides(data, overrides or [])
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    return from_dict(Recipe, load_recipe_dict(path, overrides))

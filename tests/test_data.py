@@ -1,0 +1,132 @@
+import json
+
+import pytest
+from datasets import Dataset
+
+from metis_hf.data import TaskSpec, build_task, build_tasks, exact_match, extract_answer
+
+
+def test_reasoning_gym_splits_are_disjoint_and_sized():
+    task = build_task(
+        {"name": "chain_sum", "train_size": 60, "validation_size": 20, "test_size": 30, "seed": 3}
+    )
+    assert (len(task.train), len(task.validation), len(task.test)) == (60, 20, 30)
+    prompts = [set(task.split(s)["prompt"]) for s in ("train", "validation", "test")]
+    assert not (prompts[0] & prompts[1]) and not (prompts[0] & prompts[2]) and not (prompts[1] & prompts[2])
+    row = task.test[0]
+    question = json.loads(row["entry"])["question"]
+    # the reference text format, character for character
+    assert row["prompt"] + row["completion"] == question.rstrip() + "\nAnswer: " + row["answer"] + "\n\n"
+    assert task.score(row["answer"], row) == 1.0
+    assert task.score("not a number", row) == 0.0
+
+
+def test_reasoning_gym_is_reproducible_from_seed():
+    a = build_task(
+        {"name": "spell_backward", "train_size": 5, "validation_size": 2, "test_size": 2, "seed": 7}
+    )
+    b = build_task(
+        {"name": "spell_backward", "train_size": 5, "validation_size": 2, "test_size": 2, "seed": 7}
+    )
+    assert a.train["prompt"] == b.train["prompt"]
+
+
+def _rows(n, prefix="q"):
+    return [{"instruction": f"{prefix}{i}?", "output": f"a{i}"} for i in range(n)]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_file_source_with_carved_splits(tmp_path, fmt):
+    path = tmp_path / f"data.{fmt}"
+    ds = Dataset.from_list(_rows(40))
+    {"jsonl": ds.to_json, "csv": ds.to_csv, "parquet": ds.to_parquet}[fmt](str(path))
+    spec = TaskSpec(name="t", source="file", dataset=str(path), train_size=20, validation_size=5, test_size=5)
+    task = build_task(spec)
+    assert (len(task.train), len(task.validation), len(task.test)) == (20, 5, 5)
+    assert set(task.train["prompt"]).isdisjoint(task.test["prompt"])
+    row = task.test[0]
+    i = row["prompt"].removeprefix("q").split("?")[0]
+    assert row["answer"] == f"a{i}" and row["completion"] == f" a{i}\n\n"
+    assert task.score(f"a{i}", row) == 1.0  # exact match when the task has no scorer
+
+
+def test_hub_path_on_a_local_dataset_folder_with_chat_messages(tmp_path):
+    folder = tmp_path / "my-org--chat-data"
+    for split, n in (("train", 12), ("test", 4)):
+        rows = [
+            {
+                "messages": [
+                    {"role": "user", "content": f"hi {split} {i}"},
+                    {"role": "assistant", "content": f"yo {i}"},
+                ]
+            }
+            for i in range(n)
+        ]
+        (folder / "data").mkdir(parents=True, exist_ok=True)
+        Dataset.from_list(rows).to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+    task = build_task(
+        {
+            "name": "chat",
+            "source": "hub",
+            "dataset": str(folder),
+            "train_size": 8,
+            "validation_size": 3,
+            "test_size": 4,
+        }
+    )
+    assert len(task.train) == 8 and len(task.validation) == 3 and len(task.test) == 4
+    assert all(p.startswith("hi test") for p in task.test["prompt"])
+    assert task.test[0]["prompt"].endswith("\nAnswer:")
+
+
+def test_missing_column_names_task_split_and_column(tmp_path):
+    path = tmp_path / "d.jsonl"
+    Dataset.from_list(_rows(10)).to_json(str(path))
+    spec = TaskSpec(
+        name="mytask",
+        source="file",
+        dataset=str(path),
+        validation_size=2,
+        test_size=2,
+        columns={"instruction": "instruction", "response": "resp"},
+    )
+    with pytest.raises(ValueError, match=r"mytask.*'train'.*'resp'"):
+        build_task(spec)
+
+
+def test_empty_split_is_an_error(tmp_path):
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    Dataset.from_list(_rows(10)).to_json(str(train))
+    test.write_text("")
+    spec = TaskSpec(
+        name="empty",
+        source="file",
+        data_files={"train": str(train), "validation": str(train), "test": str(train)},
+    )
+    assert len(build_task(spec).test) == 10
+    spec = TaskSpec(name="empty", source="file", data_files={"train": str(train), "test": str(test)})
+    with pytest.raises(ValueError, match=r"empty"):
+        build_task(spec)
+
+
+def test_too_small_to_carve(tmp_path):
+    path = tmp_path / "d.jsonl"
+    Dataset.from_list(_rows(10)).to_json(str(path))
+    with pytest.raises(ValueError, match=r"'small'.*10 examples, too few"):
+        build_task(TaskSpec(name="small", source="file", dataset=str(path)))
+
+
+def test_bad_specs():
+    with pytest.raises(ValueError, match="source"):
+        TaskSpec(name="x", source="ftp")
+    with pytest.raises(ValueError, match="train_size"):
+        TaskSpec(name="x", train_size=0)
+    with pytest.raises(ValueError, match="twice"):
+        build_tasks([{"name": "chain_sum", "train_size": 2, "validation_size": 1, "test_size": 1}] * 2)
+    with pytest.raises(ValueError, match="no_such_generator"):
+        build_task({"name": "no_such_generator"})
+
+
+def test_answer_extraction_and_exact_match():
+    assert extract_answer(" 42\n\nWhat else?") == "42"
+    assert exact_match(" tac ", "tac") == 1.0 and exact_match("tac.", "tac") == 0.0

@@ -1,0 +1,42 @@
+from pathlib import Path
+
+import pytest
+
+from metis_hf.recipe import Recipe, RecipeError, apply_overrides, default_recipe_path, from_dict, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_embedded_default_is_the_offline_cpu_recipe():
+    assert default_recipe_path().read_text() == (ROOT / "recipes/offline/cpu-4tasks.yaml").read_text()
+    recipe = load_recipe()
+    assert recipe.model == "smollm2-135m-instruct" and len(recipe.tasks) == 4
+
+
+def test_unknown_key_and_wrong_type_name_their_path():
+    with pytest.raises(RecipeError, match=r"^tasks\[1\]\.train_sise: unknown key"):
+        from_dict(Recipe, {"tasks": [{"name": "a"}, {"name": "b", "train_sise": 3}]})
+    with pytest.raises(RecipeError, match=r"^tasks\[0\]\.train_size: expected int"):
+        from_dict(Recipe, {"tasks": [{"name": "a", "train_size": "many"}]})
+    with pytest.raises(RecipeError, match=r"^evaluation\.limit"):
+        from_dict(Recipe, {"tasks": [{"name": "a"}], "evaluation": {"limit": [1]}})
+    with pytest.raises(RecipeError, match="at least one task"):
+        from_dict(Recipe, {"tasks": []})
+
+
+def test_overrides_parse_yaml_values():
+    data = apply_overrides(
+        {"tasks": [{"name": "a"}], "seed": 0}, ["seed=3", "tasks.0.train_size=7", "lora.r=8"]
+    )
+    assert data == {"tasks": [{"name": "a", "train_size": 7}], "seed": 3, "lora": {"r": 8}}
+    with pytest.raises(RecipeError, match="KEY=VALUE"):
+        apply_overrides({}, ["seed"])
+
+
+def test_broken_yaml_is_reported(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("tasks: [\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(path)
+    with pytest.raises(FileNotFoundError):
+        load_recipe(tmp_path / "missing.yaml")
