@@ -1,0 +1,25 @@
+"""Merge methods: pure tensor math over task vectors, one registry.
+
+>>> from metis_hf.merging import merge, available_methods
+>>> merged = merge("ties", [tau_a, tau_b], density=0.2)
+"""
+
+# Importing the method modules registers them.
+from metis_hf.merging import consensus, dare, linear, ties  # noqa: F401
+from metis_hf.merging.consensus import loss_gap_weights
+from metis_hf.merging.registry import (
+    MergeMethod,
+    available_methods,
+    get_merge_method,
+    merge,
+    register_merge_method,
+)
+
+__all__ = [
+    "MergeMethod",
+    "available_methods",
+    "get_merge_method",
+    "loss_gap_weights",
+    "merge",
+    "register_merge_method",
+]

@@ -1,0 +1,101 @@
+"""DARE (Yu et al. 2024): drop each entry with probability ``1 - density``, rescale survivors by
+``1 / density`` (as PEFT; mergekit matches L1 norms instead), then Task Arithmetic (dare_linear)
+or TIES's sign election and disjoint mean (dare_ties).
+
+Reproducible from ``seed``: an integer draws every task's mask from one generator, task after
+task, exactly as PEFT does under ``torch.manual_seed(seed)``; a list gives each task its own
+seed, so permuting tasks together with their seeds permutes nothing in the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from metis_hf.merging.checks import check_density, check_finite_number, check_weights
+from metis_hf.merging.chunks import CHUNK_ELEMENTS, as_column, chunked_merge
+from metis_hf.merging.registry import register_merge_method
+from metis_hf.merging.ties import elect_and_average
+
+Seed = int | Sequence[int] | None
+
+
+def keep_masks(task_vectors: Sequence[torch.Tensor], density: float, seed: Seed) -> list[torch.Tensor]:
+    """One boolean keep-mask per task (1 byte per entry), drawn chunk by chunk.
+
+    ``rand < density`` is the draw ``torch.bernoulli(full(density))`` makes, and drawing in
+    chunks from one generator yields the same stream as one draw over the whole tensor.
+    """
+    count = len(task_vectors)
+    device = task_vectors[0].device
+    if seed is None or isinstance(seed, int):
+        shared = torch.Generator(device=device)
+        if seed is None:
+            shared.seed()
+        else:
+            shared.manual_seed(seed)
+        generators = [shared] * count
+    else:
+        seeds = [int(s) for s in seed]
+        if len(seeds) != count:
+            raise ValueError(f"seed has {len(seeds)} entries for {count} task vectors.")
+        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    masks = []
+    for vector, generator in zip(task_vectors, generators):
+        n = vector.numel()
+        mask = torch.empty(n, dtype=torch.bool, device=device)
+        for start in range(0, n, CHUNK_ELEMENTS):
+            size = min(CHUNK_ELEMENTS, n - start)
+            mask[start : start + size] = torch.rand(size, generator=generator, device=device) < density
+        masks.append(mask)
+    return masks
+
+
+def _dropped(stacked: torch.Tensor, masks: list[torch.Tensor], where: slice, density: float) -> torch.Tensor:
+    keep = torch.stack([m[where] for m in masks])
+    return stacked * keep / density
+
+
+@register_merge_method("dare_linear")
+def dare_linear(
+    task_vectors: Sequence[torch.Tensor],
+    *,
+    weights: Sequence[float] | None = None,
+    density: float = 0.5,
+    scale: float = 1.0,
+    seed: Seed = None,
+) -> torch.Tensor:
+    """DARE + Task Arithmetic: random drop with rescale 1/density, weighted sum, times scale."""
+    weights = check_weights(weights, len(task_vectors))
+    density = check_density(density)
+    scale = check_finite_number(scale, "scale")
+    masks = keep_masks(task_vectors, density, seed)
+    w = as_column([scale * x for x in weights], task_vectors[0])
+
+    def kernel(stacked: torch.Tensor, where: slice) -> torch.Tensor:
+        return (w.T @ _dropped(stacked, masks, where, density)).squeeze(0)
+
+    return chunked_merge(task_vectors, kernel)
+
+
+@register_merge_method("dare_ties")
+def dare_ties(
+    task_vectors: Sequence[torch.Tensor],
+    *,
+    weights: Sequence[float] | None = None,
+    density: float = 0.5,
+    scale: float = 1.0,
+    seed: Seed = None,
+) -> torch.Tensor:
+    """DARE + TIES: random drop with rescale 1/density, sign election, disjoint mean, times scale."""
+    weights = check_weights(weights, len(task_vectors))
+    density = check_density(density)
+    scale = check_finite_number(scale, "scale")
+    masks = keep_masks(task_vectors, density, seed)
+    w = as_column(weights, task_vectors[0])
+
+    def kernel(stacked: torch.Tensor, where: slice) -> torch.Tensor:
+        return elect_and_average(_dropped(stacked, masks, where, density), w).mul_(scale)
+
+    return chunked_merge(task_vectors, kernel)
