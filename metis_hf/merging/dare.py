@@ -21,11 +21,12 @@ from metis_hf.merging.ties import elect_and_average
 Seed = int | Sequence[int] | None
 
 
-def keep_masks(task_vectors: Sequence[torch.Tensor], density: float, seed: Seed) -> list[torch.Tensor]:
-    """One boolean keep-mask per task (1 byte per entry), drawn chunk by chunk.
+def keep_masks(task_vectors: Sequence[torch.Tensor], density: float, seed: Seed) -> list[list[torch.Tensor | None]]:
+    """Boolean keep-masks, ``masks[chunk][task]``, drawn task after task in chunks.
 
     ``rand < density`` is the draw ``torch.bernoulli(full(density))`` makes, and drawing in
-    chunks from one generator yields the same stream as one draw over the whole tensor.
+    chunks from one generator yields the same stream as one draw over the whole tensor. Masks are
+    kept per chunk so that the merge can free each chunk's masks once it is merged.
     """
     count = len(task_vectors)
     device = task_vectors[0].device
@@ -41,19 +42,20 @@ def keep_masks(task_vectors: Sequence[torch.Tensor], density: float, seed: Seed)
         if len(seeds) != count:
             raise ValueError(f"seed has {len(seeds)} entries for {count} task vectors.")
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    masks = []
-    for vector, generator in zip(task_vectors, generators):
-        n = vector.numel()
-        mask = torch.empty(n, dtype=torch.bool, device=device)
-        for start in range(0, n, CHUNK_ELEMENTS):
+    n = task_vectors[0].numel()
+    starts = range(0, n, CHUNK_ELEMENTS)
+    masks: list[list[torch.Tensor | None]] = [[None] * count for _ in starts]
+    for task, generator in enumerate(generators):
+        for chunk, start in enumerate(starts):
             size = min(CHUNK_ELEMENTS, n - start)
-            mask[start : start + size] = torch.rand(size, generator=generator, device=device) < density
-        masks.append(mask)
+            masks[chunk][task] = torch.rand(size, generator=generator, device=device) < density
     return masks
 
 
-def _dropped(stacked: torch.Tensor, masks: list[torch.Tensor], where: slice, density: float) -> torch.Tensor:
-    keep = torch.stack([m[where] for m in masks])
+def _dropped(stacked: torch.Tensor, masks: list[list[torch.Tensor | None]], where: slice, density: float) -> torch.Tensor:
+    chunk = where.start // CHUNK_ELEMENTS
+    keep = torch.stack(masks[chunk])
+    masks[chunk] = []  # merged: free this chunk's masks
     return stacked * keep / density
 
 

@@ -1,0 +1,193 @@
+"""Task vectors in two spaces, and merged results written back.
+
+* **LoRA-parameter space** (the paper's and the reference code's): a task vector is the adapter's
+  ``lora_A`` and ``lora_B`` entries, keyed as in PEFT's saved state dict, in sorted key order.
+* **Dense delta space**: per adapted module ``scaling * B @ A`` (the change the adapter makes to
+  the weight), or ``fine-tuned - base`` for full checkpoints.
+
+A dense merged delta returns to a rank-r adapter by truncated SVD (``dense_to_lora``), which keeps
+the best rank-r approximation in Frobenius norm and reports what it drops; or it is folded into the
+base weights exactly (``apply_dense_deltas``).
+
+This module touches models only through their parameters and state dicts: no Trainer, no Hub.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from metis_hf.merging.checks import check_task_vectors
+from metis_hf.merging.registry import get_merge_method
+
+StateDict = dict[str, torch.Tensor]
+_LORA_KEY = re.compile(r"\.lora_(A|B)\.(?P<adapter>[^.]+)\.weight$")
+
+
+def lora_parameters(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.nn.Parameter]:
+    """The adapter's LoRA parameters (the live ``Parameter`` objects), keyed without the adapter
+    name as PEFT saves them, in sorted order."""
+    found = {}
+    for name, param in model.named_parameters():
+        match = _LORA_KEY.search(name)
+        if match and match.group("adapter") == adapter_name:
+            found[name.replace(f".{adapter_name}.weight", ".weight")] = param
+    if not found:
+        raise ValueError(f"Model has no LoRA parameters for adapter {adapter_name!r}.")
+    return dict(sorted(found.items()))
+
+
+def lora_state(model: torch.nn.Module, adapter_name: str = "default") -> StateDict:
+    """A detached copy of the adapter's LoRA parameters (a task vector in LoRA-parameter space)."""
+    return {k: p.detach().clone() for k, p in lora_parameters(model, adapter_name).items()}
+
+
+@torch.no_grad()
+def load_lora_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], adapter_name: str = "default") -> None:
+    """Write ``state`` into the adapter in place: the Parameter objects keep their identity, so an
+    optimizer that holds them stays valid."""
+    params = lora_parameters(model, adapter_name)
+    check_same_keys([dict(params), dict(state)], names=[f"adapter {adapter_name!r}", "merged state"])
+    for key, param in params.items():
+        if param.shape != state[key].shape:
+            raise ValueError(f"Tensor {key!r}: adapter has shape {tuple(param.shape)}, state {tuple(state[key].shape)}.")
+        param.copy_(state[key])
+
+
+def check_same_keys(states: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str] | None = None) -> list[str]:
+    """The common key list of several state dicts; an error names the first key one of them lacks."""
+    names = list(names or [f"input {i}" for i in range(len(states))])
+    if not states:
+        raise ValueError("No inputs to merge.")
+    keys = list(states[0])
+    reference = set(keys)
+    for name, state in zip(names[1:], states[1:]):
+        missing, extra = sorted(reference - set(state)), sorted(set(state) - reference)
+        if missing or extra:
+            culprit = f"lacks {missing[0]!r}" if missing else f"has extra tensor {extra[0]!r}"
+            raise ValueError(
+                f"{name} {culprit} compared with {names[0]} (different target modules or layers?)."
+            )
+    return keys
+
+
+def merge_state_dicts(
+    method: str,
+    states: Sequence[Mapping[str, torch.Tensor]],
+    granularity: str = "tensor",
+    names: Sequence[str] | None = None,
+    **params,
+) -> StateDict:
+    """Merge task vectors given as state dicts, key by key.
+
+    ``granularity="tensor"`` merges each tensor on its own (PEFT's and mergekit's convention; it
+    matters only for TIES's per-tensor trimming, every other method is elementwise);
+    ``"global"`` merges the concatenation of all tensors once. A DARE ``seed`` is offset by the
+    key's index so that every tensor draws its own mask reproducibly.
+    """
+    keys = check_same_keys(states, names)
+    merge_fn = get_merge_method(method)
+    for key in keys:
+        check_task_vectors([s[key] for s in states], name=key)
+    if granularity == "global":
+        flat = [torch.cat([s[k].reshape(-1) for k in keys]) for s in states]
+        merged, out, offset = merge_fn(flat, **params), {}, 0
+        for key in keys:
+            n = states[0][key].numel()
+            out[key] = merged[offset : offset + n].view_as(states[0][key]).clone()
+            offset += n
+        return out
+    if granularity != "tensor":
+        raise ValueError(f"granularity must be 'tensor' or 'global', got {granularity!r}.")
+    out = {}
+    seed = params.pop("seed", None)
+    for index, key in enumerate(keys):
+        key_params = dict(params)
+        if seed is not None:
+            key_params["seed"] = seed + index if isinstance(seed, int) else [s + index for s in seed]
+        out[key] = merge_fn([s[key] for s in states], **key_params)
+    return out
+
+
+# --- dense delta space -----------------------------------------------------------------------
+
+
+def lora_pairs(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, str]]:
+    """Module prefix -> (A key, B key) for a LoRA state dict."""
+    pairs = {}
+    for key in state:
+        if key.endswith(".lora_A.weight"):
+            prefix = key.removesuffix(".lora_A.weight")
+            b_key = prefix + ".lora_B.weight"
+            if b_key not in state:
+                raise ValueError(f"LoRA tensor {key!r} has no matching {b_key!r}.")
+            pairs[prefix] = (key, b_key)
+    if not pairs:
+        raise ValueError("No lora_A/lora_B pairs found in the state dict.")
+    return pairs
+
+
+def lora_to_dense(state: Mapping[str, torch.Tensor], scaling: float) -> StateDict:
+    """Module prefix -> ``scaling * B @ A`` (float32)."""
+    return {
+        prefix: scaling * (state[b].float() @ state[a].float()) for prefix, (a, b) in lora_pairs(state).items()
+    }
+
+
+@dataclass
+class TruncationReport:
+    """What truncating dense deltas back to rank r dropped, per module and overall."""
+
+    relative_error: dict[str, float]  # ||delta - delta_r||_F / ||delta||_F per module
+    overall: float  # the same over all modules together
+
+
+def dense_to_lora(
+    dense: Mapping[str, torch.Tensor], rank: int, scaling: float, dtype: torch.dtype = torch.float32
+) -> tuple[StateDict, TruncationReport]:
+    """Best rank-``rank`` factors of each dense delta (truncated SVD), split evenly between A and B:
+    ``B = U_r sqrt(S_r / scaling)``, ``A = sqrt(S_r / scaling) V_r^T``, so ``scaling * B @ A`` is
+    the truncation."""
+    out: StateDict = {}
+    errors, dropped_total, norm_total = {}, 0.0, 0.0
+    for prefix, delta in dense.items():
+        u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+        root = torch.sqrt(s[:rank] / scaling)
+        out[prefix + ".lora_A.weight"] = (root[:, None] * vh[:rank]).to(dtype)
+        out[prefix + ".lora_B.weight"] = (u[:, :rank] * root[None, :]).to(dtype)
+        dropped, norm = float((s[rank:] ** 2).sum()), float((s**2).sum())
+        errors[prefix] = (dropped / norm) ** 0.5 if norm > 0 else 0.0
+        dropped_total, norm_total = dropped_total + dropped, norm_total + norm
+    overall = (dropped_total / norm_total) ** 0.5 if norm_total > 0 else 0.0
+    return dict(sorted(out.items())), TruncationReport(errors, overall)
+
+
+def checkpoint_task_vectors(base: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]]) -> list[StateDict]:
+    """``fine-tuned - base`` for every floating tensor of full checkpoints."""
+    keys = check_same_keys([base, *finetuned], names=["base", *[f"model {i}" for i in range(len(finetuned))]])
+    vectors = []
+    for model in finetuned:
+        vectors.append({k: model[k].float() - base[k].float() for k in keys if base[k].is_floating_point()})
+    return vectors
+
+
+@torch.no_grad()
+def apply_dense_deltas(model: torch.nn.Module, deltas: Mapping[str, torch.Tensor], prefix_map=None) -> None:
+    """Fold dense deltas into a base model's weights in place (``W += delta``); exact, no rank limit.
+
+    ``deltas`` keys are module prefixes (as from :func:`lora_to_dense`) or parameter names.
+    ``prefix_map`` maps a delta key to the model's parameter name when they differ.
+    """
+    params = dict(model.named_parameters())
+    for key, delta in deltas.items():
+        name = prefix_map(key) if prefix_map else key
+        if name not in params and name + ".weight" in params:
+            name += ".weight"
+        if name not in params:
+            raise ValueError(f"Delta {key!r} names no parameter of the model (looked for {name!r}).")
+        if params[name].shape != delta.shape:
+            raise ValueError(f"Delta {key!r} has shape {tuple(delta.shape)}, parameter {tuple(params[name].shape)}.")
+        params[name].add_(delta.to(params[name].dtype))

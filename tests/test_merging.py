@@ -1,0 +1,280 @@
+"""The merge library against PEFT, mergekit, hand-computed values and properties.
+
+Parameter mapping to the peers (written down once, used below):
+- PEFT ``merge_utils.<m>(tensors, weights, density)`` = ours ``merge(m, tensors, weights=..., density=...)``
+  (scale 1); DARE draws match when PEFT runs under ``torch.manual_seed(s)`` and ours gets ``seed=s``.
+- mergekit ``merge_tensors([zeros, *tensors], m, parameters={"weight": w, "density": d}, base_index=0)``
+  = ours with unit weights for ties; for DARE, mergekit with ``rescale: false`` (it matches L1
+  norms otherwise) equals ours times ``density`` (we rescale by 1/density), and dare_ties needs
+  ``normalize: true`` (mergekit's dare_ties sums the agreeing entries without dividing).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from metis_hf.merging import available_methods, loss_gap_weights, merge, register_merge_method
+from metis_hf.merging.ties import magnitude_threshold
+
+ATOL = 1e-6
+METHODS = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "consensus_ta", "metis"]
+
+
+def vectors(count=3, size=5000, seed=0, shape=None):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape or (size,), generator=g) for _ in range(count)]
+
+
+def test_registry_lists_the_six_methods():
+    assert set(METHODS) <= set(available_methods())
+
+
+# --- golden: PEFT -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.5, 1.5, -0.7]])
+@pytest.mark.parametrize("density", [0.2, 0.65])
+def test_ties_equals_peft(weights, density):
+    from peft.utils import merge_utils
+
+    vs = vectors(shape=(40, 70))
+    expected = merge_utils.ties(vs, torch.tensor(weights), density=density)
+    torch.testing.assert_close(merge("ties", vs, weights=weights, density=density), expected, atol=ATOL, rtol=0)
+
+
+def test_task_arithmetic_equals_peft():
+    from peft.utils import merge_utils
+
+    vs, w = vectors(4), [0.3, -1.0, 2.0, 0.25]
+    expected = merge_utils.task_arithmetic(vs, torch.tensor(w))
+    torch.testing.assert_close(merge("task_arithmetic", vs, weights=w), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.5, 2.0, 1.0]])
+def test_dare_equals_peft_under_the_same_seed(method, weights):
+    from peft.utils import merge_utils
+
+    vs = vectors(size=600_000)  # larger than one chunk: chunked draws must equal PEFT's one draw
+    torch.manual_seed(11)
+    expected = getattr(merge_utils, method)(vs, torch.tensor(weights), density=0.4)
+    ours = merge(method, vs, weights=weights, density=0.4, seed=11)
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
+
+
+# --- golden: mergekit -------------------------------------------------------------------------
+
+
+def _mergekit(vs, method, **parameters):
+    from mergekit.merge_methods import merge_tensors
+
+    return merge_tensors([torch.zeros_like(vs[0]), *vs], method, parameters=parameters, base_index=0)
+
+
+def test_ties_and_task_arithmetic_equal_mergekit():
+    vs = vectors(shape=(30, 50))
+    torch.testing.assert_close(
+        merge("ties", vs, density=0.3), _mergekit(vs, "ties", weight=1.0, density=0.3), atol=ATOL, rtol=0
+    )
+    w = [0.5, 1.0, -2.0]
+    torch.testing.assert_close(
+        merge("task_arithmetic", vs, weights=w), _mergekit(vs, "task_arithmetic", weight=w), atol=ATOL, rtol=0
+    )
+
+
+def test_dare_equals_mergekit_without_its_norm_rescale():
+    vs = vectors()
+    torch.manual_seed(5)
+    linear = _mergekit(vs, "dare_linear", weight=1.0, density=0.5, rescale=False)
+    torch.testing.assert_close(merge("dare_linear", vs, density=0.5, seed=5) * 0.5, linear, atol=ATOL, rtol=0)
+    torch.manual_seed(5)
+    tied = _mergekit(vs, "dare_ties", weight=1.0, density=0.5, rescale=False, normalize=True)
+    torch.testing.assert_close(merge("dare_ties", vs, density=0.5, seed=5) * 0.5, tied, atol=ATOL, rtol=0)
+
+
+# --- hand-checked METIS and ConsensusTA -------------------------------------------------------
+
+
+def test_metis_by_hand():
+    # Two coordinates, three tasks; alphas given. Coordinate 0: weighted entries 0.5*2=1, 0.25*2=0.5,
+    # 0.25*2=0.5, V=2: masks |1|>0.3*1 yes, |0.5|>0.3*1.5 yes, yes -> 3 owners, kept: 2.
+    # Coordinate 1: weighted 0.5*4=2, 0.25*0=0, 0.25*0=0, V=2: only task 0 owns it -> dropped.
+    vs = [torch.tensor([2.0, 4.0]), torch.tensor([2.0, 0.0]), torch.tensor([2.0, 0.0])]
+    out = merge("metis", vs, alphas=[0.5, 0.25, 0.25], delta=0.3, k=2, beta=1.5)
+    assert out.tolist() == [3.0, 0.0]  # beta * 2 and 0
+
+
+def test_metis_strict_and_consensus_ta_non_strict_differ_on_a_tie():
+    # Exactly representable: task 0's entry 0.5 against the rest 1.0 at delta 0.5 is a tie, so
+    # METIS (>) gives it no ownership and ConsensusTA (>=) does.
+    vs = [torch.tensor([0.5]), torch.tensor([1.0])]
+    assert merge("metis", vs, alphas=[1.0, 1.0], delta=0.5, k=2).item() == 0.0
+    assert merge("consensus_ta", vs, delta=0.5, k=2).item() == 1.5
+
+
+def _transcribe(vs, weights, delta, k, scale, strict):
+    """A direct, coordinate-by-coordinate transcription of ../shared/METIS.md §3 and §4."""
+    out = []
+    for i in range(vs[0].numel()):
+        entries = [w * float(v.reshape(-1)[i]) for v, w in zip(vs, weights)]
+        total = sum(entries)
+        owners = 0
+        for e in entries:
+            own = abs(e) > delta * abs(total - e) if strict else abs(e) >= delta * abs(total - e)
+            owners += own
+        out.append(scale * total if owners >= k else 0.0)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("count,k", [(3, 2), (4, 2), (5, 3)])
+def test_metis_and_consensus_ta_match_the_transcription(count, k):
+    vs = [v.double() for v in vectors(count, size=300, seed=count)]
+    gaps = [0.1 * i - 0.2 for i in range(count)]
+    alphas = loss_gap_weights(gaps, temperature=2.0)
+    expected = _transcribe(vs, alphas, 0.3, k, 1.2, strict=True)
+    torch.testing.assert_close(merge("metis", vs, loss_gaps=gaps, k=k, beta=1.2), expected, atol=1e-12, rtol=0)
+    w = [0.5, 1.0, 1.5, 0.7, 1.1][:count]
+    expected = _transcribe(vs, w, 0.4, k, 0.8, strict=False)
+    torch.testing.assert_close(
+        merge("consensus_ta", vs, weights=w, delta=0.4, k=k, scale=0.8), expected, atol=1e-12, rtol=0
+    )
+
+
+def test_loss_gap_weights_are_a_softmax():
+    gaps, temp = [0.5, -1.0, 2.0], 2.0
+    exps = [pow(2.718281828459045, g / temp) for g in gaps]
+    assert loss_gap_weights(gaps, temp) == pytest.approx([e / sum(exps) for e in exps])
+
+
+def test_magnitude_threshold_is_exact_on_large_and_structured_inputs():
+    for v in [vectors(1, 1_000_003, seed=3)[0], torch.arange(300_000.0) % 997 - 498.0]:
+        n = v.numel()
+        for density in (0.001, 0.2, 0.5, 0.999):
+            expected = float(v.abs().kthvalue(n - int(density * n) + 1).values)
+            assert magnitude_threshold(v, density) == expected
+
+
+# --- properties -------------------------------------------------------------------------------
+
+finite = st.floats(-100, 100, allow_nan=False, width=32)
+
+
+def _tensors(draw_lists):
+    return [torch.tensor(x, dtype=torch.float32) for x in draw_lists]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4).flatmap(lambda t: st.lists(st.lists(finite, min_size=6, max_size=6), min_size=t, max_size=t)),
+       st.floats(-3, 3), st.floats(-3, 3))
+def test_task_arithmetic_is_linear(lists, a, b):
+    vs = _tensors(lists)
+    us = [v.flip(0) for v in vs]
+    combined = [a * v + b * u for v, u in zip(vs, us)]
+    expected = a * merge("task_arithmetic", vs) + b * merge("task_arithmetic", us)
+    torch.testing.assert_close(merge("task_arithmetic", combined), expected, atol=1e-3, rtol=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(finite, min_size=1, max_size=20), st.floats(0.1, 3))
+def test_one_task_at_density_one_returns_it_scaled(values, scale):
+    v = torch.tensor(values)
+    for method, params in [
+        ("task_arithmetic", {"scale": scale}),
+        ("ties", {"density": 1.0, "scale": scale}),
+        ("dare_linear", {"density": 1.0, "scale": scale, "seed": 0}),
+        ("dare_ties", {"density": 1.0, "scale": scale, "seed": 0}),
+        ("consensus_ta", {"k": 1, "scale": scale}),
+        ("metis", {"alphas": [1.0], "k": 1, "beta": scale}),
+    ]:
+        torch.testing.assert_close(merge(method, [v], **params), scale * v, atol=1e-4, rtol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 5).flatmap(lambda t: st.lists(st.lists(finite, min_size=8, max_size=8), min_size=t, max_size=t)),
+       st.floats(-5, 5))
+def test_metis_with_equal_gaps_is_consensus_ta_at_one_over_t(lists, gap):
+    vs = _tensors(lists)
+    count = len(vs)
+    ours = merge("metis", vs, loss_gaps=[gap] * count, delta=0.3, k=2)
+    # Equal gaps give alphas 1/T; strict and non-strict masks agree except on exact ties.
+    weighted = [v / count for v in vs]
+    total = sum(weighted)
+    ties = any(bool(((w.abs() - 0.3 * (total - w).abs()).abs() < 1e-6).any()) for w in weighted)
+    if not ties:
+        torch.testing.assert_close(ours, merge("consensus_ta", vs, weights=[1 / count] * count, delta=0.3, k=2))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_is_invariant_to_task_order(method):
+    vs = vectors(4, size=2000, seed=7)
+    gaps, weights, seeds = [0.3, -0.2, 1.1, 0.0], [1.0, 0.5, 2.0, 0.8], [10, 20, 30, 40]
+    params = {
+        "task_arithmetic": lambda o: {"weights": [weights[i] for i in o]},
+        "ties": lambda o: {"weights": [weights[i] for i in o], "density": 0.3},
+        "dare_linear": lambda o: {"weights": [weights[i] for i in o], "seed": [seeds[i] for i in o]},
+        "dare_ties": lambda o: {"weights": [weights[i] for i in o], "seed": [seeds[i] for i in o]},
+        "consensus_ta": lambda o: {"weights": [weights[i] for i in o]},
+        "metis": lambda o: {"loss_gaps": [gaps[i] for i in o]},
+    }[method]
+    reference = merge(method, vs, **params([0, 1, 2, 3]))
+    for order in itertools.islice(itertools.permutations(range(4)), 1, 24, 5):
+        torch.testing.assert_close(merge(method, [vs[i] for i in order], **params(order)), reference, atol=1e-5, rtol=1e-6)
+
+
+def test_dare_is_reproducible_from_its_seed_and_varies_with_it():
+    vs = vectors()
+    a, b = merge("dare_ties", vs, seed=1), merge("dare_ties", vs, seed=1)
+    assert torch.equal(a, b) and not torch.equal(a, merge("dare_ties", vs, seed=2))
+
+
+def test_bfloat16_inputs_merge_in_float32_and_come_back_in_bfloat16():
+    vs = [v.bfloat16() for v in vectors()]
+    out = merge("ties", vs, density=0.5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), merge("ties", [v.float() for v in vs], density=0.5).bfloat16().float())
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda vs: merge("ties", []), "No task vectors"),
+        (lambda vs: merge("ties", [vs[0], vs[1][:-1]]), r"Task vector 1 has shape \(4999,\)"),
+        (lambda vs: merge("ties", [vs[0], torch.full_like(vs[1], float("nan"))]), "Task vector 1 has NaN or Inf"),
+        (lambda vs: merge("ties", [vs[0], vs[1].int()]), "floating point"),
+        (lambda vs: merge("nope", vs), "Unknown merge method 'nope'"),
+        (lambda vs: merge("ties", vs, lambda_=1), "no parameter 'lambda_'"),
+        (lambda vs: merge("ties", vs, density=0.0), "density must be in"),
+        (lambda vs: merge("dare_ties", vs, density=1.5), "density must be in"),
+        (lambda vs: merge("consensus_ta", vs, delta=-0.1), "delta must be"),
+        (lambda vs: merge("consensus_ta", vs, k=4), r"k must be an integer in \[1, 3\]"),
+        (lambda vs: merge("metis", vs, loss_gaps=[1, 2, 3], temperature=0), "temperature must be"),
+        (lambda vs: merge("metis", vs), "exactly one of loss_gaps"),
+        (lambda vs: merge("metis", vs, loss_gaps=[1, 2]), "loss_gaps has 2 entries for 3"),
+        (lambda vs: merge("task_arithmetic", vs, weights=[1, float("inf"), 1]), "weights must be finite"),
+        (lambda vs: merge("dare_linear", vs, seed=[1, 2]), "seed has 2 entries"),
+    ],
+)
+def test_bad_input_names_the_culprit(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(vectors())
+
+
+def test_third_party_method_registers_with_one_decorator():
+    @register_merge_method("test_elementwise_max")
+    def elementwise_max(task_vectors, *, scale: float = 1.0):
+        """Largest entry per coordinate."""
+        return scale * torch.stack(task_vectors).max(0).values
+
+    vs = vectors()
+    assert "test_elementwise_max" in available_methods()
+    torch.testing.assert_close(merge("test_elementwise_max", vs, scale=2.0), 2 * torch.maximum(torch.maximum(vs[0], vs[1]), vs[2]))
+    with pytest.raises(ValueError, match="already registered"):
+        register_merge_method("test_elementwise_max")(elementwise_max)
