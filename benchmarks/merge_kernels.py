@@ -62,7 +62,9 @@ def peers(vectors: list[torch.Tensor]) -> dict[str, dict[str, Callable[[], torch
     base = torch.zeros_like(vectors[0])
 
     def mergekit(method: str, **params):
-        return lambda: merge_tensors([base, *vectors], method, parameters={"weight": 1.0, **params}, base_index=0)
+        return lambda: merge_tensors(
+            [base, *vectors], method, parameters={"weight": 1.0, **params}, base_index=0
+        )
 
     def seeded(fn):
         def run():
@@ -113,7 +115,9 @@ def memory_child(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[1 << 24])
     parser.add_argument("--tasks", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
@@ -137,10 +141,20 @@ def main() -> None:
         # Glibc keeps freed buffers below its (dynamic) mmap threshold; a fixed 16 MiB threshold
         # in a child makes RSS follow live vector-sized buffers while chunk buffers stay cached.
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(16 << 20))
-        command = [sys.executable, __file__, "--memory-child", "--sizes", str(size), "--tasks", str(args.tasks)]
+        command = [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            "--sizes",
+            str(size),
+            "--tasks",
+            str(args.tasks),
+        ]
         command += ["--methods", *args.methods] if args.methods else []
         child = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-        memory = {(r["method"], r["impl"]): r["extra_mib"] for r in map(json.loads, child.stdout.splitlines())}
+        memory = {
+            (r["method"], r["impl"]): r["extra_mib"] for r in map(json.loads, child.stdout.splitlines())
+        }
         print(f"\nT={args.tasks}, N={size} float32 ({vector_mib:.0f} MiB per task vector)\n")
         print("| method | implementation | seconds | metis-hf speed-up | extra MiB | extra / one vector |")
         print("|---|---|---|---|---|---|")
@@ -148,7 +162,9 @@ def main() -> None:
             ours = times[method, "metis-hf"]
             speedup = "" if name == "metis-hf" else f"{seconds / ours:.1f}x"
             extra = memory[method, name]
-            print(f"| {method} | {name} | {seconds:.3f} | {speedup} | {extra:.0f} | {extra / vector_mib:.2f} |")
+            print(
+                f"| {method} | {name} | {seconds:.3f} | {speedup} | {extra:.0f} | {extra / vector_mib:.2f} |"
+            )
 
 
 if __name__ == "__main__":

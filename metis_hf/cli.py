@@ -15,6 +15,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from metis_hf.merge_files import load_merge_config, run_merge
+
+    config = load_merge_config(args.config)
+    with open(args.config) as handle:
+        text = handle.read()
+    summary = run_merge(config, args.output_dir, overwrite=args.overwrite, config_text=text)
+    extra = (
+        f"; rank-r truncation dropped {summary.truncation_error:.2%}"
+        if summary.truncation_error is not None
+        else ""
+    )
+    print(f"Merged {summary.tensors} tensors ({summary.kind}) into {summary.output_dir}{extra}")
+    return 0
+
+
+def _cmd_mergekit_yaml(args: argparse.Namespace) -> int:
+    from mergekit.scripts.run_yaml import main as mergekit_yaml
+
+    from metis_hf.merging.mergekit_bridge import register_with_mergekit
+
+    register_with_mergekit()
+    mergekit_yaml.main(args=[args.config, args.output_dir, *args.mergekit_args], standalone_mode=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metis-hf", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="Log at INFO level.")
@@ -27,6 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="Override a recipe key."
     )
     demo.set_defaults(func=_cmd_demo)
+
+    merge = sub.add_parser(
+        "merge", help="Merge PEFT adapters or full checkpoints from a mergekit-style YAML."
+    )
+    merge.add_argument("config", help="YAML: merge_method, models, base_model, parameters, dtype, space.")
+    merge.add_argument("output_dir")
+    merge.add_argument("--overwrite", action="store_true", help="Replace an existing output directory.")
+    merge.set_defaults(func=_cmd_merge)
+
+    mk = sub.add_parser(
+        "mergekit-yaml",
+        help="Run mergekit's YAML runner with metis and consensus_ta registered.",
+    )
+    mk.add_argument("config")
+    mk.add_argument("output_dir")
+    mk.add_argument(
+        "mergekit_args", nargs=argparse.REMAINDER, help="Passed to mergekit-yaml (e.g. --lazy-unpickle)."
+    )
+    mk.set_defaults(func=_cmd_mergekit_yaml)
     return parser
 
 
@@ -37,6 +82,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"metis-hf {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -44,7 +44,9 @@ def test_ties_equals_peft(weights, density):
 
     vs = vectors(shape=(40, 70))
     expected = merge_utils.ties(vs, torch.tensor(weights), density=density)
-    torch.testing.assert_close(merge("ties", vs, weights=weights, density=density), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        merge("ties", vs, weights=weights, density=density), expected, atol=ATOL, rtol=0
+    )
 
 
 def test_task_arithmetic_equals_peft():
@@ -137,7 +139,9 @@ def test_metis_and_consensus_ta_match_the_transcription(count, k):
     gaps = [0.1 * i - 0.2 for i in range(count)]
     alphas = loss_gap_weights(gaps, temperature=2.0)
     expected = _transcribe(vs, alphas, 0.3, k, 1.2, strict=True)
-    torch.testing.assert_close(merge("metis", vs, loss_gaps=gaps, k=k, beta=1.2), expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        merge("metis", vs, loss_gaps=gaps, k=k, beta=1.2), expected, atol=1e-12, rtol=0
+    )
     w = [0.5, 1.0, 1.5, 0.7, 1.1][:count]
     expected = _transcribe(vs, w, 0.4, k, 0.8, strict=False)
     torch.testing.assert_close(
@@ -169,8 +173,13 @@ def _tensors(draw_lists):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 4).flatmap(lambda t: st.lists(st.lists(finite, min_size=6, max_size=6), min_size=t, max_size=t)),
-       st.floats(-3, 3), st.floats(-3, 3))
+@given(
+    st.integers(1, 4).flatmap(
+        lambda t: st.lists(st.lists(finite, min_size=6, max_size=6), min_size=t, max_size=t)
+    ),
+    st.floats(-3, 3),
+    st.floats(-3, 3),
+)
 def test_task_arithmetic_is_linear(lists, a, b):
     vs = _tensors(lists)
     us = [v.flip(0) for v in vs]
@@ -195,8 +204,12 @@ def test_one_task_at_density_one_returns_it_scaled(values, scale):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(2, 5).flatmap(lambda t: st.lists(st.lists(finite, min_size=8, max_size=8), min_size=t, max_size=t)),
-       st.floats(-5, 5))
+@given(
+    st.integers(2, 5).flatmap(
+        lambda t: st.lists(st.lists(finite, min_size=8, max_size=8), min_size=t, max_size=t)
+    ),
+    st.floats(-5, 5),
+)
 def test_metis_with_equal_gaps_is_consensus_ta_at_one_over_t(lists, gap):
     vs = _tensors(lists)
     count = len(vs)
@@ -206,7 +219,9 @@ def test_metis_with_equal_gaps_is_consensus_ta_at_one_over_t(lists, gap):
     total = sum(weighted)
     ties = any(bool(((w.abs() - 0.3 * (total - w).abs()).abs() < 1e-6).any()) for w in weighted)
     if not ties:
-        torch.testing.assert_close(ours, merge("consensus_ta", vs, weights=[1 / count] * count, delta=0.3, k=2))
+        torch.testing.assert_close(
+            ours, merge("consensus_ta", vs, weights=[1 / count] * count, delta=0.3, k=2)
+        )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -223,7 +238,9 @@ def test_every_method_is_invariant_to_task_order(method):
     }[method]
     reference = merge(method, vs, **params([0, 1, 2, 3]))
     for order in itertools.islice(itertools.permutations(range(4)), 1, 24, 5):
-        torch.testing.assert_close(merge(method, [vs[i] for i in order], **params(order)), reference, atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(
+            merge(method, [vs[i] for i in order], **params(order)), reference, atol=1e-5, rtol=1e-6
+        )
 
 
 def test_dare_is_reproducible_from_its_seed_and_varies_with_it():
@@ -236,7 +253,9 @@ def test_bfloat16_inputs_merge_in_float32_and_come_back_in_bfloat16():
     vs = [v.bfloat16() for v in vectors()]
     out = merge("ties", vs, density=0.5)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), merge("ties", [v.float() for v in vs], density=0.5).bfloat16().float())
+    torch.testing.assert_close(
+        out.float(), merge("ties", [v.float() for v in vs], density=0.5).bfloat16().float()
+    )
 
 
 # --- bad input --------------------------------------------------------------------------------
@@ -247,7 +266,10 @@ def test_bfloat16_inputs_merge_in_float32_and_come_back_in_bfloat16():
     [
         (lambda vs: merge("ties", []), "No task vectors"),
         (lambda vs: merge("ties", [vs[0], vs[1][:-1]]), r"Task vector 1 has shape \(4999,\)"),
-        (lambda vs: merge("ties", [vs[0], torch.full_like(vs[1], float("nan"))]), "Task vector 1 has NaN or Inf"),
+        (
+            lambda vs: merge("ties", [vs[0], torch.full_like(vs[1], float("nan"))]),
+            "Task vector 1 has NaN or Inf",
+        ),
         (lambda vs: merge("ties", [vs[0], vs[1].int()]), "floating point"),
         (lambda vs: merge("nope", vs), "Unknown merge method 'nope'"),
         (lambda vs: merge("ties", vs, lambda_=1), "no parameter 'lambda_'"),
@@ -275,6 +297,8 @@ def test_third_party_method_registers_with_one_decorator():
 
     vs = vectors()
     assert "test_elementwise_max" in available_methods()
-    torch.testing.assert_close(merge("test_elementwise_max", vs, scale=2.0), 2 * torch.maximum(torch.maximum(vs[0], vs[1]), vs[2]))
+    torch.testing.assert_close(
+        merge("test_elementwise_max", vs, scale=2.0), 2 * torch.maximum(torch.maximum(vs[0], vs[1]), vs[2])
+    )
     with pytest.raises(ValueError, match="already registered"):
         register_merge_method("test_elementwise_max")(elementwise_max)

@@ -20,7 +20,9 @@ def check_task_vectors(
         if not isinstance(v, torch.Tensor):
             raise ValueError(f"Task vector {i}{where} is a {type(v).__name__}, not a torch.Tensor.")
         if v.shape != first.shape:
-            raise ValueError(f"Task vector {i}{where} has shape {tuple(v.shape)}, task 0 has {tuple(first.shape)}.")
+            raise ValueError(
+                f"Task vector {i}{where} has shape {tuple(v.shape)}, task 0 has {tuple(first.shape)}."
+            )
         if not v.is_floating_point():
             raise ValueError(f"Task vector {i}{where} has dtype {v.dtype}; merging needs floating point.")
         if v.device != first.device:
@@ -33,12 +35,16 @@ def check_task_vectors(
 def all_finite(tensor: torch.Tensor) -> bool:
     """Exact and fast: a finite sum means every entry is finite (NaN and Inf propagate through a
     sum); only a non-finite sum, a bad entry or an overflow, needs the elementwise check."""
-    if bool(torch.isfinite(tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32))):
+    if bool(
+        torch.isfinite(tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32))
+    ):
         return True
     return bool(torch.isfinite(tensor).all())
 
 
-def check_weights(weights: Sequence[float] | torch.Tensor | None, count: int, name: str = "weights") -> list[float]:
+def check_weights(
+    weights: Sequence[float] | torch.Tensor | None, count: int, name: str = "weights"
+) -> list[float]:
     if weights is None:
         return [1.0] * count
     values = [float(w) for w in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]

@@ -23,7 +23,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def chunked_merge(task_vectors: Sequence[torch.Tensor], kernel: Kernel, chunk: int = CHUNK_ELEMENTS) -> torch.Tensor:
+def chunked_merge(
+    task_vectors: Sequence[torch.Tensor], kernel: Kernel, chunk: int = CHUNK_ELEMENTS
+) -> torch.Tensor:
     flat = [v.reshape(-1) for v in task_vectors]
     first = task_vectors[0]
     work = compute_dtype(first.dtype)

@@ -21,7 +21,9 @@ from metis_hf.merging.ties import elect_and_average
 Seed = int | Sequence[int] | None
 
 
-def keep_masks(task_vectors: Sequence[torch.Tensor], density: float, seed: Seed) -> list[list[torch.Tensor | None]]:
+def keep_masks(
+    task_vectors: Sequence[torch.Tensor], density: float, seed: Seed
+) -> list[list[torch.Tensor | None]]:
     """Boolean keep-masks, ``masks[chunk][task]``, drawn task after task in chunks.
 
     ``rand < density`` is the draw ``torch.bernoulli(full(density))`` makes, and drawing in
@@ -52,7 +54,9 @@ def keep_masks(task_vectors: Sequence[torch.Tensor], density: float, seed: Seed)
     return masks
 
 
-def _dropped(stacked: torch.Tensor, masks: list[list[torch.Tensor | None]], where: slice, density: float) -> torch.Tensor:
+def _dropped(
+    stacked: torch.Tensor, masks: list[list[torch.Tensor | None]], where: slice, density: float
+) -> torch.Tensor:
     chunk = where.start // CHUNK_ELEMENTS
     keep = torch.stack(masks[chunk])
     masks[chunk] = []  # merged: free this chunk's masks

@@ -41,16 +41,20 @@ _METHODS: dict[str, MergeMethod] = {}
 def register_merge_method(name: str, *, overwrite: bool = False) -> Callable[[MergeFunction], MergeFunction]:
     """Decorator that registers ``fn`` under ``name``::
 
-        @register_merge_method("my_mean")
-        def my_mean(task_vectors, *, scale: float = 1.0):
-            return scale * torch.stack(task_vectors).mean(0)
+    @register_merge_method("my_mean")
+    def my_mean(task_vectors, *, scale: float = 1.0):
+        return scale * torch.stack(task_vectors).mean(0)
     """
 
     def decorate(fn: MergeFunction) -> MergeFunction:
         if name in _METHODS and not overwrite:
-            raise ValueError(f"Merge method {name!r} is already registered (pass overwrite=True to replace it).")
+            raise ValueError(
+                f"Merge method {name!r} is already registered (pass overwrite=True to replace it)."
+            )
         if name.startswith("mergekit:"):
-            raise ValueError("The 'mergekit:' prefix is reserved for methods looked up in mergekit's registry.")
+            raise ValueError(
+                "The 'mergekit:' prefix is reserved for methods looked up in mergekit's registry."
+            )
         signature = inspect.signature(fn)
         params = tuple(p.name for p in list(signature.parameters.values())[1:] if p.kind is p.KEYWORD_ONLY)
         summary = (inspect.getdoc(fn) or "").split("\n")[0]
@@ -84,7 +88,9 @@ def get_merge_method(name: str) -> MergeMethod:
         ) from None
 
 
-def merge(name: str, task_vectors: Sequence[torch.Tensor], *, check_finite: bool = True, **params) -> torch.Tensor:
+def merge(
+    name: str, task_vectors: Sequence[torch.Tensor], *, check_finite: bool = True, **params
+) -> torch.Tensor:
     """Merge same-shape task vectors with the registered method ``name``.
 
     Raises ``ValueError`` for no inputs, mismatched shapes, non-finite entries (unless

@@ -46,18 +46,24 @@ def lora_state(model: torch.nn.Module, adapter_name: str = "default") -> StateDi
 
 
 @torch.no_grad()
-def load_lora_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], adapter_name: str = "default") -> None:
+def load_lora_state(
+    model: torch.nn.Module, state: Mapping[str, torch.Tensor], adapter_name: str = "default"
+) -> None:
     """Write ``state`` into the adapter in place: the Parameter objects keep their identity, so an
     optimizer that holds them stays valid."""
     params = lora_parameters(model, adapter_name)
     check_same_keys([dict(params), dict(state)], names=[f"adapter {adapter_name!r}", "merged state"])
     for key, param in params.items():
         if param.shape != state[key].shape:
-            raise ValueError(f"Tensor {key!r}: adapter has shape {tuple(param.shape)}, state {tuple(state[key].shape)}.")
+            raise ValueError(
+                f"Tensor {key!r}: adapter has shape {tuple(param.shape)}, state {tuple(state[key].shape)}."
+            )
         param.copy_(state[key])
 
 
-def check_same_keys(states: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str] | None = None) -> list[str]:
+def check_same_keys(
+    states: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str] | None = None
+) -> list[str]:
     """The common key list of several state dicts; an error names the first key one of them lacks."""
     names = list(names or [f"input {i}" for i in range(len(states))])
     if not states:
@@ -133,7 +139,8 @@ def lora_pairs(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, str]]:
 def lora_to_dense(state: Mapping[str, torch.Tensor], scaling: float) -> StateDict:
     """Module prefix -> ``scaling * B @ A`` (float32)."""
     return {
-        prefix: scaling * (state[b].float() @ state[a].float()) for prefix, (a, b) in lora_pairs(state).items()
+        prefix: scaling * (state[b].float() @ state[a].float())
+        for prefix, (a, b) in lora_pairs(state).items()
     }
 
 
@@ -165,7 +172,9 @@ def dense_to_lora(
     return dict(sorted(out.items())), TruncationReport(errors, overall)
 
 
-def checkpoint_task_vectors(base: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]]) -> list[StateDict]:
+def checkpoint_task_vectors(
+    base: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]]
+) -> list[StateDict]:
     """``fine-tuned - base`` for every floating tensor of full checkpoints."""
     keys = check_same_keys([base, *finetuned], names=["base", *[f"model {i}" for i in range(len(finetuned))]])
     vectors = []
@@ -189,5 +198,7 @@ def apply_dense_deltas(model: torch.nn.Module, deltas: Mapping[str, torch.Tensor
         if name not in params:
             raise ValueError(f"Delta {key!r} names no parameter of the model (looked for {name!r}).")
         if params[name].shape != delta.shape:
-            raise ValueError(f"Delta {key!r} has shape {tuple(delta.shape)}, parameter {tuple(params[name].shape)}.")
+            raise ValueError(
+                f"Delta {key!r} has shape {tuple(delta.shape)}, parameter {tuple(params[name].shape)}."
+            )
         params[name].add_(delta.to(params[name].dtype))

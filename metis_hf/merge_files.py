@@ -1,0 +1,380 @@
+"""``metis-hf merge CONFIG.yaml OUTPUT_DIR``: merge PEFT adapters or full checkpoints from files.
+
+The YAML follows mergekit's shape::
+
+    merge_method: metis
+    base_model: HuggingFaceTB/SmolLM2-135M-Instruct   # required for full checkpoints
+    models:
+      - model: ./adapters/math          # local folder or Hub id
+        parameters: {loss_gap: 0.41}    # per-model: weight, loss_gap, alpha, seed
+      - model: ./adapters/code
+        parameters: {loss_gap: 0.12}
+    parameters: {temperature: 2.0, delta: 0.3, k: 2}   # shared
+    dtype: bfloat16       # output dtype (default: the inputs')
+    space: lora           # adapters: "lora" (the paper's) or "delta" (scaling * B @ A, SVD back to rank r)
+
+Only safetensors are read (pickle weights are refused). Tensors are merged one key at a time, the
+output is written as sharded safetensors into a temporary folder that is renamed into place, so a
+failed merge leaves no output directory behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from metis_hf.merging import get_merge_method
+from metis_hf.merging.checks import check_task_vectors
+from metis_hf.merging.task_vectors import check_same_keys, dense_to_lora, lora_to_dense, merge_state_dicts
+from metis_hf.recipe import RecipeError, from_dict
+
+# Per-model YAML parameters -> the list parameter of our methods.
+PER_MODEL_PARAMETERS = {"weight": "weights", "loss_gap": "loss_gaps", "alpha": "alphas", "seed": "seed"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_COPIED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+@dataclass
+class ModelEntry:
+    model: str = field(metadata={"help": "Local folder or Hub id of an adapter or checkpoint."})
+    parameters: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "weight, loss_gap, alpha, seed"}
+    )
+
+
+@dataclass
+class MergeConfig:
+    merge_method: str
+    models: list[ModelEntry]
+    base_model: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None
+    space: str = "lora"
+    granularity: str = "tensor"
+    max_shard_size_mb: int = 2048
+
+    def __post_init__(self) -> None:
+        get_merge_method(self.merge_method)  # unknown method: fail before reading any weights
+        if not self.models:
+            raise ValueError("models: at least one model is needed.")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of {sorted(DTYPES)}.")
+        if self.space not in ("lora", "delta"):
+            raise ValueError(f"space: {self.space!r} is not 'lora' or 'delta'.")
+        for i, entry in enumerate(self.models):
+            unknown = sorted(set(entry.parameters) - set(PER_MODEL_PARAMETERS))
+            if unknown:
+                raise ValueError(
+                    f"models[{i}].parameters.{unknown[0]}: unknown per-model parameter "
+                    f"(allowed: {', '.join(PER_MODEL_PARAMETERS)})."
+                )
+
+    def method_params(self) -> dict[str, Any]:
+        params = dict(self.parameters)
+        for yaml_name, param in PER_MODEL_PARAMETERS.items():
+            values = [entry.parameters.get(yaml_name) for entry in self.models]
+            if any(v is not None for v in values):
+                if any(v is None for v in values):
+                    missing = values.index(None)
+                    raise ValueError(
+                        f"models[{missing}].parameters.{yaml_name} is missing; give it for every model."
+                    )
+                params[param] = values
+        return params
+
+
+def load_merge_config(path: str | os.PathLike) -> MergeConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Merge config {str(path)!r} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from err
+    return from_dict(MergeConfig, data)
+
+
+# --- locating and reading weights -------------------------------------------------------------
+
+
+def resolve_folder(name_or_path: str) -> Path:
+    """A local folder as is; otherwise a Hub repo downloaded (safetensors and configs only)."""
+    if os.path.isdir(name_or_path):
+        return Path(name_or_path)
+    from metis_hf.models import is_builtin, resolve_model_path
+
+    if is_builtin(name_or_path):
+        return Path(resolve_model_path(name_or_path))
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                name_or_path, allow_patterns=["*.safetensors", "*.json", "*.jinja", "*.txt", "*.model"]
+            )
+        )
+    except Exception as err:
+        raise FileNotFoundError(
+            f"{name_or_path!r} is neither a local folder nor a reachable Hub repo ({err})."
+        ) from err
+
+
+def is_adapter(folder: Path) -> bool:
+    return (folder / "adapter_config.json").is_file()
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        if pickles:
+            raise ValueError(
+                f"{folder} has only pickle weights ({pickles[0]}); metis-hf reads safetensors only. "
+                "Convert them first (load with torch and save with safetensors)."
+            )
+        raise ValueError(f"{folder} has no .safetensors weights.")
+    return files
+
+
+class TensorSource:
+    """Lazy access to every tensor of a folder's safetensors files."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._handles = [safe_open(str(f), framework="pt") for f in safetensors_files(folder)]
+        self.where = {key: h for h in self._handles for key in h.keys()}
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.where[key].get_tensor(key)
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Accumulates tensors and writes ``model-0000i-of-0000n.safetensors`` shards plus an index."""
+
+    def __init__(self, folder: Path, prefix: str, max_shard_bytes: int):
+        self.folder, self.prefix, self.max_bytes = folder, prefix, max_shard_bytes
+        self.current: dict[str, torch.Tensor] = {}
+        self.current_bytes = 0
+        self.shards: list[dict[str, torch.Tensor] | list[str]] = []
+        self.paths: list[Path] = []
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.current and self.current_bytes + size > self.max_bytes:
+            self._flush()
+        self.current[key] = tensor.contiguous()
+        self.current_bytes += size
+
+    def _flush(self) -> None:
+        path = self.folder / f"{self.prefix}-part{len(self.paths):05d}.safetensors"
+        save_file(self.current, str(path), metadata={"format": "pt"})
+        self.paths.append(path)
+        self.shards.append(list(self.current))
+        self.current, self.current_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.current or not self.paths:
+            self._flush()
+        if len(self.paths) == 1:
+            self.paths[0].rename(self.folder / f"{self.prefix}.safetensors")
+            return
+        weight_map, total = {}, len(self.paths)
+        for i, (path, keys) in enumerate(zip(self.paths, self.shards)):
+            final = self.folder / f"{self.prefix}-{i + 1:05d}-of-{total:05d}.safetensors"
+            path.rename(final)
+            weight_map.update({k: final.name for k in keys})
+        index = {"metadata": {}, "weight_map": weight_map}
+        (self.folder / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _atomic_output(output_dir: Path, overwrite: bool):
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} exists; pass --overwrite to replace it.")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
+
+
+def _move_into_place(tmp: Path, output_dir: Path) -> None:
+    os.chmod(tmp, 0o755)
+    if output_dir.exists():
+        old = output_dir.with_name(f".{output_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(output_dir, old)
+        os.replace(tmp, output_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, output_dir)
+
+
+# --- the merge ---------------------------------------------------------------------------------
+
+
+@dataclass
+class MergeSummary:
+    kind: str  # "adapter" or "checkpoint"
+    tensors: int
+    output_dir: Path
+    truncation_error: float | None = None  # delta space only
+
+
+def run_merge(
+    config: MergeConfig,
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
+    config_text: str | None = None,
+    progress: bool = True,
+) -> MergeSummary:
+    output_dir = Path(output_dir)
+    params = config.method_params()
+    folders = [resolve_folder(entry.model) for entry in config.models]
+    adapters = [is_adapter(f) for f in folders]
+    if any(adapters) and not all(adapters):
+        raise ValueError("models mixes PEFT adapters and full checkpoints; merge one kind at a time.")
+    tmp = _atomic_output(output_dir, overwrite)
+    try:
+        if all(adapters):
+            summary = _merge_adapters(config, folders, params, tmp, progress)
+        else:
+            summary = _merge_checkpoints(config, folders, params, tmp, progress)
+        _write_card(tmp, config, summary, config_text)
+        _move_into_place(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary.output_dir = output_dir
+    return summary
+
+
+def _adapter_configs(folders: list[Path]) -> list[dict[str, Any]]:
+    configs = [json.loads((f / "adapter_config.json").read_text()) for f in folders]
+    for folder, cfg in zip(folders[1:], configs[1:]):
+        for key in ("peft_type", "r", "lora_alpha", "target_modules", "use_rslora"):
+            a, b = configs[0].get(key), cfg.get(key)
+            if isinstance(a, list) and isinstance(b, list):
+                a, b = sorted(a), sorted(b)
+            if a != b:
+                raise ValueError(
+                    f"Adapter {folder} has {key}={cfg.get(key)!r}, {folders[0]} has {configs[0].get(key)!r}."
+                )
+    if configs[0].get("peft_type") != "LORA":
+        raise ValueError(
+            f"{folders[0]} is a {configs[0].get('peft_type')} adapter; only LoRA adapters can be merged."
+        )
+    return configs
+
+
+def _merge_adapters(config, folders, params, out: Path, progress: bool) -> MergeSummary:
+    configs = _adapter_configs(folders)
+    states = []
+    for folder in folders:
+        source = TensorSource(folder)
+        states.append({k: source.get(k) for k in sorted(source.keys())})
+    names = [str(f) for f in folders]
+    dtype = DTYPES.get(config.dtype) if config.dtype else states[0][next(iter(states[0]))].dtype
+    truncation = None
+    if config.space == "lora":
+        merged = merge_state_dicts(
+            config.merge_method, states, granularity=config.granularity, names=names, **params
+        )
+    else:
+        check_same_keys(states, names)
+        rank, alpha = configs[0]["r"], configs[0]["lora_alpha"]
+        scaling = alpha / (rank**0.5 if configs[0].get("use_rslora") else rank)
+        dense = [lora_to_dense(s, scaling) for s in states]
+        merged_dense = merge_state_dicts(
+            config.merge_method, dense, granularity=config.granularity, names=names, **params
+        )
+        merged, report = dense_to_lora(merged_dense, rank, scaling)
+        truncation = report.overall
+    writer = ShardWriter(out, "adapter_model", config.max_shard_size_mb << 20)
+    for key in tqdm(sorted(merged), desc="writing", disable=not progress):
+        writer.add(key, merged[key].to(dtype))
+    writer.close()
+    (out / "adapter_config.json").write_text(json.dumps(configs[0], indent=2))
+    return MergeSummary("adapter", len(merged), out, truncation)
+
+
+def _merge_checkpoints(config, folders, params, out: Path, progress: bool) -> MergeSummary:
+    if not config.base_model:
+        raise ValueError(
+            "base_model is required to merge full checkpoints (task vectors are fine-tuned - base)."
+        )
+    base_folder = resolve_folder(config.base_model)
+    base = TensorSource(base_folder)
+    sources = [TensorSource(f) for f in folders]
+    keys = check_same_keys(
+        [base.where, *[s.where for s in sources]], names=[str(base_folder), *map(str, folders)]
+    )
+    method = get_merge_method(config.merge_method)
+    seed = params.pop("seed", None)
+    writer = ShardWriter(out, "model", config.max_shard_size_mb << 20)
+    for index, key in enumerate(tqdm(keys, desc="merging", disable=not progress)):
+        base_tensor = base.get(key)
+        dtype = DTYPES.get(config.dtype) if config.dtype else base_tensor.dtype
+        if not base_tensor.is_floating_point():
+            writer.add(key, base_tensor)
+            continue
+        vectors = check_task_vectors([s.get(key).float() - base_tensor.float() for s in sources], name=key)
+        key_params = dict(params)
+        if seed is not None:
+            key_params["seed"] = seed + index if isinstance(seed, int) else [s + index for s in seed]
+        writer.add(key, (base_tensor.float() + method(vectors, **key_params)).to(dtype))
+    writer.close()
+    for name in _COPIED_FILES:
+        if (base_folder / name).is_file():
+            shutil.copy(base_folder / name, out / name)
+    return MergeSummary("checkpoint", len(keys), out)
+
+
+def _write_card(out: Path, config: MergeConfig, summary: MergeSummary, config_text: str | None) -> None:
+    text = config_text if config_text is not None else yaml.safe_dump(_config_dict(config), sort_keys=False)
+    lines = [
+        "---",
+        "library_name: " + ("peft" if summary.kind == "adapter" else "transformers"),
+        "tags: [merge, metis-hf, " + config.merge_method + "]",
+        "---",
+        f"# Merged {summary.kind} ({config.merge_method})",
+        "",
+        f"Made with [metis-hf](https://github.com/metis-hf/metis-hf) `metis-hf merge` from {len(config.models)} "
+        f"{'adapters' if summary.kind == 'adapter' else 'checkpoints'}.",
+    ]
+    if summary.truncation_error is not None:
+        lines.append(
+            f"\nMerged in the dense delta space; truncating back to rank r dropped "
+            f"{summary.truncation_error:.2%} of the merged delta's Frobenius norm."
+        )
+    lines += ["", "## Configuration", "", "```yaml", text.rstrip(), "```", ""]
+    (out / "README.md").write_text("\n".join(lines))
+
+
+def _config_dict(config: MergeConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(config)

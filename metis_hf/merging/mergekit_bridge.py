@@ -1,0 +1,142 @@
+"""Both directions between our registry and mergekit's (mergekit >= 0.1.5, an optional extra).
+
+* ``register_with_mergekit()`` adds ``metis`` and ``consensus_ta`` to mergekit's registry, so its
+  YAML configs can say ``merge_method: metis``. mergekit has no plugin discovery, so this must run
+  in the process that runs mergekit (``metis-hf mergekit-yaml`` does). Idempotent.
+* ``merge("mergekit:<name>", task_vectors, ...)`` runs any mergekit method on our task vectors
+  (zero base, so each task vector is the input's delta).
+
+mergekit is LGPL-3.0: it is imported here, never copied.
+"""
+
+# No `from __future__ import annotations`: mergekit reads these kernels' annotations at runtime.
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from metis_hf.merging.registry import MergeMethod, merge
+
+MERGEKIT_METHODS = ("metis", "consensus_ta")
+_PAPER_URL = "https://arxiv.org/abs/2606.16501"
+
+
+def _import_mergekit():
+    try:
+        import mergekit.merge_methods as merge_methods
+    except ImportError as err:
+        raise ImportError(
+            "mergekit integration needs `pip install 'metis-hf[mergekit]'` (mergekit>=0.1.5)."
+        ) from err
+    return merge_methods
+
+
+def _build_methods() -> list:
+    merge_methods = _import_mergekit()
+    from mergekit.merge_methods.base import BasePolicy, InputContract, PerNonBase, TensorGroup
+    from mergekit.merge_methods.easy_define import merge_method
+
+    contract = InputContract(base=BasePolicy.REQUIRED, min_non_base=1)
+
+    def deltas(group: TensorGroup) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        base = group.base.tensor
+        return base, [entry.tensor.float() - base.float() for entry in group.non_base]
+
+    @merge_method(name="metis", pretty_name="METIS", reference_url=_PAPER_URL, contract=contract)
+    def metis_kernel(
+        group: TensorGroup,
+        loss_gap: PerNonBase[float] = 0.0,
+        temperature: float = 2.0,
+        delta: float = 0.3,
+        k: int = 2,
+        beta: float = 1.0,
+    ) -> torch.Tensor:
+        base, task_vectors = deltas(group)
+        k = min(k, len(task_vectors))
+        merged = merge(
+            "metis",
+            task_vectors,
+            loss_gaps=loss_gap.values_for(group.non_base),
+            temperature=temperature,
+            delta=delta,
+            k=k,
+            beta=beta,
+        )
+        return (base.float() + merged).to(base.dtype)
+
+    @merge_method(
+        name="consensus_ta",
+        pretty_name="Consensus Task Arithmetic (TALL masks)",
+        reference_url="https://arxiv.org/abs/2405.07813",
+        contract=contract,
+    )
+    def consensus_kernel(
+        group: TensorGroup,
+        weight: PerNonBase[float] = 1.0,
+        delta: float = 0.3,
+        k: int = 2,
+        scale: float = 1.0,
+    ) -> torch.Tensor:
+        base, task_vectors = deltas(group)
+        merged = merge(
+            "consensus_ta",
+            task_vectors,
+            weights=weight.values_for(group.non_base),
+            delta=delta,
+            k=min(k, len(task_vectors)),
+            scale=scale,
+        )
+        return (base.float() + merged).to(base.dtype)
+
+    del merge_methods
+    return [metis_kernel, consensus_kernel]
+
+
+def register_with_mergekit() -> list[str]:
+    """Register our methods into mergekit's registry once per process; returns their names."""
+    merge_methods = _import_mergekit()
+    existing = {m.spec.name: m for m in merge_methods.registered_methods()}
+    for method in _build_methods():
+        name = method.spec.name
+        if name in existing:
+            # Ours from an earlier call (same pretty name) is fine; someone else's is a clash.
+            if existing[name].spec.pretty_name != method.spec.pretty_name:
+                raise ValueError(f"mergekit already has a different method named {name!r}.")
+            continue
+        merge_methods.register(method)
+    return list(MERGEKIT_METHODS)
+
+
+def mergekit_method_names() -> list[str]:
+    return sorted(m.spec.name for m in _import_mergekit().registered_methods())
+
+
+def mergekit_merge_method(name: str) -> MergeMethod:
+    """A mergekit method as one of ours. Our parameter names map onto mergekit's: ``weights`` ->
+    per-input ``weight``, ``scale`` -> ``lambda``; other keywords pass through unchanged."""
+    merge_methods = _import_mergekit()
+    if name not in mergekit_method_names():
+        raise ValueError(
+            f"Unknown mergekit method {name!r}; mergekit has: {', '.join(mergekit_method_names())}."
+        )
+    method = merge_methods.get(name)
+    spec_params = tuple(p.name for p in method.spec.parameters)
+
+    def run(task_vectors: Sequence[torch.Tensor], **params: Any) -> torch.Tensor:
+        from mergekit.merge_methods import merge_tensors
+
+        parameters = dict(params)
+        if "weights" in parameters:
+            parameters["weight"] = list(parameters.pop("weights"))
+        elif "weight" in spec_params:
+            parameters.setdefault("weight", 1.0)
+        if "scale" in parameters:
+            parameters["lambda"] = parameters.pop("scale")
+        base = torch.zeros_like(task_vectors[0])
+        if method.spec.contract.base.value in ("required", "optional"):
+            return merge_tensors([base, *task_vectors], method, parameters=parameters, base_index=0)
+        return merge_tensors(list(task_vectors), method, parameters=parameters)
+
+    accepted = tuple(p for p in spec_params if p not in ("weight", "lambda")) + ("weights", "scale")
+    return MergeMethod(f"mergekit:{name}", run, accepted, f"mergekit's {method.spec.pretty_name or name}")

@@ -1,0 +1,205 @@
+"""`metis-hf merge` and the mergekit bridge on tiny adapters and checkpoints written to disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from metis_hf.cli import main
+from metis_hf.merging import merge
+from metis_hf.merging.task_vectors import (
+    dense_to_lora,
+    load_lora_state,
+    lora_parameters,
+    lora_state,
+    lora_to_dense,
+    merge_state_dicts,
+)
+from tests.conftest import make_tiny_model
+
+VOCAB = 64
+
+
+def _lora(model, r=4, seed=0, targets=("q_proj", "v_proj")):
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=r, lora_alpha=8, target_modules=list(targets), lora_dropout=0.0)
+    )
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # PEFT initialises B to zero; give each adapter a real delta
+    return peft_model
+
+
+@pytest.fixture
+def adapter_dirs(tmp_path):
+    base = make_tiny_model(VOCAB)
+    base.save_pretrained(tmp_path / "base")
+    dirs = []
+    for i in range(3):
+        model = _lora(make_tiny_model(VOCAB), seed=i + 1)
+        model.save_pretrained(tmp_path / f"adapter{i}")
+        dirs.append(tmp_path / f"adapter{i}")
+    return tmp_path, dirs
+
+
+def _write(path, config):
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_merge_adapters_cli_equals_library(adapter_dirs):
+    root, dirs = adapter_dirs
+    gaps = [0.2, 0.9, -0.1]
+    config = {
+        "merge_method": "metis",
+        "models": [{"model": str(d), "parameters": {"loss_gap": g}} for d, g in zip(dirs, gaps)],
+        "parameters": {"temperature": 1.0, "k": 2},
+    }
+    assert main(["merge", _write(root / "m.yaml", config), str(root / "out")]) == 0
+    states = [load_file(str(d / "adapter_model.safetensors")) for d in dirs]
+    expected = merge_state_dicts("metis", states, loss_gaps=gaps, temperature=1.0, k=2)
+    written = load_file(str(root / "out" / "adapter_model.safetensors"))
+    assert written.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(written[key], expected[key])
+    # PEFT loads it onto the base model
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "base"), root / "out")
+    live = lora_state(model)
+    torch.testing.assert_close(live[next(iter(expected))], expected[next(iter(expected))])
+    card = (root / "out" / "README.md").read_text()
+    assert "merge_method: metis" in card and "library_name: peft" in card
+
+
+def test_failed_merge_leaves_no_output(adapter_dirs):
+    root, dirs = adapter_dirs
+    config = {
+        "merge_method": "ties",
+        "models": [{"model": str(d)} for d in dirs],
+        "parameters": {"density": 2.0},
+    }
+    assert main(["merge", _write(root / "bad.yaml", config), str(root / "out")]) == 2
+    assert not (root / "out").exists()
+    assert [p.name for p in root.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_mismatched_adapters_are_named(adapter_dirs, tmp_path):
+    root, dirs = adapter_dirs
+    other = _lora(make_tiny_model(VOCAB), r=2)
+    other.save_pretrained(tmp_path / "rank2")
+    config = {"merge_method": "ties", "models": [{"model": str(dirs[0])}, {"model": str(tmp_path / "rank2")}]}
+    with pytest.raises(ValueError, match=r"rank2 has r=2"):
+        from metis_hf.merge_files import load_merge_config, run_merge
+
+        run_merge(load_merge_config(_write(root / "c.yaml", config)), root / "o2", progress=False)
+    targets = _lora(make_tiny_model(VOCAB), targets=("q_proj", "k_proj"))
+    with pytest.raises(ValueError, match="lacks"):
+        merge_state_dicts("ties", [lora_state(_lora(make_tiny_model(VOCAB))), lora_state(targets)])
+
+
+def test_bad_config_names_the_key(adapter_dirs):
+    root, dirs = adapter_dirs
+    config = {"merge_method": "ties", "models": [{"model": str(dirs[0]), "parameters": {"wieght": 1}}]}
+    assert main(["merge", _write(root / "k.yaml", config), str(root / "o")]) == 2
+    config = {"merge_method": "nope", "models": [{"model": str(dirs[0])}]}
+    assert main(["merge", _write(root / "n.yaml", config), str(root / "o")]) == 2
+    (root / "broken.yaml").write_text("models: [\n")
+    assert main(["merge", str(root / "broken.yaml"), str(root / "o")]) == 2
+
+
+def test_pickle_only_folder_is_refused(tmp_path):
+    from metis_hf.merge_files import safetensors_files
+
+    torch.save({"w": torch.zeros(2)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="only pickle weights"):
+        safetensors_files(tmp_path)
+
+
+def test_merge_full_checkpoints_sharded(tmp_path):
+    base = make_tiny_model(VOCAB, seed=0)
+    base.save_pretrained(tmp_path / "base")
+    tuned = []
+    for i in range(2):
+        model = make_tiny_model(VOCAB, seed=0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.01)
+        model.save_pretrained(tmp_path / f"ft{i}")
+        tuned.append(model)
+    config = {
+        "merge_method": "ties",
+        "base_model": str(tmp_path / "base"),
+        "models": [{"model": str(tmp_path / f"ft{i}")} for i in range(2)],
+        "parameters": {"density": 0.5},
+        "max_shard_size_mb": 0,  # every tensor its own shard: exercises the index
+    }
+    assert main(["merge", _write(tmp_path / "c.yaml", config), str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    base_sd, sds = base.state_dict(), [m.state_dict() for m in tuned]
+    key = "model.layers.0.self_attn.q_proj.weight"
+    expected = base_sd[key] + merge("ties", [sd[key] - base_sd[key] for sd in sds], density=0.5)
+    torch.testing.assert_close(merged.state_dict()[key], expected)
+
+
+def test_lora_state_round_trip_keeps_parameter_identity():
+    model = _lora(make_tiny_model(VOCAB))
+    params = lora_parameters(model)
+    ids = {k: id(p) for k, p in params.items()}
+    new = {k: torch.full_like(p, 0.5) for k, p in params.items()}
+    load_lora_state(model, new)
+    after = lora_parameters(model)
+    assert {k: id(p) for k, p in after.items()} == ids
+    assert all(bool((p == 0.5).all()) for p in after.values())
+    assert list(params) == sorted(params)
+
+
+def test_dense_space_matches_peft_and_truncation_is_measured():
+    model = _lora(make_tiny_model(VOCAB))
+    state = lora_state(model)
+    dense = lora_to_dense(state, scaling=8 / 4)
+    prefix = next(iter(dense))
+    layer = model.get_submodule(prefix)
+    torch.testing.assert_close(dense[prefix], layer.get_delta_weight("default"))
+    # a rank-4 delta comes back exactly at rank 4 and loses something at rank 2
+    back, report = dense_to_lora(dense, rank=4, scaling=2.0)
+    torch.testing.assert_close(lora_to_dense(back, 2.0)[prefix], dense[prefix], atol=1e-5, rtol=1e-4)
+    assert report.overall < 1e-5
+    _, lossy = dense_to_lora(dense, rank=2, scaling=2.0)
+    assert 0.05 < lossy.overall < 1.0
+
+
+def test_mergekit_yaml_runs_metis(tmp_path):
+    base = make_tiny_model(VOCAB, seed=0)
+    base.save_pretrained(tmp_path / "base")
+    for i in range(2):
+        model = make_tiny_model(VOCAB, seed=0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.01)
+        model.save_pretrained(tmp_path / f"ft{i}")
+    config = {
+        "merge_method": "metis",
+        "base_model": str(tmp_path / "base"),
+        "models": [
+            {"model": str(tmp_path / f"ft{i}"), "parameters": {"loss_gap": 0.5 * i}} for i in range(2)
+        ],
+        "parameters": {"k": 1},
+        "dtype": "float32",
+    }
+    assert main(["mergekit-yaml", _write(tmp_path / "mk.yaml", config), str(tmp_path / "mk")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "mk").state_dict()
+    key = "model.layers.1.mlp.up_proj.weight"
+    sds = [AutoModelForCausalLM.from_pretrained(tmp_path / f"ft{i}").state_dict() for i in range(2)]
+    expected = base.state_dict()[key] + merge(
+        "metis", [sd[key] - base.state_dict()[key] for sd in sds], loss_gaps=[0, 0.5], k=1
+    )
+    torch.testing.assert_close(merged[key], expected)
+    assert json.loads((tmp_path / "mk" / "config.json").read_text())["num_hidden_layers"] == 2
