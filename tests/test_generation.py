@@ -53,3 +53,31 @@ def test_empty_evaluation_set_is_an_error(tiny_model, tiny_tokenizer):
     empty = Dataset.from_list([{"prompt": "a", "completion": "b", "answer": "b", "entry": ""}]).select([])
     with pytest.raises(ValueError, match="empty"):
         score_task(tiny_model, tiny_tokenizer, Task("t", empty, empty, empty))
+
+
+def test_task_loss_is_the_per_example_mean_of_token_losses(tiny_model, tiny_tokenizer):
+    import torch.nn.functional as F
+    from datasets import Dataset
+
+    from metis_hf.evaluation.loss import task_loss
+    from metis_hf.tokenization import tokenize_example
+
+    rows = [
+        {"prompt": "What is 2 + 3?\nAnswer:", "completion": " 5\n\n"},
+        {"prompt": "Find the GCD of 12 and 18.\nAnswer:", "completion": " 6\n\n"},
+        {"prompt": "Spell this word backward: cat\nAnswer:", "completion": " tac\n\n"},
+    ]
+    data = Dataset.from_list(rows)
+    for completion_only in (False, True):
+        expected = []
+        for row in rows:  # one example at a time: no padding involved
+            enc = tokenize_example(tiny_tokenizer, row["prompt"], row["completion"])
+            ids = torch.tensor([enc["input_ids"]])
+            with torch.no_grad():
+                logits = tiny_model(ids).logits[0, :-1]
+            losses = F.cross_entropy(logits, ids[0, 1:], reduction="none")
+            if completion_only:
+                losses = losses[torch.tensor(enc["completion_mask"][1:]).bool()]
+            expected.append(losses.mean())
+        got = task_loss(tiny_model, tiny_tokenizer, data, batch_size=2, completion_only=completion_only)
+        assert got == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
