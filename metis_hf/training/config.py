@@ -1,0 +1,132 @@
+"""MetisConfig: SFTConfig plus the many-shot merging settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from trl import SFTConfig
+
+from metis_hf.merging import get_merge_method
+
+PROTOCOLS = ("many_shot", "post_hoc")
+TASK_SCHEDULES = ("sequential", "interleaved")
+ROUND_LR_SCHEDULES = ("linear", "constant")
+MERGE_SPACES = ("lora", "delta")
+# Methods whose output is a sum over tasks: in LoRA-parameter space, merging every round with
+# scale 1 multiplies the adapter by about T each round (../shared/METIS.md §7), so their default
+# scale is 1/T. TIES and DARE-TIES end in a disjoint *mean* and METIS in a convex combination:
+# they keep one adapter's scale, and their default stays 1.
+SUM_METHODS = ("task_arithmetic", "dare_linear", "consensus_ta")
+
+
+@dataclass
+class MetisConfig(SFTConfig):
+    r"""Configuration for :class:`MetisTrainer`: every ``SFTConfig`` field plus many-shot merging.
+
+    Defaults follow the METIS reference code (../shared/METIS.md §2): lr 3e-4, no warm-up, linear
+    decay to 0 within each round, micro-batch 2 x 4 accumulation, sequences cut at 512 tokens,
+    loss on all tokens, a fresh optimizer every round. ``bf16`` defaults to on only where a GPU
+    supports it, and activation checkpointing is off.
+    """
+
+    protocol: str = field(
+        default="many_shot",
+        metadata={"help": "'many_shot': merge after every round; 'post_hoc': train each task for all rounds' "
+                  "steps from the base, merge once.", "choices": list(PROTOCOLS)},
+    )
+    num_rounds: int = field(default=5, metadata={"help": "Rounds R (the paper: 5)."})
+    local_steps: int | None = field(
+        default=None, metadata={"help": "Optimizer steps per task per round (overrides local_epochs)."}
+    )
+    local_epochs: float = field(
+        default=1.0, metadata={"help": "Epochs over each task's data per round, when local_steps is unset."}
+    )
+    merge_method: str = field(default="metis", metadata={"help": "Any registered method, or 'mergekit:<name>'."})
+    merge_params: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Extra parameters for the merge method (e.g. density, scale)."}
+    )
+    temperature: float | list[float] = field(
+        default=2.0, metadata={"help": "METIS softmax temperature lambda: one number, or one per round."}
+    )
+    delta: float = field(default=0.3, metadata={"help": "METIS mask threshold delta."})
+    k: int = field(default=2, metadata={"help": "METIS consensus count k (capped at the number of tasks)."})
+    beta: float | list[float] = field(
+        default=1.0, metadata={"help": "METIS final scale beta: one number, or one per round."}
+    )
+    merge_space: str = field(
+        default="lora",
+        metadata={"help": "'lora': merge LoRA A and B entries (the paper); 'delta': merge scaling*B@A per "
+                  "module and truncate back to rank r by SVD.", "choices": list(MERGE_SPACES)},
+    )
+    reset_optimizer_each_round: bool = field(
+        default=True, metadata={"help": "Drop Adam moments at every round (the reference rebuilds its Trainer)."}
+    )
+    round_lr_schedule: str = field(
+        default="linear",
+        metadata={"help": "'linear': decay to 0 within each task's round (the reference); 'constant'.",
+                  "choices": list(ROUND_LR_SCHEDULES)},
+    )
+    task_schedule: str = field(
+        default="sequential",
+        metadata={"help": "'sequential': each task's round in turn (the reference); 'interleaved': one "
+                  "optimizer step per task in turn.", "choices": list(TASK_SCHEDULES)},
+    )
+    gap_batch_size: int = field(default=16, metadata={"help": "Batch size of the loss-gap validation."})
+    save_task_adapters: bool = field(default=False, metadata={"help": "save_model also writes each task's adapter."})
+    save_merged_model: bool = field(
+        default=False, metadata={"help": "save_model also writes the full model with the merged adapter folded in."}
+    )
+
+    # SFTConfig fields whose defaults differ here (the reference recipe; CPU-friendly).
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate of every round."})
+    per_device_train_batch_size: int = field(default=2, metadata={"help": "Micro-batch size."})
+    gradient_accumulation_steps: int = field(default=4, metadata={"help": "Micro-batches per optimizer step."})
+    max_length: int | None = field(default=512, metadata={"help": "Sequences are cut at this many tokens."})
+    completion_only_loss: bool | None = field(
+        default=False, metadata={"help": "Train (and measure gaps) on completion tokens only. Reference: all tokens."}
+    )
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Activation checkpointing."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: on where supported."})
+    save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy ('steps' to resume runs)."})
+    report_to: str | list[str] | None = field(default="none", metadata={"help": "Logging integrations."})
+
+    def __post_init__(self) -> None:
+        if self.bf16 is None and not self.fp16:
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}.")
+        if self.task_schedule not in TASK_SCHEDULES:
+            raise ValueError(f"task_schedule must be one of {TASK_SCHEDULES}, got {self.task_schedule!r}.")
+        if self.round_lr_schedule not in ROUND_LR_SCHEDULES:
+            raise ValueError(f"round_lr_schedule must be one of {ROUND_LR_SCHEDULES}, got {self.round_lr_schedule!r}.")
+        if self.merge_space not in MERGE_SPACES:
+            raise ValueError(f"merge_space must be one of {MERGE_SPACES}, got {self.merge_space!r}.")
+        if isinstance(self.num_rounds, bool) or not isinstance(self.num_rounds, int) or self.num_rounds < 1:
+            raise ValueError(f"num_rounds must be an integer >= 1, got {self.num_rounds!r}.")
+        if self.local_steps is not None and self.local_steps < 1:
+            raise ValueError(f"local_steps must be >= 1, got {self.local_steps}.")
+        if self.local_steps is None and not self.local_epochs > 0:
+            raise ValueError(f"local_epochs must be > 0, got {self.local_epochs}.")
+        if self.gap_batch_size < 1:
+            raise ValueError(f"gap_batch_size must be >= 1, got {self.gap_batch_size}.")
+        method = get_merge_method(self.merge_method)  # unknown method: fails here
+        reserved = {"loss_gaps", "alphas"} if self.merge_method == "metis" else set()
+        unknown = sorted(set(self.merge_params) - set(method.parameters) | (set(self.merge_params) & reserved))
+        if unknown:
+            raise ValueError(
+                f"merge_params has {unknown[0]!r}, which {self.merge_method!r} does not take here "
+                f"(it takes: {', '.join(p for p in method.parameters if p not in reserved)})."
+            )
+        for name in ("temperature", "beta"):
+            value = getattr(self, name)
+            if isinstance(value, list) and len(value) != self.num_rounds:
+                raise ValueError(f"{name} has {len(value)} values for {self.num_rounds} rounds.")
+        if self.packing:
+            raise ValueError("packing is not supported: each optimizer step must hold one task's examples.")
+        super().__post_init__()
+
+    def per_round(self, name: str, round_index: int) -> float:
+        value = getattr(self, name)
+        return float(value[round_index]) if isinstance(value, list) else float(value)

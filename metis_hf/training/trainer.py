@@ -1,0 +1,372 @@
+"""MetisTrainer: many-shot merging as a TRL ``SFTTrainer`` subclass.
+
+One ``train()`` call runs every round. The model is a PeftModel holding T task adapters (named by
+task) and the merged adapter G (PEFT's ``"default"``, which is what ``save_model`` writes). All
+adapters start from one LoRA initialisation. The extension points used, all public:
+
+* ``_get_train_sampler``: the round plan's example order, so every optimizer step holds one task's
+  micro-batches (sequential or interleaved);
+* ``training_step``: activates the step's task adapter, then ``super()``;
+* ``create_optimizer``: one AdamW over every task adapter. A parameter without a gradient is
+  skipped by AdamW, so each task keeps its own moments and step count;
+* ``create_scheduler``: linear decay to 0 within each task's round (the reference's);
+* a callback: after the last step of a round, measure the loss gaps, merge, write the merge into
+  every adapter in place (parameter identity kept), reset the optimizer's moments, log the round;
+  on save, add the round state to the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from datasets import Dataset, concatenate_datasets
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTTrainer
+
+from metis_hf.evaluation.loss import per_example_losses
+from metis_hf.merging import loss_gap_weights
+from metis_hf.merging.task_vectors import (
+    dense_to_lora,
+    load_lora_state,
+    lora_parameters,
+    lora_to_dense,
+    merge_state_dicts,
+)
+from metis_hf.models import load_model, load_tokenizer
+from metis_hf.tokenization import tokenize_dataset
+from metis_hf.training.config import SUM_METHODS, MetisConfig
+from metis_hf.training.plan import FixedOrderSampler, RoundPlan
+
+logger = logging.getLogger(__name__)
+
+MERGED = "default"  # PEFT's default adapter name: the merged adapter G is what gets saved and loaded
+STATE_FILE = "metis_state.json"
+ROUNDS_FILE = "rounds.jsonl"
+
+
+def default_lora_config() -> LoraConfig:
+    """The reference's LoRA: r 16, alpha 16, no dropout, no bias, attention projections."""
+    return LoraConfig(
+        r=16, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    )
+
+
+class MetisTrainer(SFTTrainer):
+    """Alternates SFT steps across per-task LoRA adapters and merges them every round.
+
+    Args:
+        model: a model, or a built-in name / Hub id / path (loaded in float32).
+        args: a :class:`MetisConfig`. Its ``max_steps`` is set from the round plan.
+        train_dataset: task name -> dataset with ``prompt`` and ``completion`` columns.
+        eval_dataset: task name -> validation dataset (same columns); needed by METIS's gaps.
+        processing_class: the tokenizer (loaded from ``model`` when omitted).
+        peft_config: a ``LoraConfig`` (default: the reference's r=16 on q/k/v/o).
+    """
+
+    def __init__(
+        self,
+        model: str | torch.nn.Module,
+        args: MetisConfig,
+        train_dataset: Mapping[str, Dataset],
+        eval_dataset: Mapping[str, Dataset] | None = None,
+        processing_class=None,
+        peft_config: LoraConfig | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(args, MetisConfig):
+            raise TypeError(f"args must be a MetisConfig, got {type(args).__name__}.")
+        self.task_names = _check_tasks(args, train_dataset, eval_dataset)
+        peft_config = peft_config if peft_config is not None else default_lora_config()
+        if not isinstance(peft_config, LoraConfig):
+            raise ValueError(f"peft_config must be a peft.LoraConfig, got {type(peft_config).__name__}.")
+        if processing_class is None:
+            name = model if isinstance(model, str) else model.config.name_or_path
+            processing_class = load_tokenizer(name)
+        if processing_class.pad_token is None:
+            processing_class.pad_token = processing_class.eos_token
+        if isinstance(model, str):
+            model = load_model(model)
+        if isinstance(model, PeftModel):
+            raise ValueError("Pass the base model and a LoraConfig; MetisTrainer builds the task adapters itself.")
+
+        max_length = args.max_length or 10**9
+        self.train_parts = {t: tokenize_dataset(processing_class, d, max_length, f"{t} train") for t, d in train_dataset.items()}
+        self.validation = {
+            t: tokenize_dataset(processing_class, d, max_length, f"{t} validation") for t, d in (eval_dataset or {}).items()
+        }
+        peft_model = _build_adapters(model, peft_config, self.task_names)
+
+        self.plan = _make_plan(args, self.task_names, [len(self.train_parts[t]) for t in self.task_names])
+        args.max_steps = self.plan.total_steps
+        combined, start = [], 0
+        self.task_ranges = []
+        for t in self.task_names:
+            combined.append(self.train_parts[t])
+            self.task_ranges.append(range(start, start + len(self.train_parts[t])))
+            start += len(self.train_parts[t])
+        self._merged_val_losses: dict[str, float] | None = None
+        self.round_records: list[dict[str, Any]] = []
+        callbacks = [*(callbacks or []), _RoundCallback(self)]
+        super().__init__(
+            model=peft_model,
+            args=args,
+            train_dataset=concatenate_datasets(combined),
+            eval_dataset=dict(self.validation) or None,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            **kwargs,
+        )
+
+    # --- extension points ---------------------------------------------------------------------
+
+    def _get_train_sampler(self, train_dataset=None):
+        examples_per_step = (
+            self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        )
+        return FixedOrderSampler(self.plan.example_order(self.task_ranges, examples_per_step, self.args.seed))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self._activate(self.task_names[self.plan.step(self.state.global_step).task])
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            peft_model = self.peft_model
+            params = [p for t in self.task_names for p in lora_parameters(peft_model, t).values()]
+            for p in params:
+                p.requires_grad_(True)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, peft_model)
+            self.optimizer = optimizer_cls([{"params": params, "weight_decay": self.args.weight_decay}], **optimizer_kwargs)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            mode = self.args.round_lr_schedule
+            plan = self.plan
+            self.lr_scheduler = LambdaLR(optimizer or self.optimizer, lambda step: plan.lr_factor(step, mode))
+        return self.lr_scheduler
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        path = resume_from_checkpoint
+        if path is True:
+            path = get_last_checkpoint(self.args.output_dir)
+            if path is None:
+                raise ValueError(f"No checkpoint found in {self.args.output_dir} to resume from.")
+        if path:
+            state = json.loads(open(os.path.join(path, STATE_FILE)).read())
+            self._merged_val_losses = state["merged_val_losses"]
+            self.round_records = state["round_records"]
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        self._activate(MERGED)
+        return output
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Checkpoints (internal calls) hold every adapter. A user call writes the merged adapter
+        (PEFT, safetensors) at ``output_dir``; with ``save_task_adapters``, each task's adapter in
+        ``output_dir/task_adapters/<task>``; with ``save_merged_model``, the full model with the
+        merged adapter folded in at ``output_dir/merged_model``."""
+        if _internal_call:
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        if not self.is_world_process_zero():
+            return None
+        peft_model = self.peft_model
+        os.makedirs(output_dir, exist_ok=True)
+        peft_model.save_pretrained(output_dir, selected_adapters=[MERGED])
+        self.processing_class.save_pretrained(output_dir)
+        if self.args.save_task_adapters:
+            for task in self.task_names:
+                peft_model.save_pretrained(os.path.join(output_dir, "task_adapters"), selected_adapters=[task])
+        if self.args.save_merged_model:
+            self._save_merged_model(os.path.join(output_dir, "merged_model"))
+        return None
+
+    # --- rounds -------------------------------------------------------------------------------
+
+    @property
+    def peft_model(self) -> PeftModel:
+        return self.accelerator.unwrap_model(self.model)
+
+    def _activate(self, adapter: str) -> None:
+        """Make ``adapter`` the one the forward uses. PEFT's set_adapter also switches off the
+        gradients of the others; the task adapters keep theirs (the optimizer holds them all, and
+        under DDP every rank must agree on which parameters require gradients)."""
+        peft_model = self.peft_model
+        if peft_model.active_adapter != adapter:
+            peft_model.set_adapter(adapter)
+            for task in self.task_names:
+                for p in lora_parameters(peft_model, task).values():
+                    p.requires_grad_(True)
+
+    def _val_loss(self, adapter: str, task: str) -> float:
+        self._activate(adapter)
+        losses = per_example_losses(
+            self.peft_model, self.validation[task], self.args.gap_batch_size, bool(self.args.completion_only_loss)
+        )
+        return float(losses.mean())
+
+    def _merge_parameters(self, round_index: int, gaps: dict[str, float] | None) -> tuple[dict[str, Any], list[float]]:
+        """The merge method's parameters this round, and the per-task weights to log as alpha."""
+        args, count = self.args, len(self.task_names)
+        params = dict(args.merge_params)
+        if args.merge_method == "metis":
+            params.setdefault("temperature", args.per_round("temperature", round_index))
+            params.setdefault("delta", args.delta)
+            params.setdefault("k", min(args.k, count))
+            params.setdefault("beta", args.per_round("beta", round_index))
+            params["loss_gaps"] = [gaps[t] for t in self.task_names]
+            return params, loss_gap_weights(params["loss_gaps"], params["temperature"])
+        if args.merge_method in SUM_METHODS:
+            params.setdefault("scale", 1.0 / count)
+        if args.merge_method == "consensus_ta":
+            params.setdefault("delta", args.delta)
+            params.setdefault("k", min(args.k, count))
+        if "seed" not in params and args.merge_method.startswith("dare"):
+            params["seed"] = args.seed * 1000 + round_index
+        scale = float(params.get("scale", 1.0))
+        weights = params.get("weights") or [1.0] * count
+        return params, [scale * float(w) for w in weights]
+
+    @torch.no_grad()
+    def _end_round(self, round_index: int) -> None:
+        tasks = self.task_names
+        previous_adapter = self.peft_model.active_adapter
+        gaps = merged_before = local = None
+        if self.validation:
+            if self._merged_val_losses is None:  # round 1: G_0, the shared initial adapter
+                self._merged_val_losses = {t: self._val_loss(MERGED, t) for t in tasks}
+            merged_before = self._merged_val_losses
+            local = {t: self._val_loss(t, t) for t in tasks}
+            gaps = {t: merged_before[t] - local[t] for t in tasks}
+        params, alphas = self._merge_parameters(round_index, gaps)
+
+        peft_model = self.peft_model
+        states = [{k: p.detach() for k, p in lora_parameters(peft_model, t).items()} for t in tasks]
+        truncation = None
+        if self.args.merge_space == "lora":
+            merged = merge_state_dicts(self.args.merge_method, states, names=tasks, **params)
+        else:
+            config = peft_model.peft_config[MERGED]
+            scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+            dense = [lora_to_dense(s, scaling) for s in states]
+            merged_dense = merge_state_dicts(self.args.merge_method, dense, names=tasks, **params)
+            merged, report = dense_to_lora(merged_dense, config.r, scaling, dtype=states[0][next(iter(states[0]))].dtype)
+            truncation = report.overall
+        for adapter in (MERGED, *tasks):
+            load_lora_state(peft_model, merged, adapter)
+
+        total = sum(v.numel() for v in merged.values())
+        nonzero = sum(int(torch.count_nonzero(v)) for v in merged.values())
+        record: dict[str, Any] = {"round": round_index + 1, "merge/mask_density": nonzero / total}
+        for t, a in zip(tasks, alphas):
+            record[f"merge/alpha/{t}"] = a
+        if self.validation:
+            self._merged_val_losses = {t: self._val_loss(MERGED, t) for t in tasks}
+            for t in tasks:
+                record[f"merge/loss_gap/{t}"] = gaps[t]
+                record[f"merge/val_loss_merged/{t}"] = self._merged_val_losses[t]
+                record[f"merge/val_loss_local/{t}"] = local[t]
+            record["merge/multitask_loss"] = sum(self._merged_val_losses.values()) / len(tasks)
+        if truncation is not None:
+            record["merge/truncation_error"] = truncation
+        self._activate(previous_adapter)
+        if self.args.reset_optimizer_each_round and self.optimizer is not None:
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            inner.state.clear()
+        self.round_records.append(record)
+        self.log(dict(record))
+        if self.is_world_process_zero():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, ROUNDS_FILE), "a") as handle:
+                handle.write(json.dumps({"step": self.state.global_step, **record}) + "\n")
+
+    def _save_round_state(self, checkpoint_dir: str) -> None:
+        state = {
+            "tasks": self.task_names,
+            "global_step": self.state.global_step,
+            "merged_val_losses": self._merged_val_losses,
+            "round_records": self.round_records,
+        }
+        with open(os.path.join(checkpoint_dir, STATE_FILE), "w") as handle:
+            json.dump(state, handle, indent=2)
+
+    def _save_merged_model(self, output_dir: str) -> None:
+        import copy
+
+        merged = copy.deepcopy(self.peft_model)
+        merged.set_adapter(MERGED)
+        for task in self.task_names:
+            merged.delete_adapter(task)
+        merged.merge_and_unload().save_pretrained(output_dir, safe_serialization=True)
+        self.processing_class.save_pretrained(output_dir)
+
+
+class _RoundCallback(TrainerCallback):
+    def __init__(self, trainer: MetisTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        plan = self.trainer.plan
+        if state.global_step in plan.round_ends:
+            self.trainer._end_round(plan.round_ends.index(state.global_step))
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.trainer.is_world_process_zero():
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(folder):
+                self.trainer._save_round_state(folder)
+
+
+def _check_tasks(args: MetisConfig, train: Mapping[str, Dataset], validation: Mapping[str, Dataset] | None) -> list[str]:
+    if not isinstance(train, Mapping) or not train:
+        raise ValueError("train_dataset must be a non-empty mapping of task name -> dataset.")
+    names = list(train)
+    for name in names:
+        if not isinstance(name, str) or not name or "." in name or name == MERGED:
+            raise ValueError(f"Task name {name!r} is not usable as an adapter name (no dots, not {MERGED!r}).")
+        if len(train[name]) == 0:
+            raise ValueError(f"Task {name!r} has no training data.")
+    if validation is not None:
+        if set(validation) != set(names):
+            raise ValueError(
+                f"train and eval task names differ: train has {sorted(names)}, eval has {sorted(validation)}."
+            )
+        for name in names:
+            if len(validation[name]) == 0:
+                raise ValueError(f"Task {name!r} has an empty validation set.")
+    elif args.merge_method == "metis":
+        raise ValueError("METIS needs eval_dataset (a validation set per task) to measure its loss gaps.")
+    return names
+
+
+def _build_adapters(model: torch.nn.Module, config: LoraConfig, tasks: list[str]) -> PeftModel:
+    """G (``default``) and one adapter per task, all from one initialisation (copied)."""
+    peft_model = get_peft_model(model, config, adapter_name=MERGED)
+    initial = {k: p.detach().clone() for k, p in lora_parameters(peft_model, MERGED).items()}
+    for task in tasks:
+        peft_model.add_adapter(task, config)
+        load_lora_state(peft_model, initial, task)
+    peft_model.set_adapter(MERGED)
+    return peft_model
+
+
+def _make_plan(args: MetisConfig, tasks: list[str], sizes: list[int]) -> RoundPlan:
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    if args.local_steps is not None:
+        steps = [args.local_steps] * len(tasks)
+    else:
+        steps = [max(1, math.ceil(n * args.local_epochs / per_step)) for n in sizes]
+    if args.protocol == "post_hoc":  # the same optimizer steps per task, one merge at the end
+        return RoundPlan(tasks, [s * args.num_rounds for s in steps], rounds=1, schedule=args.task_schedule)
+    return RoundPlan(tasks, steps, rounds=args.num_rounds, schedule=args.task_schedule)

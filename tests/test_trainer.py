@@ -1,0 +1,276 @@
+"""MetisTrainer against a direct transcription of the algorithm, and its Trainer behaviour."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+
+from metis_hf import MetisConfig, MetisTrainer
+from metis_hf.merging.task_vectors import lora_parameters, lora_state
+from metis_hf.tokenization import tokenize_example
+from tests.conftest import make_tiny_model
+
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+
+
+def _data(n, k, offset=0):
+    return Dataset.from_list(
+        [{"prompt": f"What is {i + offset} + {k}?\nAnswer:", "completion": f" {i + offset + k}\n\n"} for i in range(n)]
+    )
+
+
+TRAIN = {"add1": _data(20, 1), "add2": _data(16, 2), "add3": _data(12, 3)}
+VAL = {"add1": _data(5, 1, 50), "add2": _data(5, 2, 50), "add3": _data(5, 3, 50)}
+
+
+def _config(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path / "run"), num_rounds=2, local_steps=3, per_device_train_batch_size=2,
+        gradient_accumulation_steps=2, max_length=64, use_cpu=True, seed=3, logging_steps=1,
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return MetisConfig(**values)
+
+
+def _trainer(tmp_path, tokenizer, model=None, train=TRAIN, val=VAL, **overrides):
+    model = model if model is not None else make_tiny_model(len(tokenizer), seed=0)
+    return MetisTrainer(
+        model=model, args=_config(tmp_path, **overrides), train_dataset=train, eval_dataset=val,
+        processing_class=tokenizer, peft_config=LoraConfig(**LORA),
+    )
+
+
+# --- a direct transcription of ../shared/METIS.md §2-3 ------------------------------------------
+
+
+def _batch(tokenizer, rows):
+    encoded = [tokenize_example(tokenizer, r["prompt"], r["completion"], 64)["input_ids"] for r in rows]
+    width = max(map(len, encoded))
+    ids = torch.tensor([e + [tokenizer.pad_token_id] * (width - len(e)) for e in encoded])
+    mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded])
+    return ids, mask
+
+
+def _token_loss_sum(model, ids, mask):
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    loss = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    keep = mask[:, 1:].float()
+    return (loss * keep).sum(), keep.sum()
+
+
+def _example_mean_loss(model, tokenizer, rows):
+    losses = []
+    with torch.no_grad():
+        for row in rows:
+            ids, mask = _batch(tokenizer, [row])
+            total, count = _token_loss_sum(model, ids, mask)
+            losses.append(total / count)
+    return float(torch.stack(losses).mean())
+
+
+def _reference_round(base, tokenizer, initial, tasks, order, local_steps, micro, accum, temperature=2.0, delta=0.3, k=2):
+    """One METIS round, transcribed: each task trains from the initial adapter with a fresh AdamW
+    (lr 3e-4, linear decay to 0, clip 1.0), then gaps, softmax weights, strict masks, consensus."""
+    all_rows = [row for t in tasks for row in TRAIN[t]]
+    cursor, locals_ = 0, []
+    for task in tasks:
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(**LORA))
+        with torch.no_grad():
+            for key, p in lora_parameters(model).items():
+                p.copy_(initial[key])
+        params = list(lora_parameters(model).values())
+        optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
+        for j in range(local_steps):
+            for group in optimizer.param_groups:
+                group["lr"] = 3e-4 * (1 - j / local_steps)
+            batches = []
+            for _ in range(accum):
+                batches.append(_batch(tokenizer, [all_rows[i] for i in order[cursor : cursor + micro]]))
+                cursor += micro
+            total_tokens = sum(float(m[:, 1:].sum()) for _, m in batches)
+            for ids, mask in batches:
+                loss_sum, _ = _token_loss_sum(model, ids, mask)
+                (loss_sum / total_tokens).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+        locals_.append((model, lora_state(model)))
+    g0 = get_peft_model(copy.deepcopy(base), LoraConfig(**LORA))
+    with torch.no_grad():
+        for key, p in lora_parameters(g0).items():
+            p.copy_(initial[key])
+    gaps = [
+        _example_mean_loss(g0, tokenizer, list(VAL[t])) - _example_mean_loss(m, tokenizer, list(VAL[t]))
+        for t, (m, _) in zip(tasks, locals_)
+    ]
+    exps = [math.exp(g / temperature) for g in gaps]
+    alphas = [e / sum(exps) for e in exps]
+    merged = {}
+    for key in initial:
+        weighted = [a * state[key] for a, (_, state) in zip(alphas, locals_)]
+        total = sum(weighted)
+        owners = sum((w.abs() > delta * (total - w).abs()).int() for w in weighted)
+        merged[key] = torch.where(owners >= k, total, torch.zeros_like(total))
+    return merged, gaps
+
+
+def test_one_sequential_round_equals_the_transcription(tmp_path, tiny_tokenizer):
+    base = make_tiny_model(len(tiny_tokenizer), seed=0)
+    trainer = _trainer(tmp_path, tiny_tokenizer, model=copy.deepcopy(base), num_rounds=1)
+    initial = lora_state(trainer.peft_model, "default")
+    order = list(trainer._get_train_sampler())
+    trainer.train()
+    expected, gaps = _reference_round(base, tiny_tokenizer, initial, list(TRAIN), order, 3, 2, 2)
+    got = lora_state(trainer.peft_model, "default")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=0)
+    logged = trainer.round_records[0]
+    assert [logged[f"merge/loss_gap/{t}"] for t in TRAIN] == pytest.approx(gaps, abs=1e-5)
+    # the merged adapter really moved away from the initial one
+    assert any(not torch.equal(got[k], initial[k]) for k in got)
+
+
+def test_interleaved_and_sequential_give_the_same_merge(tmp_path, tiny_tokenizer):
+    results = []
+    for schedule in ("sequential", "interleaved"):
+        trainer = _trainer(tmp_path / schedule, tiny_tokenizer, task_schedule=schedule)
+        trainer.train()
+        results.append(lora_state(trainer.peft_model, "default"))
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key], atol=1e-5, rtol=0)
+
+
+def test_every_adapter_is_trained_and_merges_write_in_place(tmp_path, tiny_tokenizer):
+    trainer = _trainer(tmp_path, tiny_tokenizer, num_rounds=1, merge_method="task_arithmetic")
+    peft_model = trainer.peft_model
+    before = {t: lora_state(peft_model, t) for t in TRAIN}
+    ids = {t: {k: id(p) for k, p in lora_parameters(peft_model, t).items()} for t in TRAIN}
+    snapshots = {}
+
+    class Spy(__import__("transformers").TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == trainer.plan.total_steps - 0:
+                return
+            # just before the merge of the last step, every task adapter differs from its start
+            snapshots[state.global_step] = {t: lora_state(peft_model, t) for t in TRAIN}
+
+    trainer.add_callback(Spy())
+    trainer.create_optimizer()
+    held = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert all(i in held for t in TRAIN for i in ids[t].values())  # the optimizer holds every adapter
+    trainer.train()
+    last_before_merge = snapshots[trainer.plan.total_steps - 1]
+    for t in TRAIN:
+        # each task's adapter was trained (B moved off zero) ...
+        changed = [k for k in before[t] if not torch.equal(before[t][k], last_before_merge[t][k])]
+        assert changed, f"adapter {t} never changed"
+        # ... and the merge wrote into the same Parameter objects
+        assert {k: id(p) for k, p in lora_parameters(peft_model, t).items()} == ids[t]
+    # after the merge every task adapter equals the merged one (the start of the next round)
+    merged = lora_state(peft_model, "default")
+    for t in TRAIN:
+        for k in merged:
+            assert torch.equal(lora_state(peft_model, t)[k], merged[k])
+    # task_arithmetic's many-shot default scale is 1/T
+    assert trainer.round_records[0]["merge/alpha/add1"] == pytest.approx(1 / 3)
+
+
+def test_adam_state_is_per_task_and_reset_each_round(tmp_path, tiny_tokenizer):
+    trainer = _trainer(tmp_path, tiny_tokenizer, local_steps=2)
+    seen = []
+
+    class Spy(__import__("transformers").TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            inner = getattr(optimizer, "optimizer", optimizer)
+            steps = {}
+            for t in TRAIN:
+                param = next(iter(lora_parameters(trainer.peft_model, t).values()))
+                steps[t] = int(inner.state[param]["step"]) if param in inner.state else 0
+            seen.append(steps)
+
+    trainer.add_callback(Spy())
+    trainer.train()
+    # round 1: add1 steps 1,2 then add2 1,2 then add3 1,2; the last step of the round is seen after
+    # the merge reset (the round callback runs first), so it shows zeros. Round 2 starts again at 1.
+    assert seen[0] == {"add1": 1, "add2": 0, "add3": 0}
+    assert seen[1] == {"add1": 2, "add2": 0, "add3": 0}
+    assert seen[2] == {"add1": 2, "add2": 1, "add3": 0}
+    assert seen[5] == {"add1": 0, "add2": 0, "add3": 0}
+    assert seen[6] == {"add1": 1, "add2": 0, "add3": 0}
+
+
+def test_post_hoc_trains_all_steps_then_merges_once(tmp_path, tiny_tokenizer):
+    trainer = _trainer(tmp_path, tiny_tokenizer, protocol="post_hoc", num_rounds=2, local_steps=3)
+    assert trainer.plan.total_steps == 3 * 2 * 3 and trainer.plan.round_ends == [18]
+    many = _trainer(tmp_path / "m", tiny_tokenizer, num_rounds=2, local_steps=3)
+    assert many.plan.total_steps == trainer.plan.total_steps and many.plan.round_ends == [9, 18]
+    trainer.train()
+    assert len(trainer.round_records) == 1
+    rows = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1] and rows[0]["step"] == 18
+
+
+def test_round_rows_are_logged(tmp_path, tiny_tokenizer):
+    trainer = _trainer(tmp_path, tiny_tokenizer)
+    trainer.train()
+    rows = [h for h in trainer.state.log_history if "round" in h]
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:
+        for t in TRAIN:
+            for name in ("alpha", "loss_gap", "val_loss_merged", "val_loss_local"):
+                assert f"merge/{name}/{t}" in row
+        assert 0 < row["merge/mask_density"] <= 1 and row["merge/multitask_loss"] > 0
+        assert sum(row[f"merge/alpha/{t}"] for t in TRAIN) == pytest.approx(1.0)
+    # the gap of round 2 uses the merged loss measured right after round 1
+    assert rows[1]["merge/loss_gap/add2"] == pytest.approx(
+        rows[0]["merge/val_loss_merged/add2"] - rows[1]["merge/val_loss_local/add2"], abs=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(val={"add1": VAL["add1"]}), "train and eval task names differ"),
+        (dict(train={**TRAIN, "empty": TRAIN["add1"].select([])}, val={**VAL, "empty": VAL["add1"]}), "'empty' has no training data"),
+        (dict(val=None), "METIS needs eval_dataset"),
+        (dict(train={"a.b": TRAIN["add1"]}, val={"a.b": VAL["add1"]}), "not usable as an adapter name"),
+    ],
+)
+def test_bad_input_fails_before_training(tmp_path, tiny_tokenizer, change, message):
+    with pytest.raises(ValueError, match=message):
+        _trainer(tmp_path, tiny_tokenizer, **change)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(num_rounds=0), "num_rounds must be"),
+        (dict(merge_method="nope"), "Unknown merge method"),
+        (dict(merge_method="ties", merge_params={"delta": 0.2}), "merge_params has 'delta'"),
+        (dict(merge_params={"loss_gaps": [1]}), "merge_params has 'loss_gaps'"),
+        (dict(temperature=[1.0, 2.0, 3.0]), "temperature has 3 values for 2 rounds"),
+        (dict(task_schedule="random"), "task_schedule"),
+    ],
+)
+def test_bad_config(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _config(tmp_path, **overrides)
+
+
+def test_non_lora_peft_config_is_refused(tmp_path, tiny_tokenizer):
+    from peft import PrefixTuningConfig
+
+    with pytest.raises(ValueError, match="LoraConfig"):
+        MetisTrainer(
+            model=make_tiny_model(len(tiny_tokenizer)), args=_config(tmp_path), train_dataset=TRAIN,
+            eval_dataset=VAL, processing_class=tiny_tokenizer,
+            peft_config=PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+        )
