@@ -274,3 +274,55 @@ def test_non_lora_peft_config_is_refused(tmp_path, tiny_tokenizer):
             eval_dataset=VAL, processing_class=tiny_tokenizer,
             peft_config=PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
         )
+
+
+def _child(output_dir, *extra):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    return subprocess.run([sys.executable, "-m", "tests.train_child", str(output_dir), *extra], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_run_killed_mid_round_resumes_to_the_same_merge(tmp_path):
+    from safetensors.torch import load_file
+
+    whole = _child(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = _child(tmp_path / "broken", "--kill-at-step", "5")  # round 1 ends at step 9
+    assert killed.returncode == -9
+    assert (tmp_path / "broken" / "checkpoint-5" / "metis_state.json").is_file()
+    assert not (tmp_path / "broken" / "final").exists()
+    resumed = _child(tmp_path / "broken", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = load_file(str(tmp_path / "whole" / "final" / "adapter_model.safetensors"))
+    got = load_file(str(tmp_path / "broken" / "final" / "adapter_model.safetensors"))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0)
+    rounds = [json.loads(x) for x in (tmp_path / "broken" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]  # each round logged once across the two processes
+
+
+def test_save_model_writes_merged_adapter_full_model_and_task_adapters(tmp_path, tiny_tokenizer):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = make_tiny_model(len(tiny_tokenizer), seed=0)
+    trainer = _trainer(tmp_path, tiny_tokenizer, model=copy.deepcopy(base), num_rounds=1,
+                       save_task_adapters=True, save_merged_model=True)
+    trainer.train()
+    out = tmp_path / "saved"
+    trainer.save_model(str(out))
+    merged = lora_state(trainer.peft_model, "default")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), out)
+    for key, value in lora_state(loaded).items():
+        torch.testing.assert_close(value, merged[key])
+    for t in TRAIN:
+        assert (out / "task_adapters" / t / "adapter_model.safetensors").is_file()
+    full = AutoModelForCausalLM.from_pretrained(out / "merged_model")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(full(ids).logits, loaded(input_ids=ids).logits, atol=1e-5, rtol=1e-4)

@@ -117,7 +117,8 @@ class MetisTrainer(SFTTrainer):
             start += len(self.train_parts[t])
         self._merged_val_losses: dict[str, float] | None = None
         self.round_records: list[dict[str, Any]] = []
-        callbacks = [*(callbacks or []), _RoundCallback(self)]
+        # Ours first: a round's merge and a checkpoint's round state precede what user callbacks see.
+        callbacks = [_RoundCallback(self), *(callbacks or [])]
         super().__init__(
             model=peft_model,
             args=args,
