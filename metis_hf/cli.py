@@ -8,10 +8,10 @@ import sys
 from collections.abc import Sequence
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from metis_hf.demo import run_demo
+def _cmd_train(args: argparse.Namespace) -> int:
+    from metis_hf.run import run_training
 
-    run_demo(recipe=args.recipe, output_dir=args.output_dir, overrides=args.set)
+    run_training(args.recipe, args.output_dir, overrides=args.set, evaluate=not args.no_eval)
     return 0
 
 
@@ -47,12 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="Run the offline default recipe end to end and print a score table.")
-    demo.add_argument("--recipe", default=None, help="Recipe YAML (default: the embedded offline recipe).")
     demo.add_argument("--output-dir", default="outputs/demo", help="Where results are written.")
-    demo.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="Override a recipe key."
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override a recipe key.")
+    demo.set_defaults(func=_cmd_train, recipe=None, no_eval=False)
+
+    train = sub.add_parser("train", help="Train a recipe with MetisTrainer; score base and merged models.")
+    train.add_argument("recipe", help="Recipe YAML (see recipes/).")
+    train.add_argument("--output-dir", default="outputs/train", help="Checkpoints, merged adapter, results.json.")
+    train.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="Override a recipe key, e.g. --set training.num_rounds=3 (repeatable).",
     )
-    demo.set_defaults(func=_cmd_demo)
+    train.add_argument("--no-eval", action="store_true", help="Skip the generation scores.")
+    train.set_defaults(func=_cmd_train)
 
     merge = sub.add_parser(
         "merge", help="Merge PEFT adapters or full checkpoints from a mergekit-style YAML."

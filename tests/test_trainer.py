@@ -276,14 +276,21 @@ def test_non_lora_peft_config_is_refused(tmp_path, tiny_tokenizer):
         )
 
 
-def _child(output_dir, *extra):
+def _child(output_dir, *extra, launcher=None):
     import os
     import subprocess
     import sys
 
     env = dict(os.environ, PYTHONPATH=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-    return subprocess.run([sys.executable, "-m", "tests.train_child", str(output_dir), *extra], env=env,
+    command = launcher or [sys.executable]
+    return subprocess.run([*command, "-m", "tests.train_child", str(output_dir), *extra], env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+def _final_adapter(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "final" / "adapter_model.safetensors"))
 
 
 def test_run_killed_mid_round_resumes_to_the_same_merge(tmp_path):
@@ -291,7 +298,7 @@ def test_run_killed_mid_round_resumes_to_the_same_merge(tmp_path):
 
     whole = _child(tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = _child(tmp_path / "broken", "--kill-at-step", "5")  # round 1 ends at step 9
+    killed = _child(tmp_path / "broken", "--kill-at-step", "5", "--checkpoints")  # round 1 ends at step 9
     assert killed.returncode == -9
     assert (tmp_path / "broken" / "checkpoint-5" / "metis_state.json").is_file()
     assert not (tmp_path / "broken" / "final").exists()
@@ -326,3 +333,24 @@ def test_save_model_writes_merged_adapter_full_model_and_task_adapters(tmp_path,
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         torch.testing.assert_close(full(ids).logits, loaded(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_two_cpu_processes_match_one_at_the_same_global_batch(tmp_path):
+    import shutil
+    import socket
+    import sys
+
+    with socket.socket() as probe:  # a free loopback port for the gloo rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-addr", "127.0.0.1", "--master-port", str(port)]
+    assert shutil.which(sys.executable)
+    single = _child(tmp_path / "one", "--accum", "4")  # micro-batch 2 x 4 = 8 per step
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = _child(tmp_path / "two", "--accum", "2", launcher=torchrun)  # 2 x 2 x 2 ranks = 8
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = _final_adapter(tmp_path / "one"), _final_adapter(tmp_path / "two")
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4)
+    assert any(float(v.abs().sum()) > 0 for k, v in one.items() if "lora_B" in k)

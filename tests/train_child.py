@@ -1,6 +1,7 @@
 """A training run in a child process, for the kill-and-resume test.
 
-    python -m tests.train_child OUTPUT_DIR [--kill-at-step N] [--resume]
+    python -m tests.train_child OUTPUT_DIR [--kill-at-step N] [--resume] [--accum N]
+    torchrun --nproc-per-node 2 -m tests.train_child OUTPUT_DIR --accum 1
 
 Writes the final merged adapter to OUTPUT_DIR/final. With --kill-at-step, the process SIGKILLs
 itself at the end of that optimizer step (after any checkpoint of that step was written).
@@ -40,12 +41,14 @@ def main() -> None:
     parser.add_argument("output_dir")
     parser.add_argument("--kill-at-step", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--accum", type=int, default=2, help="Gradient accumulation steps.")
+    parser.add_argument("--checkpoints", action="store_true", help="Save a checkpoint every 4 steps.")
     args = parser.parse_args()
     tokenizer = make_tokenizer()
     config = MetisConfig(
         output_dir=args.output_dir, num_rounds=2, local_steps=3, per_device_train_batch_size=2,
-        gradient_accumulation_steps=2, max_length=64, use_cpu=True, seed=3, disable_tqdm=True,
-        save_strategy="steps", save_steps=4,
+        gradient_accumulation_steps=args.accum, max_length=64, use_cpu=True, seed=3, disable_tqdm=True,
+        save_strategy="steps" if args.checkpoints or args.kill_at_step or args.resume else "no", save_steps=4,
     )
     trainer = MetisTrainer(
         model=make_tiny_model(len(tokenizer), seed=0), args=config, train_dataset=TRAIN, eval_dataset=VAL,
