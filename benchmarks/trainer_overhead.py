@@ -40,36 +40,68 @@ def child(kind: str, rounds: int, steps: int, out: str) -> None:
     from metis_hf.models import load_model_and_tokenizer
     from metis_hf.training.trainer import default_lora_config
 
-    tasks = build_tasks([{"name": t, "train_size": 400, "validation_size": 32, "test_size": 1} for t in TASKS])
+    tasks = build_tasks(
+        [{"name": t, "train_size": 400, "validation_size": 32, "test_size": 1} for t in TASKS]
+    )
     model, tokenizer = load_model_and_tokenizer("smollm2-135m-instruct")
     total_steps = rounds * steps * len(TASKS)
-    common = dict(output_dir=out, use_cpu=True, disable_tqdm=True, report_to="none", logging_steps=50, seed=0,
-                  learning_rate=3e-4, per_device_train_batch_size=2, gradient_accumulation_steps=4, max_length=512,
-                  completion_only_loss=False, gradient_checkpointing=False, bf16=False, save_strategy="no")
+    common = dict(
+        output_dir=out,
+        use_cpu=True,
+        disable_tqdm=True,
+        report_to="none",
+        logging_steps=50,
+        seed=0,
+        learning_rate=3e-4,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        max_length=512,
+        completion_only_loss=False,
+        gradient_checkpointing=False,
+        bf16=False,
+        save_strategy="no",
+    )
     if kind == "metis":
         trainer = MetisTrainer(
-            model=model, args=MetisConfig(num_rounds=rounds, local_steps=steps, **common),
+            model=model,
+            args=MetisConfig(num_rounds=rounds, local_steps=steps, **common),
             train_dataset={n: t.train for n, t in tasks.items()},
             eval_dataset={n: t.validation for n, t in tasks.items()},
-            processing_class=tokenizer, peft_config=default_lora_config(),
+            processing_class=tokenizer,
+            peft_config=default_lora_config(),
         )
     else:
-        mixed = concatenate_datasets([t.train.select_columns(["prompt", "completion"]) for t in tasks.values()])
+        mixed = concatenate_datasets(
+            [t.train.select_columns(["prompt", "completion"]) for t in tasks.values()]
+        )
         trainer = SFTTrainer(
-            model=model, args=SFTConfig(max_steps=total_steps, lr_scheduler_type="linear", **common),
-            train_dataset=mixed.shuffle(seed=0), processing_class=tokenizer,
-            peft_config=LoraConfig(**{k: v for k, v in default_lora_config().to_dict().items()
-                                      if k in LoraConfig.__dataclass_fields__}),
+            model=model,
+            args=SFTConfig(max_steps=total_steps, lr_scheduler_type="linear", **common),
+            train_dataset=mixed.shuffle(seed=0),
+            processing_class=tokenizer,
+            peft_config=LoraConfig(
+                **{
+                    k: v
+                    for k, v in default_lora_config().to_dict().items()
+                    if k in LoraConfig.__dataclass_fields__
+                }
+            ),
         )
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     sequences = total_steps * 8
-    print(json.dumps({"kind": kind, "seconds": seconds, "sequences": sequences, "peak_rss_mib": _peak_rss_mib()}))
+    print(
+        json.dumps(
+            {"kind": kind, "seconds": seconds, "sequences": sequences, "peak_rss_mib": _peak_rss_mib()}
+        )
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10, help="Optimizer steps per task per round.")
     parser.add_argument("--child", choices=["metis", "sft"], help=argparse.SUPPRESS)
@@ -79,16 +111,30 @@ def main() -> None:
         return child(args.child, args.rounds, args.steps, os.path.join(args.out, args.child))
     results = {}
     for kind in ("sft", "metis"):
-        command = [sys.executable, __file__, "--child", kind, "--rounds", str(args.rounds), "--steps", str(args.steps),
-                   "--out", args.out]
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            kind,
+            "--rounds",
+            str(args.rounds),
+            "--steps",
+            str(args.steps),
+            "--out",
+            args.out,
+        ]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         results[kind] = json.loads(done.stdout.strip().splitlines()[-1])
     sft, metis = results["sft"], results["metis"]
-    print(f"{len(TASKS)} tasks, {args.rounds} rounds x {args.steps} steps per task, {sft['sequences']} sequences each\n")
+    print(
+        f"{len(TASKS)} tasks, {args.rounds} rounds x {args.steps} steps per task, {sft['sequences']} sequences each\n"
+    )
     print("| trainer | seconds | sequences/s | peak RSS MiB |")
     print("|---|---|---|---|")
     for name, r in (("SFTTrainer, one LoRA on the mix", sft), ("MetisTrainer (METIS, merges + gaps)", metis)):
-        print(f"| {name} | {r['seconds']:.1f} | {r['sequences'] / r['seconds']:.2f} | {r['peak_rss_mib']:.0f} |")
+        print(
+            f"| {name} | {r['seconds']:.1f} | {r['sequences'] / r['seconds']:.2f} | {r['peak_rss_mib']:.0f} |"
+        )
     print(f"\nwall-time ratio MetisTrainer / SFTTrainer: {metis['seconds'] / sft['seconds']:.3f}")
     print(f"peak-memory ratio MetisTrainer / SFTTrainer: {metis['peak_rss_mib'] / sft['peak_rss_mib']:.3f}")
 

@@ -48,14 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="Run the offline default recipe end to end and print a score table.")
     demo.add_argument("--output-dir", default="outputs/demo", help="Where results are written.")
-    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override a recipe key.")
+    demo.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="Override a recipe key."
+    )
     demo.set_defaults(func=_cmd_train, recipe=None, no_eval=False)
 
     train = sub.add_parser("train", help="Train a recipe with MetisTrainer; score base and merged models.")
     train.add_argument("recipe", help="Recipe YAML (see recipes/).")
-    train.add_argument("--output-dir", default="outputs/train", help="Checkpoints, merged adapter, results.json.")
     train.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
+        "--output-dir", default="outputs/train", help="Checkpoints, merged adapter, results.json."
+    )
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="Override a recipe key, e.g. --set training.num_rounds=3 (repeatable).",
     )
     train.add_argument("--no-eval", action="store_true", help="Skip the generation scores.")

@@ -45,7 +45,13 @@ def lora_config_from_recipe(recipe: Recipe):
 def _scores(model, tokenizer, tasks, recipe: Recipe) -> dict[str, TaskScore]:
     ev = recipe.evaluation
     return score_tasks(
-        model, tokenizer, tasks, split=ev.split, limit=ev.limit, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens
+        model,
+        tokenizer,
+        tasks,
+        split=ev.split,
+        limit=ev.limit,
+        batch_size=ev.batch_size,
+        max_new_tokens=ev.max_new_tokens,
     )
 
 
@@ -64,11 +70,16 @@ def run_training(
     args = metis_config_from_recipe(recipe, output_dir)
     lora = lora_config_from_recipe(recipe)
     start = time.time()
-    print(f"[metis-hf] model {recipe.model}; tasks {[t.name for t in recipe.tasks]}; "
-          f"{args.protocol} {args.merge_method}, {args.num_rounds} rounds")
+    print(
+        f"[metis-hf] model {recipe.model}; tasks {[t.name for t in recipe.tasks]}; "
+        f"{args.protocol} {args.merge_method}, {args.num_rounds} rounds"
+    )
     tasks = build_tasks(recipe.tasks)
     model, tokenizer = load_model_and_tokenizer(recipe.model)
-    results: dict[str, Any] = {"recipe": recipe_path or "embedded offline default", "overrides": overrides or []}
+    results: dict[str, Any] = {
+        "recipe": recipe_path or "embedded offline default",
+        "overrides": overrides or [],
+    }
     tables: dict[str, dict[str, TaskScore]] = {}
     if evaluate:
         tables["base"] = _scores(model, tokenizer, tasks, recipe)
@@ -88,12 +99,16 @@ def run_training(
     results["rounds"] = trainer.round_records
     if evaluate:
         tables["merged"] = _scores(trainer.peft_model, tokenizer, tasks, recipe)
-        results["scores"] = {m: {t: dataclasses.asdict(s) for t, s in table.items()} for m, table in tables.items()}
+        results["scores"] = {
+            m: {t: dataclasses.asdict(s) for t, s in table.items()} for m, table in tables.items()
+        }
         print(format_score_table(tables))
     results["total_seconds"] = time.time() - start
     tmp = output_dir / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2))
     os.replace(tmp, output_dir / "results.json")
-    print(f"[metis-hf] done in {results['total_seconds']:.0f} s; merged adapter in {output_dir / 'merged'}; "
-          f"results in {output_dir / 'results.json'}")
+    print(
+        f"[metis-hf] done in {results['total_seconds']:.0f} s; merged adapter in {output_dir / 'merged'}; "
+        f"results in {output_dir / 'results.json'}"
+    )
     return results

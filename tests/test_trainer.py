@@ -22,7 +22,10 @@ LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout
 
 def _data(n, k, offset=0):
     return Dataset.from_list(
-        [{"prompt": f"What is {i + offset} + {k}?\nAnswer:", "completion": f" {i + offset + k}\n\n"} for i in range(n)]
+        [
+            {"prompt": f"What is {i + offset} + {k}?\nAnswer:", "completion": f" {i + offset + k}\n\n"}
+            for i in range(n)
+        ]
     )
 
 
@@ -32,8 +35,15 @@ VAL = {"add1": _data(5, 1, 50), "add2": _data(5, 2, 50), "add3": _data(5, 3, 50)
 
 def _config(tmp_path, **overrides):
     values = dict(
-        output_dir=str(tmp_path / "run"), num_rounds=2, local_steps=3, per_device_train_batch_size=2,
-        gradient_accumulation_steps=2, max_length=64, use_cpu=True, seed=3, logging_steps=1,
+        output_dir=str(tmp_path / "run"),
+        num_rounds=2,
+        local_steps=3,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_length=64,
+        use_cpu=True,
+        seed=3,
+        logging_steps=1,
         disable_tqdm=True,
     )
     values.update(overrides)
@@ -43,8 +53,12 @@ def _config(tmp_path, **overrides):
 def _trainer(tmp_path, tokenizer, model=None, train=TRAIN, val=VAL, **overrides):
     model = model if model is not None else make_tiny_model(len(tokenizer), seed=0)
     return MetisTrainer(
-        model=model, args=_config(tmp_path, **overrides), train_dataset=train, eval_dataset=val,
-        processing_class=tokenizer, peft_config=LoraConfig(**LORA),
+        model=model,
+        args=_config(tmp_path, **overrides),
+        train_dataset=train,
+        eval_dataset=val,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**LORA),
     )
 
 
@@ -76,7 +90,9 @@ def _example_mean_loss(model, tokenizer, rows):
     return float(torch.stack(losses).mean())
 
 
-def _reference_round(base, tokenizer, initial, tasks, order, local_steps, micro, accum, temperature=2.0, delta=0.3, k=2):
+def _reference_round(
+    base, tokenizer, initial, tasks, order, local_steps, micro, accum, temperature=2.0, delta=0.3, k=2
+):
     """One METIS round, transcribed: each task trains from the initial adapter with a fresh AdamW
     (lr 3e-4, linear decay to 0, clip 1.0), then gaps, softmax weights, strict masks, consensus."""
     all_rows = [row for t in tasks for row in TRAIN[t]]
@@ -239,7 +255,10 @@ def test_round_rows_are_logged(tmp_path, tiny_tokenizer):
     "change,message",
     [
         (dict(val={"add1": VAL["add1"]}), "train and eval task names differ"),
-        (dict(train={**TRAIN, "empty": TRAIN["add1"].select([])}, val={**VAL, "empty": VAL["add1"]}), "'empty' has no training data"),
+        (
+            dict(train={**TRAIN, "empty": TRAIN["add1"].select([])}, val={**VAL, "empty": VAL["add1"]}),
+            "'empty' has no training data",
+        ),
         (dict(val=None), "METIS needs eval_dataset"),
         (dict(train={"a.b": TRAIN["add1"]}, val={"a.b": VAL["add1"]}), "not usable as an adapter name"),
     ],
@@ -270,8 +289,11 @@ def test_non_lora_peft_config_is_refused(tmp_path, tiny_tokenizer):
 
     with pytest.raises(ValueError, match="LoraConfig"):
         MetisTrainer(
-            model=make_tiny_model(len(tiny_tokenizer)), args=_config(tmp_path), train_dataset=TRAIN,
-            eval_dataset=VAL, processing_class=tiny_tokenizer,
+            model=make_tiny_model(len(tiny_tokenizer)),
+            args=_config(tmp_path),
+            train_dataset=TRAIN,
+            eval_dataset=VAL,
+            processing_class=tiny_tokenizer,
             peft_config=PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
         )
 
@@ -283,8 +305,13 @@ def _child(output_dir, *extra, launcher=None):
 
     env = dict(os.environ, PYTHONPATH=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     command = launcher or [sys.executable]
-    return subprocess.run([*command, "-m", "tests.train_child", str(output_dir), *extra], env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [*command, "-m", "tests.train_child", str(output_dir), *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _final_adapter(folder):
@@ -318,8 +345,14 @@ def test_save_model_writes_merged_adapter_full_model_and_task_adapters(tmp_path,
     from transformers import AutoModelForCausalLM
 
     base = make_tiny_model(len(tiny_tokenizer), seed=0)
-    trainer = _trainer(tmp_path, tiny_tokenizer, model=copy.deepcopy(base), num_rounds=1,
-                       save_task_adapters=True, save_merged_model=True)
+    trainer = _trainer(
+        tmp_path,
+        tiny_tokenizer,
+        model=copy.deepcopy(base),
+        num_rounds=1,
+        save_task_adapters=True,
+        save_merged_model=True,
+    )
     trainer.train()
     out = tmp_path / "saved"
     trainer.save_model(str(out))
@@ -343,8 +376,17 @@ def test_two_cpu_processes_match_one_at_the_same_global_batch(tmp_path):
     with socket.socket() as probe:  # a free loopback port for the gloo rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                "--master-addr", "127.0.0.1", "--master-port", str(port)]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+    ]
     assert shutil.which(sys.executable)
     single = _child(tmp_path / "one", "--accum", "4")  # micro-batch 2 x 4 = 8 per step
     assert single.returncode == 0, single.stderr[-3000:]
@@ -354,3 +396,26 @@ def test_two_cpu_processes_match_one_at_the_same_global_batch(tmp_path):
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4)
     assert any(float(v.abs().sum()) > 0 for k, v in one.items() if "lora_B" in k)
+
+
+def test_parallel_schedule_gives_the_same_merge(tmp_path, tiny_tokenizer):
+    sequential = _trainer(tmp_path / "s", tiny_tokenizer, per_device_train_batch_size=2)
+    sequential.train()
+    # three tasks x 2 rows each per micro-batch, one batched forward per micro-batch
+    parallel = _trainer(
+        tmp_path / "p", tiny_tokenizer, per_device_train_batch_size=6, task_schedule="parallel"
+    )
+    assert parallel.plan.total_steps == sequential.plan.total_steps // 3
+    parallel.train()
+    expected, got = lora_state(sequential.peft_model, "default"), lora_state(parallel.peft_model, "default")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=0)
+    for t in TRAIN:
+        assert parallel.round_records[0][f"merge/loss_gap/{t}"] == pytest.approx(
+            sequential.round_records[0][f"merge/loss_gap/{t}"], abs=1e-5
+        )
+
+
+def test_parallel_needs_a_batch_divisible_by_the_tasks(tmp_path, tiny_tokenizer):
+    with pytest.raises(ValueError, match="multiple of the number of tasks"):
+        _trainer(tmp_path, tiny_tokenizer, per_device_train_batch_size=4, task_schedule="parallel")

@@ -46,13 +46,25 @@ def main() -> None:
     args = parser.parse_args()
     tokenizer = make_tokenizer()
     config = MetisConfig(
-        output_dir=args.output_dir, num_rounds=2, local_steps=3, per_device_train_batch_size=2,
-        gradient_accumulation_steps=args.accum, max_length=64, use_cpu=True, seed=3, disable_tqdm=True,
-        save_strategy="steps" if args.checkpoints or args.kill_at_step or args.resume else "no", save_steps=4,
+        output_dir=args.output_dir,
+        num_rounds=2,
+        local_steps=3,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=args.accum,
+        max_length=64,
+        use_cpu=True,
+        seed=3,
+        disable_tqdm=True,
+        save_strategy="steps" if args.checkpoints or args.kill_at_step or args.resume else "no",
+        save_steps=4,
     )
     trainer = MetisTrainer(
-        model=make_tiny_model(len(tokenizer), seed=0), args=config, train_dataset=TRAIN, eval_dataset=VAL,
-        processing_class=tokenizer, peft_config=LoraConfig(**LORA),
+        model=make_tiny_model(len(tokenizer), seed=0),
+        args=config,
+        train_dataset=TRAIN,
+        eval_dataset=VAL,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**LORA),
         callbacks=[KillAt(args.kill_at_step)] if args.kill_at_step else None,
     )
     trainer.train(resume_from_checkpoint=True if args.resume else None)

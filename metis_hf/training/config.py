@@ -11,7 +11,7 @@ from trl import SFTConfig
 from metis_hf.merging import get_merge_method
 
 PROTOCOLS = ("many_shot", "post_hoc")
-TASK_SCHEDULES = ("sequential", "interleaved")
+TASK_SCHEDULES = ("sequential", "interleaved", "parallel")
 ROUND_LR_SCHEDULES = ("linear", "constant")
 MERGE_SPACES = ("lora", "delta")
 # Methods whose output is a sum over tasks: in LoRA-parameter space, merging every round with
@@ -33,8 +33,11 @@ class MetisConfig(SFTConfig):
 
     protocol: str = field(
         default="many_shot",
-        metadata={"help": "'many_shot': merge after every round; 'post_hoc': train each task for all rounds' "
-                  "steps from the base, merge once.", "choices": list(PROTOCOLS)},
+        metadata={
+            "help": "'many_shot': merge after every round; 'post_hoc': train each task for all rounds' "
+            "steps from the base, merge once.",
+            "choices": list(PROTOCOLS),
+        },
     )
     num_rounds: int = field(default=5, metadata={"help": "Rounds R (the paper: 5)."})
     local_steps: int | None = field(
@@ -43,9 +46,12 @@ class MetisConfig(SFTConfig):
     local_epochs: float = field(
         default=1.0, metadata={"help": "Epochs over each task's data per round, when local_steps is unset."}
     )
-    merge_method: str = field(default="metis", metadata={"help": "Any registered method, or 'mergekit:<name>'."})
+    merge_method: str = field(
+        default="metis", metadata={"help": "Any registered method, or 'mergekit:<name>'."}
+    )
     merge_params: dict[str, Any] = field(
-        default_factory=dict, metadata={"help": "Extra parameters for the merge method (e.g. density, scale)."}
+        default_factory=dict,
+        metadata={"help": "Extra parameters for the merge method (e.g. density, scale)."},
     )
     temperature: float | list[float] = field(
         default=2.0, metadata={"help": "METIS softmax temperature lambda: one number, or one per round."}
@@ -57,39 +63,60 @@ class MetisConfig(SFTConfig):
     )
     merge_space: str = field(
         default="lora",
-        metadata={"help": "'lora': merge LoRA A and B entries (the paper); 'delta': merge scaling*B@A per "
-                  "module and truncate back to rank r by SVD.", "choices": list(MERGE_SPACES)},
+        metadata={
+            "help": "'lora': merge LoRA A and B entries (the paper); 'delta': merge scaling*B@A per "
+            "module and truncate back to rank r by SVD.",
+            "choices": list(MERGE_SPACES),
+        },
     )
     reset_optimizer_each_round: bool = field(
-        default=True, metadata={"help": "Drop Adam moments at every round (the reference rebuilds its Trainer)."}
+        default=True,
+        metadata={"help": "Drop Adam moments at every round (the reference rebuilds its Trainer)."},
     )
     round_lr_schedule: str = field(
         default="linear",
-        metadata={"help": "'linear': decay to 0 within each task's round (the reference); 'constant'.",
-                  "choices": list(ROUND_LR_SCHEDULES)},
+        metadata={
+            "help": "'linear': decay to 0 within each task's round (the reference); 'constant'.",
+            "choices": list(ROUND_LR_SCHEDULES),
+        },
     )
     task_schedule: str = field(
         default="sequential",
-        metadata={"help": "'sequential': each task's round in turn (the reference); 'interleaved': one "
-                  "optimizer step per task in turn.", "choices": list(TASK_SCHEDULES)},
+        metadata={
+            "help": "'sequential': each task's round in turn (the reference); 'interleaved': one "
+            "optimizer step per task in turn; 'parallel': every task in every step, each row of a "
+            "batched forward routed to its task's adapter (per_device_train_batch_size counts the rows "
+            "of all tasks together and must be a multiple of the task count).",
+            "choices": list(TASK_SCHEDULES),
+        },
     )
     gap_batch_size: int = field(default=16, metadata={"help": "Batch size of the loss-gap validation."})
-    save_task_adapters: bool = field(default=False, metadata={"help": "save_model also writes each task's adapter."})
+    save_task_adapters: bool = field(
+        default=False, metadata={"help": "save_model also writes each task's adapter."}
+    )
     save_merged_model: bool = field(
-        default=False, metadata={"help": "save_model also writes the full model with the merged adapter folded in."}
+        default=False,
+        metadata={"help": "save_model also writes the full model with the merged adapter folded in."},
     )
 
     # SFTConfig fields whose defaults differ here (the reference recipe; CPU-friendly).
     learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate of every round."})
     per_device_train_batch_size: int = field(default=2, metadata={"help": "Micro-batch size."})
-    gradient_accumulation_steps: int = field(default=4, metadata={"help": "Micro-batches per optimizer step."})
+    gradient_accumulation_steps: int = field(
+        default=4, metadata={"help": "Micro-batches per optimizer step."}
+    )
     max_length: int | None = field(default=512, metadata={"help": "Sequences are cut at this many tokens."})
     completion_only_loss: bool | None = field(
-        default=False, metadata={"help": "Train (and measure gaps) on completion tokens only. Reference: all tokens."}
+        default=False,
+        metadata={"help": "Train (and measure gaps) on completion tokens only. Reference: all tokens."},
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Activation checkpointing."})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: on where supported."})
-    save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy ('steps' to resume runs)."})
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision; default: on where supported."}
+    )
+    save_strategy: str = field(
+        default="no", metadata={"help": "Checkpoint strategy ('steps' to resume runs)."}
+    )
     report_to: str | list[str] | None = field(default="none", metadata={"help": "Logging integrations."})
 
     def __post_init__(self) -> None:
@@ -100,7 +127,9 @@ class MetisConfig(SFTConfig):
         if self.task_schedule not in TASK_SCHEDULES:
             raise ValueError(f"task_schedule must be one of {TASK_SCHEDULES}, got {self.task_schedule!r}.")
         if self.round_lr_schedule not in ROUND_LR_SCHEDULES:
-            raise ValueError(f"round_lr_schedule must be one of {ROUND_LR_SCHEDULES}, got {self.round_lr_schedule!r}.")
+            raise ValueError(
+                f"round_lr_schedule must be one of {ROUND_LR_SCHEDULES}, got {self.round_lr_schedule!r}."
+            )
         if self.merge_space not in MERGE_SPACES:
             raise ValueError(f"merge_space must be one of {MERGE_SPACES}, got {self.merge_space!r}.")
         if isinstance(self.num_rounds, bool) or not isinstance(self.num_rounds, int) or self.num_rounds < 1:
@@ -113,7 +142,9 @@ class MetisConfig(SFTConfig):
             raise ValueError(f"gap_batch_size must be >= 1, got {self.gap_batch_size}.")
         method = get_merge_method(self.merge_method)  # unknown method: fails here
         reserved = {"loss_gaps", "alphas"} if self.merge_method == "metis" else set()
-        unknown = sorted(set(self.merge_params) - set(method.parameters) | (set(self.merge_params) & reserved))
+        unknown = sorted(
+            set(self.merge_params) - set(method.parameters) | (set(self.merge_params) & reserved)
+        )
         if unknown:
             raise ValueError(
                 f"merge_params has {unknown[0]!r}, which {self.merge_method!r} does not take here "

@@ -7,13 +7,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+ALL_TASKS = -1  # the task of a parallel step: every task trains in it
+
 
 @dataclass(frozen=True)
 class Step:
     round: int
-    task: int
-    local_index: int  # this task's step number within the round (0-based)
-    local_steps: int  # this task's steps in the round
+    task: int  # ALL_TASKS in the parallel schedule
+    local_index: int  # the task's step number within the round (0-based)
+    local_steps: int  # the task's steps in the round
 
 
 @dataclass
@@ -27,6 +29,17 @@ class RoundPlan:
 
     def __post_init__(self) -> None:
         self.steps, self.round_ends = [], []
+        if self.schedule == "parallel":
+            if len(set(self.steps_per_task)) != 1:
+                raise ValueError(
+                    f"The parallel schedule trains every task in every step, so tasks need equal steps per "
+                    f"round; got {dict(zip(self.tasks, self.steps_per_task))}. Set local_steps."
+                )
+            steps = self.steps_per_task[0]
+            for r in range(self.rounds):
+                self.steps.extend(Step(r, ALL_TASKS, j, steps) for j in range(steps))
+                self.round_ends.append(len(self.steps))
+            return
         for r in range(self.rounds):
             order = self._round_order()
             counters = [0] * len(self.tasks)
@@ -61,25 +74,41 @@ class RoundPlan:
         s = self.step(global_step)
         return max(0.0, 1.0 - s.local_index / s.local_steps)
 
-    def example_order(self, task_ranges: list[range], examples_per_step: int, seed: int) -> list[int]:
-        """Dataset indices in the order the dataloader must yield them: for every optimizer step,
-        ``examples_per_step`` indices of that step's task. Each task walks through a fresh seeded
-        permutation of its examples every round, starting another when it runs out."""
+    def example_order(self, task_ranges: list[range], rows: int, micro_batches: int, seed: int) -> list[int]:
+        """Dataset indices in the order the dataloader yields them, ``rows`` per task and micro-batch,
+        ``micro_batches`` (accumulation x processes) per optimizer step.
+
+        Each task walks through a fresh seeded permutation of its examples every round (starting
+        another when it runs out) and takes ``rows * micro_batches`` of them per step. A
+        sequential or interleaved step lays out its task's examples in order; a parallel step
+        builds every micro-batch from each task's next ``rows`` examples, tasks in order, so
+        every task sees exactly the examples the other schedules give it.
+        """
+        per_step = rows * micro_batches
         streams: dict[tuple[int, int], list[int]] = {}
+
+        def chunk(round_index: int, task: int, local_index: int) -> list[int]:
+            stream = streams.setdefault((round_index, task), [])
+            needed = per_step * (local_index + 1)
+            if len(stream) < needed:
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + round_index * 1009 + task)
+                size = len(task_ranges[task])
+                while len(stream) < needed:
+                    stream.extend(
+                        task_ranges[task][i] for i in torch.randperm(size, generator=generator).tolist()
+                    )
+                    generator.manual_seed(generator.initial_seed() + 7919)
+            return stream[per_step * local_index : needed]
+
         order: list[int] = []
         for s in self.steps:
-            key = (s.round, s.task)
-            if key not in streams:
-                streams[key] = []
-            stream = streams[key]
-            needed = examples_per_step * (s.local_index + 1)
-            if len(stream) < needed:
-                generator = torch.Generator().manual_seed(seed * 1_000_003 + s.round * 1009 + s.task)
-                size = len(task_ranges[s.task])
-                while len(stream) < needed:
-                    stream.extend(task_ranges[s.task][i] for i in torch.randperm(size, generator=generator).tolist())
-                    generator.manual_seed(generator.initial_seed() + 7919)
-            order.extend(stream[examples_per_step * s.local_index : needed])
+            if s.task != ALL_TASKS:
+                order.extend(chunk(s.round, s.task, s.local_index))
+                continue
+            chunks = [chunk(s.round, t, s.local_index) for t in range(len(self.tasks))]
+            for m in range(micro_batches):
+                for task_chunk in chunks:
+                    order.extend(task_chunk[m * rows : (m + 1) * rows])
         return order
 
 

@@ -5,8 +5,9 @@ task) and the merged adapter G (PEFT's ``"default"``, which is what ``save_model
 adapters start from one LoRA initialisation. The extension points used, all public:
 
 * ``_get_train_sampler``: the round plan's example order, so every optimizer step holds one task's
-  micro-batches (sequential or interleaved);
-* ``training_step``: activates the step's task adapter, then ``super()``;
+  micro-batches (sequential, interleaved) or every task's, in per-task row blocks (parallel);
+* ``training_step``: activates the step's task adapter (parallel: routes each row block to its
+  task's adapter), then ``super()``;
 * ``create_optimizer``: one AdamW over every task adapter. A parameter without a gradient is
   skipped by AdamW, so each task keeps its own moments and step count;
 * ``create_scheduler``: linear decay to 0 within each task's round (the reference's);
@@ -56,7 +57,11 @@ ROUNDS_FILE = "rounds.jsonl"
 def default_lora_config() -> LoraConfig:
     """The reference's LoRA: r 16, alpha 16, no dropout, no bias, attention projections."""
     return LoraConfig(
-        r=16, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        r=16,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
     )
 
@@ -98,16 +103,38 @@ class MetisTrainer(SFTTrainer):
         if isinstance(model, str):
             model = load_model(model)
         if isinstance(model, PeftModel):
-            raise ValueError("Pass the base model and a LoraConfig; MetisTrainer builds the task adapters itself.")
+            raise ValueError(
+                "Pass the base model and a LoraConfig; MetisTrainer builds the task adapters itself."
+            )
 
         max_length = args.max_length or 10**9
-        self.train_parts = {t: tokenize_dataset(processing_class, d, max_length, f"{t} train") for t, d in train_dataset.items()}
+        self.train_parts = {
+            t: tokenize_dataset(processing_class, d, max_length, f"{t} train")
+            for t, d in train_dataset.items()
+        }
         self.validation = {
-            t: tokenize_dataset(processing_class, d, max_length, f"{t} validation") for t, d in (eval_dataset or {}).items()
+            t: tokenize_dataset(processing_class, d, max_length, f"{t} validation")
+            for t, d in (eval_dataset or {}).items()
         }
         peft_model = _build_adapters(model, peft_config, self.task_names)
 
-        self.plan = _make_plan(args, self.task_names, [len(self.train_parts[t]) for t in self.task_names])
+        self._parallel = args.task_schedule == "parallel"
+        self._rows_per_task = args.per_device_train_batch_size
+        self._step_tokens = [0] * len(self.task_names)
+        self._clip_norm = args.max_grad_norm
+        if self._parallel:
+            if args.per_device_train_batch_size % len(self.task_names):
+                raise ValueError(
+                    f"task_schedule='parallel': per_device_train_batch_size ({args.per_device_train_batch_size}) "
+                    f"must be a multiple of the number of tasks ({len(self.task_names)})."
+                )
+            self._rows_per_task = args.per_device_train_batch_size // len(self.task_names)
+            # The Trainer would clip the norm of all adapters together; each adapter is clipped on
+            # its own in `_per_task_gradients`, as the other schedules' per-task steps are.
+            args.max_grad_norm = 0.0
+        self.plan = _make_plan(
+            args, self.task_names, [len(self.train_parts[t]) for t in self.task_names], self._rows_per_task
+        )
         args.max_steps = self.plan.total_steps
         combined, start = [], 0
         self.task_ranges = []
@@ -132,14 +159,29 @@ class MetisTrainer(SFTTrainer):
     # --- extension points ---------------------------------------------------------------------
 
     def _get_train_sampler(self, train_dataset=None):
-        examples_per_step = (
-            self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        micro_batches = self.args.gradient_accumulation_steps * self.args.world_size
+        return FixedOrderSampler(
+            self.plan.example_order(self.task_ranges, self._rows_per_task, micro_batches, self.args.seed)
         )
-        return FixedOrderSampler(self.plan.example_order(self.task_ranges, examples_per_step, self.args.seed))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self._activate(self.task_names[self.plan.step(self.state.global_step).task])
-        return super().training_step(model, inputs, num_items_in_batch)
+        if not self._parallel:
+            self._activate(self.task_names[self.plan.step(self.state.global_step).task])
+            return super().training_step(model, inputs, num_items_in_batch)
+        # Parallel: rows come in per-task blocks of `_rows_per_task`; route each block to its adapter
+        # (PEFT's mixed-batch forward, reached through the same kind of pre-forward hook PEFT uses
+        # at inference) and count each task's loss tokens for its own normalisation.
+        rows = self._rows_per_task
+        labels = inputs["labels"]
+        for t, task in enumerate(self.task_names):
+            self._step_tokens[t] += int((labels[t * rows : (t + 1) * rows] != -100).sum())
+        names = [task for task in self.task_names for _ in range(rows)][: labels.shape[0]]
+        handles = self._route_rows(names)
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -148,7 +190,11 @@ class MetisTrainer(SFTTrainer):
             for p in params:
                 p.requires_grad_(True)
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, peft_model)
-            self.optimizer = optimizer_cls([{"params": params, "weight_decay": self.args.weight_decay}], **optimizer_kwargs)
+            self.optimizer = optimizer_cls(
+                [{"params": params, "weight_decay": self.args.weight_decay}], **optimizer_kwargs
+            )
+            if self._parallel:
+                self.optimizer.register_step_pre_hook(self._per_task_gradients)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
@@ -188,12 +234,45 @@ class MetisTrainer(SFTTrainer):
         self.processing_class.save_pretrained(output_dir)
         if self.args.save_task_adapters:
             for task in self.task_names:
-                peft_model.save_pretrained(os.path.join(output_dir, "task_adapters"), selected_adapters=[task])
+                peft_model.save_pretrained(
+                    os.path.join(output_dir, "task_adapters"), selected_adapters=[task]
+                )
         if self.args.save_merged_model:
             self._save_merged_model(os.path.join(output_dir, "merged_model"))
         return None
 
     # --- rounds -------------------------------------------------------------------------------
+
+    def _route_rows(self, adapter_names: list[str]) -> list:
+        from peft.tuners.lora import LoraLayer
+
+        def hook(module, args, kwargs):
+            kwargs["adapter_names"] = adapter_names
+            return args, kwargs
+
+        return [
+            m.register_forward_pre_hook(hook, with_kwargs=True)
+            for m in self.peft_model.modules()
+            if isinstance(m, LoraLayer)
+        ]
+
+    def _per_task_gradients(self, optimizer, args, kwargs) -> None:
+        """Parallel schedule, before each optimizer step: the batch loss was normalised by every
+        task's tokens together; adapter t's gradient comes from its own rows only, so scaling it by
+        ``all tokens / task t's tokens`` gives exactly task t's own normalised loss. Then each
+        adapter is clipped on its own."""
+        counts = torch.tensor(self._step_tokens, dtype=torch.float64)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        total = float(counts.sum())
+        peft_model = self.peft_model
+        for t, task in enumerate(self.task_names):
+            params = [p for p in lora_parameters(peft_model, task).values() if p.grad is not None]
+            for p in params:
+                p.grad.mul_(total / max(float(counts[t]), 1.0))
+            if self._clip_norm and self._clip_norm > 0 and params:
+                torch.nn.utils.clip_grad_norm_(params, self._clip_norm)
+        self._step_tokens = [0] * len(self.task_names)
 
     @property
     def peft_model(self) -> PeftModel:
@@ -213,11 +292,16 @@ class MetisTrainer(SFTTrainer):
     def _val_loss(self, adapter: str, task: str) -> float:
         self._activate(adapter)
         losses = per_example_losses(
-            self.peft_model, self.validation[task], self.args.gap_batch_size, bool(self.args.completion_only_loss)
+            self.peft_model,
+            self.validation[task],
+            self.args.gap_batch_size,
+            bool(self.args.completion_only_loss),
         )
         return float(losses.mean())
 
-    def _merge_parameters(self, round_index: int, gaps: dict[str, float] | None) -> tuple[dict[str, Any], list[float]]:
+    def _merge_parameters(
+        self, round_index: int, gaps: dict[str, float] | None
+    ) -> tuple[dict[str, Any], list[float]]:
         """The merge method's parameters this round, and the per-task weights to log as alpha."""
         args, count = self.args, len(self.task_names)
         params = dict(args.merge_params)
@@ -262,7 +346,9 @@ class MetisTrainer(SFTTrainer):
             scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
             dense = [lora_to_dense(s, scaling) for s in states]
             merged_dense = merge_state_dicts(self.args.merge_method, dense, names=tasks, **params)
-            merged, report = dense_to_lora(merged_dense, config.r, scaling, dtype=states[0][next(iter(states[0]))].dtype)
+            merged, report = dense_to_lora(
+                merged_dense, config.r, scaling, dtype=states[0][next(iter(states[0]))].dtype
+            )
             truncation = report.overall
         for adapter in (MERGED, *tasks):
             load_lora_state(peft_model, merged, adapter)
@@ -329,13 +415,17 @@ class _RoundCallback(TrainerCallback):
                 self.trainer._save_round_state(folder)
 
 
-def _check_tasks(args: MetisConfig, train: Mapping[str, Dataset], validation: Mapping[str, Dataset] | None) -> list[str]:
+def _check_tasks(
+    args: MetisConfig, train: Mapping[str, Dataset], validation: Mapping[str, Dataset] | None
+) -> list[str]:
     if not isinstance(train, Mapping) or not train:
         raise ValueError("train_dataset must be a non-empty mapping of task name -> dataset.")
     names = list(train)
     for name in names:
         if not isinstance(name, str) or not name or "." in name or name == MERGED:
-            raise ValueError(f"Task name {name!r} is not usable as an adapter name (no dots, not {MERGED!r}).")
+            raise ValueError(
+                f"Task name {name!r} is not usable as an adapter name (no dots, not {MERGED!r})."
+            )
         if len(train[name]) == 0:
             raise ValueError(f"Task {name!r} has no training data.")
     if validation is not None:
@@ -362,8 +452,8 @@ def _build_adapters(model: torch.nn.Module, config: LoraConfig, tasks: list[str]
     return peft_model
 
 
-def _make_plan(args: MetisConfig, tasks: list[str], sizes: list[int]) -> RoundPlan:
-    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+def _make_plan(args: MetisConfig, tasks: list[str], sizes: list[int], rows_per_task: int) -> RoundPlan:
+    per_step = rows_per_task * args.gradient_accumulation_steps * args.world_size
     if args.local_steps is not None:
         steps = [args.local_steps] * len(tasks)
     else:
