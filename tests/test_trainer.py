@@ -97,7 +97,7 @@ def _reference_round(
     (lr 3e-4, linear decay to 0, clip 1.0), then gaps, softmax weights, strict masks, consensus."""
     all_rows = [row for t in tasks for row in TRAIN[t]]
     cursor, locals_ = 0, []
-    for task in tasks:
+    for _ in tasks:
         model = get_peft_model(copy.deepcopy(base), LoraConfig(**LORA))
         with torch.no_grad():
             for key, p in lora_parameters(model).items():

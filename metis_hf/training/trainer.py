@@ -173,7 +173,7 @@ class MetisTrainer(SFTTrainer):
         # at inference) and count each task's loss tokens for its own normalisation.
         rows = self._rows_per_task
         labels = inputs["labels"]
-        for t, task in enumerate(self.task_names):
+        for t in range(len(self.task_names)):
             self._step_tokens[t] += int((labels[t * rows : (t + 1) * rows] != -100).sum())
         names = [task for task in self.task_names for _ in range(rows)][: labels.shape[0]]
         handles = self._route_rows(names)
