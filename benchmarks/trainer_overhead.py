@@ -57,7 +57,7 @@ def child(kind: str, rounds: int, steps: int, out: str) -> None:
         gradient_accumulation_steps=4,
         max_length=512,
         completion_only_loss=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         bf16=False,
         save_strategy="no",
     )
