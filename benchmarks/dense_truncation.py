@@ -24,7 +24,9 @@ METHODS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out", default="/tmp/metis-hf-dense")
     args = parser.parse_args()
@@ -35,10 +37,23 @@ def main() -> None:
 
     tasks = build_tasks([{"name": t, "train_size": 400, "validation_size": 8, "test_size": 1} for t in TASKS])
     model, tokenizer = load_model_and_tokenizer("smollm2-135m-instruct")
-    config = MetisConfig(output_dir=args.out, protocol="post_hoc", num_rounds=1, local_steps=args.steps,
-                         merge_method="task_arithmetic", use_cpu=True, disable_tqdm=True, logging_steps=1000)
-    trainer = MetisTrainer(model=model, args=config, train_dataset={n: t.train for n, t in tasks.items()},
-                           eval_dataset={n: t.validation for n, t in tasks.items()}, processing_class=tokenizer)
+    config = MetisConfig(
+        output_dir=args.out,
+        protocol="post_hoc",
+        num_rounds=1,
+        local_steps=args.steps,
+        merge_method="task_arithmetic",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=1000,
+    )
+    trainer = MetisTrainer(
+        model=model,
+        args=config,
+        train_dataset={n: t.train for n, t in tasks.items()},
+        eval_dataset={n: t.validation for n, t in tasks.items()},
+        processing_class=tokenizer,
+    )
     trained = {}
     end_round = trainer._end_round
 
@@ -55,7 +70,9 @@ def main() -> None:
     print("| dense merge | relative error, all modules | worst module |")
     print("|---|---|---|")
     _, single = dense_to_lora(dense[0], lora.r, scaling)
-    print(f"| one task's own delta (control) | {single.overall:.2e} | {max(single.relative_error.values()):.2e} |")
+    print(
+        f"| one task's own delta (control) | {single.overall:.2e} | {max(single.relative_error.values()):.2e} |"
+    )
     for method, params in METHODS.items():
         merged = merge_state_dicts(method, dense, **params)
         _, report = dense_to_lora(merged, lora.r, scaling)

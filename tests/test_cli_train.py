@@ -17,7 +17,9 @@ def _recipe(tmp_path, tokenizer, **training):
     recipe = {
         "model": str(model_dir),
         "seed": 1,
-        "tasks": [{"name": n, "train_size": 16, "validation_size": 4, "test_size": 4} for n in ("chain_sum", "gcd")],
+        "tasks": [
+            {"name": n, "train_size": 16, "validation_size": 4, "test_size": 4} for n in ("chain_sum", "gcd")
+        ],
         "evaluation": {"batch_size": 4, "max_new_tokens": 3},
         "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
         "training": {"num_rounds": 2, "local_steps": 2, "use_cpu": True, "max_length": 96, **training},
@@ -30,7 +32,10 @@ def _recipe(tmp_path, tokenizer, **training):
 def test_train_recipe_writes_merged_adapter_and_results(tmp_path, tiny_tokenizer):
     path = _recipe(tmp_path, tiny_tokenizer)
     out = tmp_path / "out"
-    assert main(["train", str(path), "--output-dir", str(out), "--set", "training.merge_method=consensus_ta"]) == 0
+    assert (
+        main(["train", str(path), "--output-dir", str(out), "--set", "training.merge_method=consensus_ta"])
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     assert set(results["scores"]) == {"base", "merged"}

@@ -81,3 +81,24 @@ def test_task_loss_is_the_per_example_mean_of_token_losses(tiny_model, tiny_toke
             expected.append(losses.mean())
         got = task_loss(tiny_model, tiny_tokenizer, data, batch_size=2, completion_only=completion_only)
         assert got == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
+
+
+def test_fused_and_logits_losses_agree(tiny_model, tiny_tokenizer):
+    from datasets import Dataset
+    from trl.trainer.utils import add_fused_lm_head
+
+    from metis_hf.evaluation.loss import per_example_losses
+    from metis_hf.tokenization import tokenize_dataset
+
+    rows = [
+        {"prompt": "What is 2 + 3?\nAnswer:", "completion": " 5\n\n"},
+        {"prompt": "Find\nAnswer:", "completion": " 6 7 8\n\n"},
+    ]
+    tokenized = tokenize_dataset(tiny_tokenizer, Dataset.from_list(rows))
+    for completion_only in (False, True):
+        plain = per_example_losses(tiny_model, tokenized, batch_size=2, completion_only=completion_only)
+        add_fused_lm_head(tiny_model)
+        fused = per_example_losses(
+            tiny_model, tokenized, batch_size=2, completion_only=completion_only, fused=True
+        )
+        torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)

@@ -122,17 +122,23 @@ def test_pickle_only_folder_is_refused(tmp_path):
         safetensors_files(tmp_path)
 
 
-def test_merge_full_checkpoints_sharded(tmp_path):
+def _checkpoints(tmp_path, count=2):
+    """A saved base and `count` saved "fine-tuned" copies (base plus small seeded noise)."""
     base = make_tiny_model(VOCAB, seed=0)
     base.save_pretrained(tmp_path / "base")
     tuned = []
-    for i in range(2):
+    for i in range(count):
         model = make_tiny_model(VOCAB, seed=0)
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.01)
         model.save_pretrained(tmp_path / f"ft{i}")
         tuned.append(model)
+    return base, tuned
+
+
+def test_merge_full_checkpoints_sharded(tmp_path):
+    base, tuned = _checkpoints(tmp_path)
     config = {
         "merge_method": "ties",
         "base_model": str(tmp_path / "base"),
@@ -177,14 +183,7 @@ def test_dense_space_matches_peft_and_truncation_is_measured():
 
 
 def test_mergekit_yaml_runs_metis(tmp_path):
-    base = make_tiny_model(VOCAB, seed=0)
-    base.save_pretrained(tmp_path / "base")
-    for i in range(2):
-        model = make_tiny_model(VOCAB, seed=0)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.01)
-        model.save_pretrained(tmp_path / f"ft{i}")
+    base, tuned = _checkpoints(tmp_path)
     config = {
         "merge_method": "metis",
         "base_model": str(tmp_path / "base"),
@@ -197,7 +196,7 @@ def test_mergekit_yaml_runs_metis(tmp_path):
     assert main(["mergekit-yaml", _write(tmp_path / "mk.yaml", config), str(tmp_path / "mk")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "mk").state_dict()
     key = "model.layers.1.mlp.up_proj.weight"
-    sds = [AutoModelForCausalLM.from_pretrained(tmp_path / f"ft{i}").state_dict() for i in range(2)]
+    sds = [m.state_dict() for m in tuned]
     expected = base.state_dict()[key] + merge(
         "metis", [sd[key] - base.state_dict()[key] for sd in sds], loss_gaps=[0, 0.5], k=1
     )

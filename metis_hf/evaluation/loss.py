@@ -26,8 +26,14 @@ def per_example_losses(
     tokenized: Dataset,
     batch_size: int = 16,
     completion_only: bool = False,
+    fused: bool = False,
 ) -> torch.Tensor:
-    """Mean token loss of each example of a tokenized dataset (``input_ids``, ``completion_mask``)."""
+    """Mean token loss of each example of a tokenized dataset (``input_ids``, ``completion_mask``).
+
+    ``fused=True`` asks a model patched by TRL's ``add_fused_lm_head`` (as SFTTrainer patches its
+    model) for per-token log-probabilities without materialising the ``(batch, length, vocab)``
+    logits: the computation training uses, at training's memory cost.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -38,11 +44,16 @@ def per_example_losses(
             ids = _pad(batch["input_ids"], 0).to(device)
             attention = _pad([[1] * len(r) for r in batch["input_ids"]], 0).to(device)
             trained = attention if not completion_only else _pad(batch["completion_mask"], 0).to(device)
-            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
-            targets, weights = ids[:, 1:], trained[:, 1:].float()
-            token_loss = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-            counts = weights.sum(1).clamp(min=1)
-            losses.append(((token_loss * weights).sum(1) / counts).cpu())
+            if fused:
+                labels = ids.masked_fill(trained == 0, -100)
+                out = model(input_ids=ids, attention_mask=attention, labels=labels, fused_lm_head=True)
+                sums, counts = -out.log_probs.float().sum(1), out.label_mask.float().sum(1)
+            else:
+                logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+                weights = trained[:, 1:].float()
+                token_loss = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+                sums, counts = (token_loss * weights).sum(1), weights.sum(1)
+            losses.append((sums / counts.clamp(min=1)).cpu())
     finally:
         model.train(was_training)
     return torch.cat(losses)

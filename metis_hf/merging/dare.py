@@ -9,7 +9,7 @@ seed, so permuting tasks together with their seeds permutes nothing in the resul
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -54,13 +54,28 @@ def keep_masks(
     return masks
 
 
-def _dropped(
-    stacked: torch.Tensor, masks: list[list[torch.Tensor | None]], where: slice, density: float
+def _dare(
+    task_vectors: Sequence[torch.Tensor],
+    weights: Sequence[float] | None,
+    density: float,
+    scale: float,
+    seed: Seed,
+    combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    chunk = where.start // CHUNK_ELEMENTS
-    keep = torch.stack(masks[chunk])
-    masks[chunk] = []  # merged: free this chunk's masks
-    return stacked * keep / density
+    """Drop and rescale each chunk with the tasks' masks, then ``combine(dropped, weights)``."""
+    weights = check_weights(weights, len(task_vectors))
+    density = check_density(density)
+    scale = check_finite_number(scale, "scale")
+    masks = keep_masks(task_vectors, density, seed)
+    w = as_column(weights, task_vectors[0])
+
+    def kernel(stacked: torch.Tensor, where: slice) -> torch.Tensor:
+        chunk = where.start // CHUNK_ELEMENTS
+        keep = torch.stack(masks[chunk])
+        masks[chunk] = []  # merged: free this chunk's masks
+        return combine(stacked * keep / density, w).mul_(scale)
+
+    return chunked_merge(task_vectors, kernel)
 
 
 @register_merge_method("dare_linear")
@@ -73,16 +88,7 @@ def dare_linear(
     seed: Seed = None,
 ) -> torch.Tensor:
     """DARE + Task Arithmetic: random drop with rescale 1/density, weighted sum, times scale."""
-    weights = check_weights(weights, len(task_vectors))
-    density = check_density(density)
-    scale = check_finite_number(scale, "scale")
-    masks = keep_masks(task_vectors, density, seed)
-    w = as_column([scale * x for x in weights], task_vectors[0])
-
-    def kernel(stacked: torch.Tensor, where: slice) -> torch.Tensor:
-        return (w.T @ _dropped(stacked, masks, where, density)).squeeze(0)
-
-    return chunked_merge(task_vectors, kernel)
+    return _dare(task_vectors, weights, density, scale, seed, lambda dropped, w: (w.T @ dropped).squeeze(0))
 
 
 @register_merge_method("dare_ties")
@@ -95,13 +101,4 @@ def dare_ties(
     seed: Seed = None,
 ) -> torch.Tensor:
     """DARE + TIES: random drop with rescale 1/density, sign election, disjoint mean, times scale."""
-    weights = check_weights(weights, len(task_vectors))
-    density = check_density(density)
-    scale = check_finite_number(scale, "scale")
-    masks = keep_masks(task_vectors, density, seed)
-    w = as_column(weights, task_vectors[0])
-
-    def kernel(stacked: torch.Tensor, where: slice) -> torch.Tensor:
-        return elect_and_average(_dropped(stacked, masks, where, density), w).mul_(scale)
-
-    return chunked_merge(task_vectors, kernel)
+    return _dare(task_vectors, weights, density, scale, seed, elect_and_average)

@@ -110,7 +110,9 @@ class MetisConfig(SFTConfig):
         default=False,
         metadata={"help": "Train (and measure gaps) on completion tokens only. Reference: all tokens."},
     )
-    activation_checkpointing: bool | None = field(default=False, metadata={"help": "Activation checkpointing."})
+    activation_checkpointing: bool | None = field(
+        default=False, metadata={"help": "Activation checkpointing."}
+    )
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated alias."})
     bf16: bool | None = field(
         default=None, metadata={"help": "bf16 mixed precision; default: on where supported."}

@@ -95,6 +95,20 @@ class MetisTrainer(SFTTrainer):
         peft_config = peft_config if peft_config is not None else default_lora_config()
         if not isinstance(peft_config, LoraConfig):
             raise ValueError(f"peft_config must be a peft.LoraConfig, got {type(peft_config).__name__}.")
+        self._parallel = args.task_schedule == "parallel"
+        self._rows_per_task = args.per_device_train_batch_size
+        self._step_tokens = [0] * len(self.task_names)
+        self._clip_norm = args.max_grad_norm
+        if self._parallel:
+            if args.per_device_train_batch_size % len(self.task_names):
+                raise ValueError(
+                    f"task_schedule='parallel': per_device_train_batch_size ({args.per_device_train_batch_size}) "
+                    f"must be a multiple of the number of tasks ({len(self.task_names)})."
+                )
+            self._rows_per_task = args.per_device_train_batch_size // len(self.task_names)
+            # The Trainer would clip the norm of all adapters together; each adapter is clipped on
+            # its own in `_per_task_gradients`, as the other schedules' per-task steps are.
+            args.max_grad_norm = 0.0
         if processing_class is None:
             name = model if isinstance(model, str) else model.config.name_or_path
             processing_class = load_tokenizer(name)
@@ -118,20 +132,6 @@ class MetisTrainer(SFTTrainer):
         }
         peft_model = _build_adapters(model, peft_config, self.task_names)
 
-        self._parallel = args.task_schedule == "parallel"
-        self._rows_per_task = args.per_device_train_batch_size
-        self._step_tokens = [0] * len(self.task_names)
-        self._clip_norm = args.max_grad_norm
-        if self._parallel:
-            if args.per_device_train_batch_size % len(self.task_names):
-                raise ValueError(
-                    f"task_schedule='parallel': per_device_train_batch_size ({args.per_device_train_batch_size}) "
-                    f"must be a multiple of the number of tasks ({len(self.task_names)})."
-                )
-            self._rows_per_task = args.per_device_train_batch_size // len(self.task_names)
-            # The Trainer would clip the norm of all adapters together; each adapter is clipped on
-            # its own in `_per_task_gradients`, as the other schedules' per-task steps are.
-            args.max_grad_norm = 0.0
         self.plan = _make_plan(
             args, self.task_names, [len(self.train_parts[t]) for t in self.task_names], self._rows_per_task
         )
@@ -296,6 +296,7 @@ class MetisTrainer(SFTTrainer):
             self.validation[task],
             self.args.gap_batch_size,
             bool(self.args.completion_only_loss),
+            fused=True,  # SFTTrainer patched the model: the training loss's own kernel, no full logits
         )
         return float(losses.mean())
 
