@@ -126,8 +126,10 @@ class MetisTrainer(SFTTrainer):
             t: tokenize_dataset(processing_class, d, max_length, f"{t} train")
             for t, d in train_dataset.items()
         }
+        # Sorted by length: a gap is a mean of per-example losses, so order does not matter, and
+        # batches of similar lengths carry little padding.
         self.validation = {
-            t: tokenize_dataset(processing_class, d, max_length, f"{t} validation")
+            t: _sorted_by_length(tokenize_dataset(processing_class, d, max_length, f"{t} validation"))
             for t, d in (eval_dataset or {}).items()
         }
         peft_model = _build_adapters(model, peft_config, self.task_names)
@@ -440,6 +442,11 @@ def _check_tasks(
     elif args.merge_method == "metis":
         raise ValueError("METIS needs eval_dataset (a validation set per task) to measure its loss gaps.")
     return names
+
+
+def _sorted_by_length(tokenized: Dataset) -> Dataset:
+    lengths = [len(ids) for ids in tokenized["input_ids"]]
+    return tokenized.select(sorted(range(len(lengths)), key=lengths.__getitem__))
 
 
 def _build_adapters(model: torch.nn.Module, config: LoraConfig, tasks: list[str]) -> PeftModel:
