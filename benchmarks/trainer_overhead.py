@@ -30,7 +30,7 @@ def _peak_rss_mib() -> float:
     return float("nan")
 
 
-def child(kind: str, rounds: int, steps: int, out: str) -> None:
+def child(kind: str, rounds: int, steps: int, out: str, val_size: int) -> None:
     from datasets import concatenate_datasets
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -41,7 +41,7 @@ def child(kind: str, rounds: int, steps: int, out: str) -> None:
     from metis_hf.training.trainer import default_lora_config
 
     tasks = build_tasks(
-        [{"name": t, "train_size": 400, "validation_size": 32, "test_size": 1} for t in TASKS]
+        [{"name": t, "train_size": 400, "validation_size": val_size, "test_size": 1} for t in TASKS]
     )
     model, tokenizer = load_model_and_tokenizer("smollm2-135m-instruct")
     total_steps = rounds * steps * len(TASKS)
@@ -106,9 +106,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="Optimizer steps per task per round.")
     parser.add_argument("--child", choices=["metis", "sft"], help=argparse.SUPPRESS)
     parser.add_argument("--out", default="/tmp/metis-hf-bench")
+    parser.add_argument("--val-size", type=int, default=32, help="Validation examples per task (the gaps).")
     args = parser.parse_args()
     if args.child:
-        return child(args.child, args.rounds, args.steps, os.path.join(args.out, args.child))
+        return child(args.child, args.rounds, args.steps, os.path.join(args.out, args.child), args.val_size)
     results = {}
     for kind in ("sft", "metis"):
         command = [
@@ -122,12 +123,15 @@ def main() -> None:
             str(args.steps),
             "--out",
             args.out,
+            "--val-size",
+            str(args.val_size),
         ]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         results[kind] = json.loads(done.stdout.strip().splitlines()[-1])
     sft, metis = results["sft"], results["metis"]
     print(
-        f"{len(TASKS)} tasks, {args.rounds} rounds x {args.steps} steps per task, {sft['sequences']} sequences each\n"
+        f"{len(TASKS)} tasks, {args.rounds} rounds x {args.steps} steps per task, {sft['sequences']} training "
+        f"sequences each, {args.val_size} validation examples per task\n"
     )
     print("| trainer | seconds | sequences/s | peak RSS MiB |")
     print("|---|---|---|---|")

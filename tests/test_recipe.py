@@ -42,7 +42,9 @@ def test_broken_yaml_is_reported(tmp_path):
         load_recipe(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "recipes").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "recipes").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT))
+)
 def test_every_recipe_validates(path, tmp_path):
     from metis_hf.run import lora_config_from_recipe, metis_config_from_recipe
 

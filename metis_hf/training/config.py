@@ -90,7 +90,13 @@ class MetisConfig(SFTConfig):
             "choices": list(TASK_SCHEDULES),
         },
     )
-    gap_batch_size: int = field(default=16, metadata={"help": "Batch size of the loss-gap validation."})
+    gap_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Batch size of the loss-gap validation; default: per_device_train_batch_size "
+            "(no gradients are kept, so the gap never needs more memory than a training step)."
+        },
+    )
     save_task_adapters: bool = field(
         default=False, metadata={"help": "save_model also writes each task's adapter."}
     )
@@ -141,6 +147,8 @@ class MetisConfig(SFTConfig):
             raise ValueError(f"local_steps must be >= 1, got {self.local_steps}.")
         if self.local_steps is None and not self.local_epochs > 0:
             raise ValueError(f"local_epochs must be > 0, got {self.local_epochs}.")
+        if self.gap_batch_size is None:
+            self.gap_batch_size = self.per_device_train_batch_size
         if self.gap_batch_size < 1:
             raise ValueError(f"gap_batch_size must be >= 1, got {self.gap_batch_size}.")
         method = get_merge_method(self.merge_method)  # unknown method: fails here
