@@ -202,3 +202,49 @@ def test_mergekit_yaml_runs_metis(tmp_path):
     )
     torch.testing.assert_close(merged[key], expected)
     assert json.loads((tmp_path / "mk" / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_apply_dense_deltas_folds_a_merged_delta_into_the_base():
+    from metis_hf.merging.task_vectors import apply_dense_deltas
+
+    adapters = [_lora(make_tiny_model(VOCAB, seed=0), seed=s) for s in (1, 2)]
+    dense = [lora_to_dense(lora_state(a), scaling=2.0) for a in adapters]
+    merged = merge_state_dicts("task_arithmetic", dense, weights=[0.5, 0.5])
+    base = make_tiny_model(VOCAB, seed=0)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    prefix = "base_model.model."
+    apply_dense_deltas(base, merged, prefix_map=lambda key: key.removeprefix(prefix) + ".weight")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(
+        base.state_dict()[key], before[key] + merged[prefix + key.removesuffix(".weight")]
+    )
+    untouched = "model.layers.0.self_attn.k_proj.weight"  # not a LoRA target
+    assert torch.equal(base.state_dict()[untouched], before[untouched])
+    with pytest.raises(ValueError, match="names no parameter"):
+        apply_dense_deltas(base, {"nope": torch.zeros(1)})
+
+
+def test_loss_gaps_of_finished_adapters(tiny_tokenizer):
+    from datasets import Dataset
+
+    from metis_hf.evaluation.loss import compute_loss_gaps, task_loss
+
+    model = _lora(make_tiny_model(len(tiny_tokenizer), seed=0), seed=1)
+    model.add_adapter("second", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B.second" in name:
+                p.normal_(0, 0.2)
+    data = {
+        "one": Dataset.from_list([{"prompt": "What is 2 + 3?\nAnswer:", "completion": " 5\n\n"}]),
+        "two": Dataset.from_list([{"prompt": "Find\nAnswer:", "completion": " 6\n\n"}]),
+    }
+    gaps = compute_loss_gaps(model, tiny_tokenizer, data, {"one": "default", "two": "second"})
+    with model.disable_adapter():
+        base = {t: task_loss(model, tiny_tokenizer, d) for t, d in data.items()}
+    model.set_adapter("second")
+    assert gaps["two"] == pytest.approx(base["two"] - task_loss(model, tiny_tokenizer, data["two"]), abs=1e-6)
+    model.set_adapter("default")
+    assert gaps["one"] == pytest.approx(base["one"] - task_loss(model, tiny_tokenizer, data["one"]), abs=1e-6)
+    with pytest.raises(ValueError, match="Tasks differ"):
+        compute_loss_gaps(model, tiny_tokenizer, data, {"one": "default"})
