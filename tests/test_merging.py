@@ -302,3 +302,25 @@ def test_third_party_method_registers_with_one_decorator():
     )
     with pytest.raises(ValueError, match="already registered"):
         register_merge_method("test_elementwise_max")(elementwise_max)
+
+
+def test_our_methods_inside_mergekit_and_mergekit_methods_inside_ours():
+    from mergekit.merge_methods import merge_tensors
+
+    from metis_hf.merging.mergekit_bridge import register_with_mergekit
+
+    assert register_with_mergekit() == register_with_mergekit() == ["metis", "consensus_ta"]  # idempotent
+    vs, base = vectors(3), vectors(1, seed=9)[0]
+    inputs = [base, *[base + v for v in vs]]
+    out = merge_tensors(inputs, "metis", parameters={"loss_gap": [0.1, 0.5, -0.2]}, base_index=0)
+    torch.testing.assert_close(out - base, merge("metis", vs, loss_gaps=[0.1, 0.5, -0.2]), atol=1e-5, rtol=0)
+    out = merge_tensors(inputs, "consensus_ta", parameters={"weight": [0.5, 1.0, 2.0], "k": 2}, base_index=0)
+    torch.testing.assert_close(
+        out - base, merge("consensus_ta", vs, weights=[0.5, 1.0, 2.0]), atol=1e-5, rtol=0
+    )
+    assert "mergekit:della" in available_methods(include_mergekit=True)
+    torch.testing.assert_close(
+        merge("mergekit:ties", vs, density=0.3), merge("ties", vs, density=0.3), atol=ATOL, rtol=0
+    )
+    with pytest.raises(ValueError, match="Unknown mergekit method"):
+        merge("mergekit:nope", vs)

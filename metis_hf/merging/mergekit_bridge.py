@@ -39,9 +39,12 @@ def _build_methods() -> list:
 
     contract = InputContract(base=BasePolicy.REQUIRED, min_non_base=1)
 
-    def deltas(group: TensorGroup) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def merge_group(group: TensorGroup, method: str, **params) -> torch.Tensor:
+        """Our ``method`` on the group's deltas to its base (k capped at the input count), plus the base."""
         base = group.base.tensor
-        return base, [entry.tensor.float() - base.float() for entry in group.non_base]
+        task_vectors = [entry.tensor.float() - base.float() for entry in group.non_base]
+        params["k"] = min(params["k"], len(task_vectors))
+        return (base.float() + merge(method, task_vectors, **params)).to(base.dtype)
 
     @merge_method(name="metis", pretty_name="METIS", reference_url=_PAPER_URL, contract=contract)
     def metis_kernel(
@@ -52,18 +55,15 @@ def _build_methods() -> list:
         k: int = 2,
         beta: float = 1.0,
     ) -> torch.Tensor:
-        base, task_vectors = deltas(group)
-        k = min(k, len(task_vectors))
-        merged = merge(
+        return merge_group(
+            group,
             "metis",
-            task_vectors,
             loss_gaps=loss_gap.values_for(group.non_base),
             temperature=temperature,
             delta=delta,
             k=k,
             beta=beta,
         )
-        return (base.float() + merged).to(base.dtype)
 
     @merge_method(
         name="consensus_ta",
@@ -78,16 +78,9 @@ def _build_methods() -> list:
         k: int = 2,
         scale: float = 1.0,
     ) -> torch.Tensor:
-        base, task_vectors = deltas(group)
-        merged = merge(
-            "consensus_ta",
-            task_vectors,
-            weights=weight.values_for(group.non_base),
-            delta=delta,
-            k=min(k, len(task_vectors)),
-            scale=scale,
+        return merge_group(
+            group, "consensus_ta", weights=weight.values_for(group.non_base), delta=delta, k=k, scale=scale
         )
-        return (base.float() + merged).to(base.dtype)
 
     del merge_methods
     return [metis_kernel, consensus_kernel]
