@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from metis_hf.cli import main
@@ -51,3 +52,47 @@ def test_train_recipe_errors_name_the_key(tmp_path, tiny_tokenizer, capsys):
     path = _recipe(tmp_path, tiny_tokenizer, learning_rat=1.0)
     assert main(["train", str(path), "--output-dir", str(tmp_path / "o")]) == 2
     assert "training.learning_rat: unknown MetisConfig field" in capsys.readouterr().err
+
+
+def _offline_recipes():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "recipes" / "offline"
+    return sorted(root.glob("*.yaml"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", _offline_recipes(), ids=lambda p: p.name)
+def test_every_offline_recipe_runs_a_few_steps(path, tmp_path):
+    """Each offline recipe, as written, on the real default model, shrunk to one short round."""
+    from metis_hf.recipe import load_recipe
+
+    tasks = len(load_recipe(path).tasks)
+    sizes = [
+        f"tasks.{i}.{split}_size={n}"
+        for i in range(tasks)
+        for split, n in (("train", 16), ("validation", 4), ("test", 2))
+    ]
+    overrides = [
+        "training.num_rounds=1",
+        "training.local_steps=1",
+        "training.local_epochs=1.0",
+        "training.use_cpu=true",
+        *sizes,
+    ]
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "train",
+                str(path),
+                "--output-dir",
+                str(out),
+                "--no-eval",
+                *[a for o in overrides for a in ("--set", o)],
+            ]
+        )
+        == 0
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["rounds"]) == 1 and (out / "merged" / "adapter_model.safetensors").is_file()
