@@ -18,9 +18,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from metis_hf.merge_files import load_merge_config, run_merge
 
-    config = load_merge_config(args.config)
-    with open(args.config) as handle:
-        text = handle.read()
+    config, text = load_merge_config(args.config)
     summary = run_merge(config, args.output_dir, overwrite=args.overwrite, config_text=text)
     extra = (
         f"; rank-r truncation dropped {summary.truncation_error:.2%}"

@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -104,15 +104,17 @@ class MergeConfig:
         return params
 
 
-def load_merge_config(path: str | os.PathLike) -> MergeConfig:
+def load_merge_config(path: str | os.PathLike) -> tuple[MergeConfig, str]:
+    """The validated config and its text (kept verbatim for the card)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Merge config {str(path)!r} does not exist.")
+    text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from err
-    return from_dict(MergeConfig, data)
+    return from_dict(MergeConfig, data), text
 
 
 # --- locating and reading weights -------------------------------------------------------------
@@ -354,7 +356,7 @@ def _merge_checkpoints(config, folders, params, out: Path, progress: bool) -> Me
 
 
 def _write_card(out: Path, config: MergeConfig, summary: MergeSummary, config_text: str | None) -> None:
-    text = config_text if config_text is not None else yaml.safe_dump(_config_dict(config), sort_keys=False)
+    text = config_text if config_text is not None else yaml.safe_dump(asdict(config), sort_keys=False)
     lines = [
         "---",
         "library_name: " + ("peft" if summary.kind == "adapter" else "transformers"),
@@ -372,9 +374,3 @@ def _write_card(out: Path, config: MergeConfig, summary: MergeSummary, config_te
         )
     lines += ["", "## Configuration", "", "```yaml", text.rstrip(), "```", ""]
     (out / "README.md").write_text("\n".join(lines))
-
-
-def _config_dict(config: MergeConfig) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(config)

@@ -98,7 +98,7 @@ def test_mismatched_adapters_are_named(adapter_dirs, tmp_path):
     with pytest.raises(ValueError, match=r"rank2 has r=2"):
         from metis_hf.merge_files import load_merge_config, run_merge
 
-        run_merge(load_merge_config(_write(root / "c.yaml", config)), root / "o2", progress=False)
+        run_merge(load_merge_config(_write(root / "c.yaml", config))[0], root / "o2", progress=False)
     targets = _lora(make_tiny_model(VOCAB), targets=("q_proj", "k_proj"))
     with pytest.raises(ValueError, match="lacks"):
         merge_state_dicts("ties", [lora_state(_lora(make_tiny_model(VOCAB))), lora_state(targets)])
