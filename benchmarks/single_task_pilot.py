@@ -1,0 +1,68 @@
+"""How far one LoRA adapter gets on one reasoning-gym task within a CPU budget (demo task choice).
+
+For each task: SmolLM2-135M-Instruct, one LoRA (the reference's r=16 on q/k/v/o), STEPS optimizer
+steps of 2 x 4 sequences at lr 3e-4 through MetisTrainer with a single task (post-hoc protocol, so
+no merge changes the adapter), then the score and exact match on 60 test items.
+
+    python benchmarks/single_task_pilot.py --steps 80 chain_sum family_relationships spell_backward
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("tasks", nargs="+")
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--out", default="/tmp/metis-hf-pilot")
+    args = parser.parse_args()
+
+    from metis_hf import MetisConfig, MetisTrainer
+    from metis_hf.data import build_task
+    from metis_hf.evaluation import score_task
+    from metis_hf.models import load_model_and_tokenizer
+
+    for name in args.tasks:
+        start = time.time()
+        task = build_task({"name": name, "train_size": 800, "validation_size": 16, "test_size": 60})
+        model, tokenizer = load_model_and_tokenizer("smollm2-135m-instruct")
+        config = MetisConfig(
+            output_dir=f"{args.out}/{name}",
+            protocol="post_hoc",
+            num_rounds=1,
+            local_steps=args.steps,
+            merge_method="task_arithmetic",
+            use_cpu=True,
+            disable_tqdm=True,
+            logging_steps=1000,
+        )
+        trainer = MetisTrainer(
+            model=model,
+            args=config,
+            train_dataset={name: task.train},
+            eval_dataset={name: task.validation},
+            processing_class=tokenizer,
+        )
+        trainer.train()
+        result = score_task(trainer.peft_model, tokenizer, task, batch_size=30, max_new_tokens=16)
+        print(
+            json.dumps(
+                {
+                    "task": name,
+                    "score": result.score,
+                    "exact": result.exact_match,
+                    "seconds": round(time.time() - start),
+                }
+            ),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
