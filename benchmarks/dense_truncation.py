@@ -31,29 +31,14 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/metis-hf-dense")
     args = parser.parse_args()
 
-    from metis_hf import MetisConfig, MetisTrainer
+    from _shared import independent_adapters_trainer
+
     from metis_hf.data import build_tasks
     from metis_hf.models import load_model_and_tokenizer
 
     tasks = build_tasks([{"name": t, "train_size": 400, "validation_size": 8, "test_size": 1} for t in TASKS])
     model, tokenizer = load_model_and_tokenizer("smollm2-135m-instruct")
-    config = MetisConfig(
-        output_dir=args.out,
-        protocol="post_hoc",
-        num_rounds=1,
-        local_steps=args.steps,
-        merge_method="task_arithmetic",
-        use_cpu=True,
-        disable_tqdm=True,
-        logging_steps=1000,
-    )
-    trainer = MetisTrainer(
-        model=model,
-        args=config,
-        train_dataset={n: t.train for n, t in tasks.items()},
-        eval_dataset={n: t.validation for n, t in tasks.items()},
-        processing_class=tokenizer,
-    )
+    trainer = independent_adapters_trainer(model, tokenizer, tasks, args.steps, args.out)
     trained = {}
     end_round = trainer._end_round
 

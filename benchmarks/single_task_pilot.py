@@ -23,7 +23,8 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/metis-hf-pilot")
     args = parser.parse_args()
 
-    from metis_hf import MetisConfig, MetisTrainer
+    from _shared import independent_adapters_trainer
+
     from metis_hf.data import build_task
     from metis_hf.evaluation import score_task
     from metis_hf.models import load_model_and_tokenizer
@@ -32,22 +33,8 @@ def main() -> None:
         start = time.time()
         task = build_task({"name": name, "train_size": 800, "validation_size": 16, "test_size": 60})
         model, tokenizer = load_model_and_tokenizer("smollm2-135m-instruct")
-        config = MetisConfig(
-            output_dir=f"{args.out}/{name}",
-            protocol="post_hoc",
-            num_rounds=1,
-            local_steps=args.steps,
-            merge_method="task_arithmetic",
-            use_cpu=True,
-            disable_tqdm=True,
-            logging_steps=1000,
-        )
-        trainer = MetisTrainer(
-            model=model,
-            args=config,
-            train_dataset={name: task.train},
-            eval_dataset={name: task.validation},
-            processing_class=tokenizer,
+        trainer = independent_adapters_trainer(
+            model, tokenizer, {name: task}, args.steps, f"{args.out}/{name}"
         )
         trainer.train()
         result = score_task(trainer.peft_model, tokenizer, task, batch_size=30, max_new_tokens=16)

@@ -21,7 +21,6 @@ from typing import Any
 from datasets import Dataset, DatasetDict, load_dataset
 
 SPLITS = ("train", "validation", "test")
-COLUMNS = ("prompt", "completion", "answer", "entry")
 ANSWER_PREFIX = "\nAnswer:"
 
 # A scorer maps (model's answer text, example row) to a score in [0, 1].

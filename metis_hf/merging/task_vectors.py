@@ -3,7 +3,8 @@
 * **LoRA-parameter space** (the paper's and the reference code's): a task vector is the adapter's
   ``lora_A`` and ``lora_B`` entries, keyed as in PEFT's saved state dict, in sorted key order.
 * **Dense delta space**: per adapted module ``scaling * B @ A`` (the change the adapter makes to
-  the weight), or ``fine-tuned - base`` for full checkpoints.
+  the weight); for full checkpoints ``fine-tuned - base``, which ``metis-hf merge`` computes key by
+  key while streaming (``metis_hf/merge_files.py``).
 
 A dense merged delta returns to a rank-r adapter by truncated SVD (``dense_to_lora``), which keeps
 the best rank-r approximation in Frobenius norm and reports what it drops; or it is folded into the
@@ -170,17 +171,6 @@ def dense_to_lora(
         dropped_total, norm_total = dropped_total + dropped, norm_total + norm
     overall = (dropped_total / norm_total) ** 0.5 if norm_total > 0 else 0.0
     return dict(sorted(out.items())), TruncationReport(errors, overall)
-
-
-def checkpoint_task_vectors(
-    base: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]]
-) -> list[StateDict]:
-    """``fine-tuned - base`` for every floating tensor of full checkpoints."""
-    keys = check_same_keys([base, *finetuned], names=["base", *[f"model {i}" for i in range(len(finetuned))]])
-    vectors = []
-    for model in finetuned:
-        vectors.append({k: model[k].float() - base[k].float() for k in keys if base[k].is_floating_point()})
-    return vectors
 
 
 @torch.no_grad()
