@@ -165,7 +165,7 @@ def test_interleaved_and_sequential_give_the_same_merge(tmp_path, tiny_tokenizer
 
 
 def test_every_adapter_is_trained_and_merges_write_in_place(tmp_path, tiny_tokenizer):
-    trainer = _trainer(tmp_path, tiny_tokenizer, num_rounds=1, merge_method="task_arithmetic")
+    trainer = _trainer(tmp_path, tiny_tokenizer, num_rounds=2, merge_method="task_arithmetic")
     peft_model = trainer.peft_model
     before = {t: lora_state(peft_model, t) for t in TRAIN}
     ids = {t: {k: id(p) for k, p in lora_parameters(peft_model, t).items()} for t in TRAIN}
@@ -173,30 +173,27 @@ def test_every_adapter_is_trained_and_merges_write_in_place(tmp_path, tiny_token
 
     class Spy(__import__("transformers").TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == trainer.plan.total_steps - 0:
-                return
-            # just before the merge of the last step, every task adapter differs from its start
-            snapshots[state.global_step] = {t: lora_state(peft_model, t) for t in TRAIN}
+            # runs after the trainer's own callback: at a round's end, after its merge
+            snapshots[state.global_step] = {t: lora_state(peft_model, t) for t in (*TRAIN, "default")}
 
     trainer.add_callback(Spy())
     trainer.create_optimizer()
     held = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert all(i in held for t in TRAIN for i in ids[t].values())  # the optimizer holds every adapter
     trainer.train()
-    last_before_merge = snapshots[trainer.plan.total_steps - 1]
+    first_end = trainer.plan.round_ends[0]
+    last_before_merge = snapshots[first_end - 1]
     for t in TRAIN:
         # each task's adapter was trained (B moved off zero) ...
         changed = [k for k in before[t] if not torch.equal(before[t][k], last_before_merge[t][k])]
         assert changed, f"adapter {t} never changed"
-        # ... and the merge wrote into the same Parameter objects
+        # ... and the merges wrote into the same Parameter objects
         assert {k: id(p) for k, p in lora_parameters(peft_model, t).items()} == ids[t]
-    # after the merge every task adapter equals the merged one (the start of the next round)
-    merged = lora_state(peft_model, "default")
+    # after round 1's merge every task adapter equals the merged one (the start of round 2)
+    after_merge = snapshots[first_end]
     for t in TRAIN:
-        for k in merged:
-            assert torch.equal(lora_state(peft_model, t)[k], merged[k])
-    # task_arithmetic's many-shot default scale is 1/T
-    assert trainer.round_records[0]["merge/alpha/add1"] == pytest.approx(1 / 3)
+        for k in after_merge["default"]:
+            assert torch.equal(after_merge[t][k], after_merge["default"][k])
 
 
 def test_adam_state_is_per_task_and_reset_each_round(tmp_path, tiny_tokenizer):
@@ -232,6 +229,20 @@ def test_post_hoc_trains_all_steps_then_merges_once(tmp_path, tiny_tokenizer):
     assert len(trainer.round_records) == 1
     rows = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1] and rows[0]["step"] == 18
+
+
+def test_post_hoc_keeps_the_experts_and_merges_them_once(tmp_path, tiny_tokenizer):
+    trainer = _trainer(
+        tmp_path, tiny_tokenizer, protocol="post_hoc", merge_method="task_arithmetic", local_steps=2
+    )
+    trainer.train()
+    experts = [lora_state(trainer.peft_model, t) for t in TRAIN]
+    assert not torch.equal(*(next(iter(e.values())) for e in experts[:2]))  # trained apart
+    # the merged adapter is the task-arithmetic merge at 1/T of the experts, which stay as trained
+    merged = lora_state(trainer.peft_model, "default")
+    for key, value in merged.items():
+        expected = sum(e[key] for e in experts) / len(experts)
+        torch.testing.assert_close(value, expected)
 
 
 def test_round_rows_are_logged(tmp_path, tiny_tokenizer):

@@ -302,30 +302,6 @@ class MetisTrainer(SFTTrainer):
         )
         return float(losses.mean())
 
-    def _merge_parameters(
-        self, round_index: int, gaps: dict[str, float] | None
-    ) -> tuple[dict[str, Any], list[float]]:
-        """The merge method's parameters this round, and the per-task weights to log as alpha."""
-        args, count = self.args, len(self.task_names)
-        params = dict(args.merge_params)
-        if args.merge_method == "metis":
-            params.setdefault("temperature", args.per_round("temperature", round_index))
-            params.setdefault("delta", args.delta)
-            params.setdefault("k", min(args.k, count))
-            params.setdefault("beta", args.per_round("beta", round_index))
-            params["loss_gaps"] = [gaps[t] for t in self.task_names]
-            return params, loss_gap_weights(params["loss_gaps"], params["temperature"])
-        if args.merge_method in SUM_METHODS:
-            params.setdefault("scale", 1.0 / count)
-        if args.merge_method == "consensus_ta":
-            params.setdefault("delta", args.delta)
-            params.setdefault("k", min(args.k, count))
-        if "seed" not in params and args.merge_method.startswith("dare"):
-            params["seed"] = args.seed * 1000 + round_index
-        scale = float(params.get("scale", 1.0))
-        weights = params.get("weights") or [1.0] * count
-        return params, [scale * float(w) for w in weights]
-
     @torch.no_grad()
     def _end_round(self, round_index: int) -> None:
         tasks = self.task_names
@@ -337,7 +313,7 @@ class MetisTrainer(SFTTrainer):
             merged_before = self._merged_val_losses
             local = {t: self._val_loss(t, t) for t in tasks}
             gaps = {t: merged_before[t] - local[t] for t in tasks}
-        params, alphas = self._merge_parameters(round_index, gaps)
+        params, alphas = merge_parameters(self.args, self.args.merge_method, tasks, round_index, gaps)
 
         peft_model = self.peft_model
         states = [{k: p.detach() for k, p in lora_parameters(peft_model, t).items()} for t in tasks]
@@ -353,7 +329,10 @@ class MetisTrainer(SFTTrainer):
                 merged_dense, config.r, scaling, dtype=states[0][next(iter(states[0]))].dtype
             )
             truncation = report.overall
-        for adapter in (MERGED, *tasks):
+        # The merge starts every task's next round. After the last round the task adapters keep
+        # their local results: for post-hoc runs these are the individual experts.
+        last_round = round_index == self.plan.rounds - 1
+        for adapter in (MERGED,) if last_round else (MERGED, *tasks):
             load_lora_state(peft_model, merged, adapter)
 
         total = sum(v.numel() for v in merged.values())
@@ -416,6 +395,39 @@ class _RoundCallback(TrainerCallback):
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
                 self.trainer._save_round_state(folder)
+
+
+def merge_parameters(
+    args: MetisConfig,
+    method: str,
+    task_names: list[str],
+    round_index: int,
+    gaps: Mapping[str, float] | None,
+) -> tuple[dict[str, Any], list[float]]:
+    """The parameters of ``method`` for round ``round_index`` under ``args`` (METIS's temperature,
+    delta, k and beta; 1/T for summing methods; a per-round DARE seed), and the per-task weights
+    the merge gives (logged as alpha)."""
+    count = len(task_names)
+    params = dict(args.merge_params) if method == args.merge_method else {}
+    if method == "metis":
+        if gaps is None:
+            raise ValueError("metis needs loss gaps: pass eval_dataset (a validation split per task).")
+        params.setdefault("temperature", args.per_round("temperature", round_index))
+        params.setdefault("delta", args.delta)
+        params.setdefault("k", min(args.k, count))
+        params.setdefault("beta", args.per_round("beta", round_index))
+        params["loss_gaps"] = [gaps[t] for t in task_names]
+        return params, loss_gap_weights(params["loss_gaps"], params["temperature"])
+    if method in SUM_METHODS:
+        params.setdefault("scale", 1.0 / count)
+    if method == "consensus_ta":
+        params.setdefault("delta", args.delta)
+        params.setdefault("k", min(args.k, count))
+    if "seed" not in params and method.startswith("dare"):
+        params["seed"] = args.seed * 1000 + round_index
+    scale = float(params.get("scale", 1.0))
+    weights = params.get("weights") or [1.0] * count
+    return params, [scale * float(w) for w in weights]
 
 
 def _check_tasks(
