@@ -17,6 +17,7 @@ class TaskScore:
     score: float  # mean of the task's scorer (reasoning-gym gives partial credit on some tasks)
     exact_match: float
     n: int
+    loss: float | None = None  # mean validation loss per example, when measured
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -192,3 +193,29 @@ def apply_dense_deltas(model: torch.nn.Module, deltas: Mapping[str, torch.Tensor
                 f"Delta {key!r} has shape {tuple(delta.shape)}, parameter {tuple(params[name].shape)}."
             )
         params[name].add_(delta.to(params[name].dtype))
+
+
+def merge_lora_states(
+    method: str,
+    states: Sequence[Mapping[str, torch.Tensor]],
+    space: str = "lora",
+    rank: int | None = None,
+    scaling: float = 1.0,
+    names: Sequence[str] | None = None,
+    **params: Any,
+) -> tuple[StateDict, float | None]:
+    """Merge LoRA adapters' states with ``method``: in LoRA-parameter space (A and B merged apart,
+    the reference code's way), or in the dense delta space ``scaling * B @ A`` and back to rank
+    ``rank`` by SVD. Returns the merged LoRA state and, for the dense space, the relative
+    truncation error."""
+    if space == "lora":
+        return merge_state_dicts(method, states, names=names, **params), None
+    if space != "delta":
+        raise ValueError(f"merge space must be 'lora' or 'delta', got {space!r}.")
+    if rank is None:
+        raise ValueError("merging in the delta space needs the adapters' rank.")
+    dense = [lora_to_dense(s, scaling) for s in states]
+    merged_dense = merge_state_dicts(method, dense, names=names, **params)
+    dtype = next(iter(states[0].values())).dtype
+    merged, report = dense_to_lora(merged_dense, rank, scaling, dtype=dtype)
+    return merged, report.overall

@@ -36,11 +36,9 @@ from trl import SFTTrainer
 from metis_hf.evaluation.loss import per_example_losses
 from metis_hf.merging import loss_gap_weights
 from metis_hf.merging.task_vectors import (
-    dense_to_lora,
     load_lora_state,
     lora_parameters,
-    lora_to_dense,
-    merge_state_dicts,
+    merge_lora_states,
 )
 from metis_hf.models import load_model, load_tokenizer
 from metis_hf.tokenization import tokenize_dataset
@@ -317,18 +315,16 @@ class MetisTrainer(SFTTrainer):
 
         peft_model = self.peft_model
         states = [{k: p.detach() for k, p in lora_parameters(peft_model, t).items()} for t in tasks]
-        truncation = None
-        if self.args.merge_space == "lora":
-            merged = merge_state_dicts(self.args.merge_method, states, names=tasks, **params)
-        else:
-            config = peft_model.peft_config[MERGED]
-            scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
-            dense = [lora_to_dense(s, scaling) for s in states]
-            merged_dense = merge_state_dicts(self.args.merge_method, dense, names=tasks, **params)
-            merged, report = dense_to_lora(
-                merged_dense, config.r, scaling, dtype=states[0][next(iter(states[0]))].dtype
-            )
-            truncation = report.overall
+        config = peft_model.peft_config[MERGED]
+        merged, truncation = merge_lora_states(
+            self.args.merge_method,
+            states,
+            space=self.args.merge_space,
+            rank=config.r,
+            scaling=config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r),
+            names=tasks,
+            **params,
+        )
         # The merge starts every task's next round. After the last round the task adapters keep
         # their local results: for post-hoc runs these are the individual experts.
         last_round = round_index == self.plan.rounds - 1
