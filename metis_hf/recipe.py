@@ -29,6 +29,51 @@ class EvaluationSpec:
     max_new_tokens: int = field(default=24, metadata={"help": "Longest generated answer, in tokens."})
 
 
+BASELINES = ["task_arithmetic", "ties", "dare_ties", "consensus_ta"]
+
+
+@dataclass
+class CompareSpec:
+    """What ``metis-hf compare`` runs: post-hoc merges of the experts and many-shot runs."""
+
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Training seeds; paired."})
+    post_hoc_methods: list[str] = field(
+        default_factory=lambda: list(BASELINES), metadata={"help": "Methods merging the experts once."}
+    )
+    many_shot_methods: list[str] = field(
+        default_factory=lambda: [*BASELINES, "metis"],
+        metadata={"help": "Methods run many-shot (merging every round)."},
+    )
+    method_params: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={"help": "Method -> merge parameters, e.g. {ties: {density: 0.2}}; both protocols."},
+    )
+    metric: str = field(
+        default="exact_match", metadata={"help": "Score normalized in the tables: exact_match or score."}
+    )
+    task_weights: dict[str, float] = field(
+        default_factory=dict, metadata={"help": "Task -> weight in Avg (default 1 each)."}
+    )
+
+    def __post_init__(self) -> None:
+        from metis_hf.merging import available_methods
+
+        known = available_methods()
+        for key in ("post_hoc_methods", "many_shot_methods"):
+            for method in getattr(self, key):
+                if method not in known:
+                    raise ValueError(f"{key}: unknown merge method {method!r} (known: {', '.join(known)}).")
+        for method in self.method_params:
+            if method not in known:
+                raise ValueError(f"method_params: unknown merge method {method!r}.")
+        if self.metric not in ("exact_match", "score"):
+            raise ValueError(f"metric must be 'exact_match' or 'score', got {self.metric!r}.")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be a non-empty list of distinct integers, got {self.seeds!r}.")
+        if not self.post_hoc_methods and not self.many_shot_methods:
+            raise ValueError("compare needs at least one post-hoc or many-shot method.")
+
+
 @dataclass
 class Recipe:
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "Built-in name, Hub id or local path."})
@@ -41,10 +86,17 @@ class Recipe:
     training: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "MetisConfig keyword arguments."}
     )
+    compare: CompareSpec = field(
+        default_factory=CompareSpec, metadata={"help": "The grid of `metis-hf compare`."}
+    )
 
     def __post_init__(self) -> None:
         if not self.tasks:
             raise ValueError("tasks: a recipe needs at least one task.")
+        names = [t.name for t in self.tasks]
+        for task in self.compare.task_weights:
+            if task not in names:
+                raise ValueError(f"compare.task_weights: {task!r} is not a task of this recipe.")
 
 
 class RecipeError(ValueError):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 from metis_hf.data import build_tasks
 from metis_hf.evaluation import TaskScore, format_score_table, score_tasks
+from metis_hf.files import write_json
 from metis_hf.models import load_model_and_tokenizer
 from metis_hf.recipe import Recipe, RecipeError, load_recipe
 
@@ -104,9 +104,7 @@ def run_training(
         }
         print(format_score_table(tables))
     results["total_seconds"] = time.time() - start
-    tmp = output_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, output_dir / "results.json")
+    write_json(output_dir / "results.json", results)
     print(
         f"[metis-hf] done in {results['total_seconds']:.0f} s; merged adapter in {output_dir / 'merged'}; "
         f"results in {output_dir / 'results.json'}"

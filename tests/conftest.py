@@ -58,6 +58,28 @@ def make_tiny_model(vocab_size: int, seed: int = 0, hidden: int = 32, layers: in
     return LlamaForCausalLM(config).eval()
 
 
+def write_tiny_recipe(tmp_path, tokenizer, tasks=("chain_sum", "gcd"), training=None, **sections):
+    """A recipe over a tiny local Llama (saved under tmp_path) and small reasoning-gym tasks."""
+    import yaml
+
+    model_dir = tmp_path / "tiny"
+    if not model_dir.is_dir():
+        make_tiny_model(len(tokenizer)).save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+    recipe = {
+        "model": str(model_dir),
+        "seed": 1,
+        "tasks": [{"name": n, "train_size": 16, "validation_size": 4, "test_size": 4} for n in tasks],
+        "evaluation": {"batch_size": 4, "max_new_tokens": 3},
+        "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "training": {"num_rounds": 2, "local_steps": 2, "use_cpu": True, "max_length": 96, **(training or {})},
+        **sections,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tokenizer()

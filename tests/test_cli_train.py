@@ -5,29 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
 from metis_hf.cli import main
-from tests.conftest import make_tiny_model
+from tests.conftest import write_tiny_recipe
 
 
 def _recipe(tmp_path, tokenizer, **training):
-    model_dir = tmp_path / "tiny"
-    make_tiny_model(len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    recipe = {
-        "model": str(model_dir),
-        "seed": 1,
-        "tasks": [
-            {"name": n, "train_size": 16, "validation_size": 4, "test_size": 4} for n in ("chain_sum", "gcd")
-        ],
-        "evaluation": {"batch_size": 4, "max_new_tokens": 3},
-        "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-        "training": {"num_rounds": 2, "local_steps": 2, "use_cpu": True, "max_length": 96, **training},
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return write_tiny_recipe(tmp_path, tokenizer, training=training)
 
 
 def test_train_recipe_writes_merged_adapter_and_results(tmp_path, tiny_tokenizer):

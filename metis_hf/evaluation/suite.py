@@ -6,6 +6,7 @@ and the validation loss. With expert scores, the normalized score and its averag
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -116,3 +117,78 @@ def results_table(results: Mapping[str, TaskScore], summary: Mapping[str, Any] |
             f"gap {summary['gap']:+.3f}"
         )
     return "\n".join(lines)
+
+
+def read_expert_scores(path: str | os.PathLike, metric: str) -> dict[str, float]:
+    """Per-task expert scores from a JSON file: ``{task: score}``, ``{task: {metric: score}}``,
+    or the output of ``metis-hf eval --output`` (its ``tasks`` entry)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--experts {str(path)!r}: cannot read it as JSON: {err}") from err
+    data = data.get("tasks", data) if isinstance(data, dict) else data
+    if not isinstance(data, dict):
+        raise ValueError(f"--experts {str(path)!r}: expected a mapping of task to score.")
+    scores_by_task = {}
+    for task, value in data.items():
+        value = value.get(metric) if isinstance(value, dict) else value
+        if not isinstance(value, int | float):
+            raise ValueError(f"--experts {str(path)!r}: task {task!r} has no numeric {metric!r} score.")
+        scores_by_task[task] = float(value)
+    return scores_by_task
+
+
+def run_eval(args) -> dict[str, Any]:
+    """``metis-hf eval``: see ``metis-hf eval --help``."""
+    from metis_hf.data import TaskSpec, build_tasks
+    from metis_hf.evaluation.combine import summarize
+    from metis_hf.recipe import EvaluationSpec, load_recipe
+
+    if args.recipe and args.tasks:
+        raise ValueError("Give --recipe or --tasks, not both.")
+    if not (args.recipe or args.tasks or args.harness):
+        raise ValueError("Nothing to evaluate: give --tasks, --recipe or --harness.")
+    if args.metric not in SCORE_FIELDS:
+        raise ValueError(f"Unknown metric {args.metric!r}; choose one of {SCORE_FIELDS}.")
+    experts = read_expert_scores(args.experts, args.metric) if args.experts else None
+    evaluation, specs = EvaluationSpec(), []
+    if args.recipe:
+        recipe = load_recipe(args.recipe, args.set)
+        evaluation, specs = recipe.evaluation, recipe.tasks
+    elif args.tasks:
+        names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        specs = [
+            TaskSpec(name=t, validation_size=args.validation_size, test_size=args.test_size) for t in names
+        ]
+    tasks = build_tasks(specs) if specs else {}
+    model, tokenizer = load_for_evaluation(args.model, args.tokenizer)
+    output: dict[str, Any] = {"model": str(args.model)}
+    if tasks:
+        results = evaluate_model(
+            model,
+            tokenizer,
+            tasks,
+            split=args.split or evaluation.split,
+            limit=args.limit if args.limit is not None else evaluation.limit,
+            batch_size=args.batch_size or evaluation.batch_size,
+            max_new_tokens=args.max_new_tokens or evaluation.max_new_tokens,
+            loss_split=None if args.no_loss else "validation",
+        )
+        output["tasks"] = {t: dataclasses.asdict(r) for t, r in results.items()}
+        summary = summarize(scores_of(results, args.metric), experts) if experts else None
+        if summary:
+            output["summary"] = summary
+        print(results_table(results, summary))
+    if args.harness:
+        from metis_hf.evaluation.harness import run_harness
+
+        names = [t.strip() for t in args.harness.split(",") if t.strip()]
+        output["harness"] = run_harness(model, tokenizer, names, args.harness_include, args.harness_limit)
+        for task, metrics in output["harness"].items():
+            print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if args.output:
+        from metis_hf.files import write_json
+
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        write_json(Path(args.output), output)
+    return output

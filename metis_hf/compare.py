@@ -1,0 +1,233 @@
+"""``metis-hf compare RECIPE.yaml``: every selected method post hoc and many-shot, evaluated side by side.
+
+For each seed: the individual experts are trained once (the post-hoc protocol: each task alone,
+for the same optimizer steps per task as a many-shot run), merged once by every post-hoc method,
+and every many-shot method trains its own run. Every model is scored on every task; the experts
+give the per-task normalization. Output folder::
+
+    runs/base/result.json                         the base model's scores and validation losses
+    runs/seed<S>/experts/                         task adapters + each expert's score on its task
+    runs/seed<S>/post_hoc-<method>/adapter/       a merged adapter (PEFT, safetensors)
+    runs/seed<S>/many_shot-<method>/adapter/      the same, plus rounds.jsonl
+    results.json, results.md, radar_post_hoc.png, radar_many_shot.png, round_curves.png
+
+A run whose ``result.json`` exists is read back, not recomputed: an interrupted compare resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from metis_hf.data import build_tasks
+from metis_hf.evaluation.suite import evaluate_model, load_for_evaluation
+from metis_hf.files import write_json
+from metis_hf.models import load_model_and_tokenizer
+from metis_hf.recipe import Recipe, load_recipe
+from metis_hf.run import lora_config_from_recipe, metis_config_from_recipe
+
+RESULT_FILE = "result.json"
+
+
+@dataclass(frozen=True)
+class Run:
+    kind: str  # "base", "experts", "post_hoc" or "many_shot"
+    seed: int | None = None
+    method: str | None = None
+
+    @property
+    def folder(self) -> str:
+        if self.kind == "base":
+            return "base"
+        name = self.kind if self.method is None else f"{self.kind}-{self.method}"
+        return f"seed{self.seed}/{name}"
+
+    @property
+    def label(self) -> str:
+        if self.kind == "base":
+            return "base model"
+        what = "experts (each task alone)" if self.kind == "experts" else f"{self.kind} {self.method}"
+        return f"seed {self.seed}: {what}"
+
+
+def plan_runs(recipe: Recipe) -> list[Run]:
+    spec = recipe.compare
+    runs = [Run("base")]
+    for seed in spec.seeds:
+        if spec.post_hoc_methods or spec.many_shot_methods:
+            runs.append(Run("experts", seed))
+        runs += [Run("post_hoc", seed, m) for m in spec.post_hoc_methods]
+        runs += [Run("many_shot", seed, m) for m in spec.many_shot_methods]
+    return runs
+
+
+class Comparison:
+    """Runs (or reads back) every run of a compare grid under ``output_dir/runs``."""
+
+    def __init__(self, recipe: Recipe, output_dir: str | os.PathLike) -> None:
+        self.recipe = recipe
+        self.output_dir = Path(output_dir)
+        self.tasks = build_tasks(recipe.tasks)
+        self.task_names = list(self.tasks)
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _args(self, folder: Path, run: Run, **extra: Any):
+        method = run.method or "task_arithmetic"
+        return metis_config_from_recipe(
+            self.recipe,
+            folder / "trainer",
+            seed=run.seed if run.seed is not None else self.recipe.seed,
+            merge_method=method,
+            merge_params=dict(self.recipe.compare.method_params.get(method, {})),
+            **extra,
+        )
+
+    def _evaluate(self, model, tokenizer, task_names: list[str] | None = None) -> dict[str, Any]:
+        ev, args = self.recipe.evaluation, self._args(self.output_dir, Run("base"))
+        tasks = {t: self.tasks[t] for t in (task_names or self.task_names)}
+        results = evaluate_model(
+            model,
+            tokenizer,
+            tasks,
+            split=ev.split,
+            limit=ev.limit,
+            batch_size=ev.batch_size,
+            max_new_tokens=ev.max_new_tokens,
+            loss_batch_size=args.gap_batch_size or args.per_device_train_batch_size,
+            max_length=args.max_length or 512,
+            completion_only_loss=bool(args.completion_only_loss),
+        )
+        return {t: dataclasses.asdict(r) for t, r in results.items()}
+
+    def _result(self, run: Run) -> dict[str, Any]:
+        return json.loads((self.output_dir / "runs" / run.folder / RESULT_FILE).read_text())
+
+    def _train(self, run: Run, folder: Path, protocol: str):
+        from metis_hf.training import MetisTrainer
+
+        shutil.rmtree(folder / "trainer", ignore_errors=True)  # a run interrupted before: start over
+        args = self._args(folder, run, protocol=protocol, save_task_adapters=protocol == "post_hoc")
+        model, tokenizer = load_model_and_tokenizer(self.recipe.model)
+        trainer = MetisTrainer(
+            model=model,
+            args=args,
+            train_dataset={t: task.train for t, task in self.tasks.items()},
+            eval_dataset={t: task.validation for t, task in self.tasks.items()},
+            processing_class=tokenizer,
+            peft_config=lora_config_from_recipe(self.recipe),
+        )
+        start = time.time()
+        trainer.train()
+        seconds = time.time() - start
+        trainer.save_model(str(folder / "adapter"))
+        return trainer, tokenizer, seconds
+
+    # --- the four kinds of run ----------------------------------------------------------------
+
+    def run_base(self, run: Run, folder: Path) -> dict[str, Any]:
+        model, tokenizer = load_model_and_tokenizer(self.recipe.model)
+        return {"scores": self._evaluate(model, tokenizer)}
+
+    def run_experts(self, run: Run, folder: Path) -> dict[str, Any]:
+        trainer, tokenizer, seconds = self._train(run, folder, "post_hoc")
+        scores = {}
+        for task in self.task_names:  # each expert on its own task: the normalization
+            trainer.peft_model.set_adapter(task)
+            scores.update(self._evaluate(trainer.peft_model, tokenizer, [task]))
+        return {"scores": scores, "train_seconds": seconds}
+
+    def run_post_hoc(self, run: Run, folder: Path) -> dict[str, Any]:
+        from safetensors.torch import load_file, save_file
+
+        from metis_hf.merging.task_vectors import merge_lora_states
+        from metis_hf.training.trainer import merge_parameters
+
+        experts_dir = self.output_dir / "runs" / Run("experts", run.seed).folder / "adapter" / "task_adapters"
+        states = [load_file(experts_dir / t / "adapter_model.safetensors") for t in self.task_names]
+        base, experts = self._result(Run("base")), self._result(Run("experts", run.seed))
+        # G_0 is the base model: a post-hoc METIS gap is the base's loss minus the expert's.
+        gaps = {t: base["scores"][t]["loss"] - experts["scores"][t]["loss"] for t in self.task_names}
+        args = self._args(folder, run)
+        params, weights = merge_parameters(args, run.method, self.task_names, 0, gaps)
+        adapter_config = json.loads((experts_dir / self.task_names[0] / "adapter_config.json").read_text())
+        rank, alpha = adapter_config["r"], adapter_config["lora_alpha"]
+        scaling = alpha / (rank**0.5 if adapter_config.get("use_rslora") else rank)
+        merged, truncation = merge_lora_states(
+            run.method, states, args.merge_space, rank, scaling, names=self.task_names, **params
+        )
+        adapter_dir, tmp = folder / "adapter", folder / "adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        shutil.copy(experts_dir / self.task_names[0] / "adapter_config.json", tmp / "adapter_config.json")
+        save_file({k: v.contiguous() for k, v in merged.items()}, tmp / "adapter_model.safetensors")
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        os.replace(tmp, adapter_dir)
+        model, tokenizer = load_for_evaluation(adapter_dir, tokenizer=self.recipe.model)
+        return {
+            "scores": self._evaluate(model, tokenizer),
+            "weights": dict(zip(self.task_names, weights)),
+            "loss_gaps": gaps if run.method == "metis" else None,
+            "truncation_error": truncation,
+        }
+
+    def run_many_shot(self, run: Run, folder: Path) -> dict[str, Any]:
+        trainer, tokenizer, seconds = self._train(run, folder, "many_shot")
+        trainer.peft_model.set_adapter("default")
+        return {
+            "scores": self._evaluate(trainer.peft_model, tokenizer),
+            "rounds": trainer.round_records,
+            "train_seconds": seconds,
+        }
+
+    # --- driver -------------------------------------------------------------------------------
+
+    def run(self, run: Run, index: int, total: int) -> dict[str, Any]:
+        folder = self.output_dir / "runs" / run.folder
+        result_path = folder / RESULT_FILE
+        if result_path.is_file():
+            print(f"[metis-hf compare] run {index}/{total}: {run.label}: done before, reading it back")
+            return json.loads(result_path.read_text())
+        print(f"[metis-hf compare] run {index}/{total}: {run.label}", flush=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        start = time.time()
+        result = getattr(self, f"run_{run.kind}")(run, folder)
+        result.update(kind=run.kind, seed=run.seed, method=run.method, seconds=time.time() - start)
+        shutil.rmtree(folder / "trainer", ignore_errors=True)  # checkpoints of a finished run
+        write_json(result_path, result)
+        print(f"[metis-hf compare] run {index}/{total} finished in {result['seconds']:.0f} s", flush=True)
+        return result
+
+
+def run_compare(
+    recipe_path: str | os.PathLike | None,
+    output_dir: str | os.PathLike,
+    overrides: list[str] | None = None,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) the compare grid of a recipe and write results.json, results.md and plots."""
+    from metis_hf.evaluation.report import build_report, write_report
+
+    recipe = load_recipe(recipe_path, overrides)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    comparison = Comparison(recipe, output_dir)
+    runs = plan_runs(recipe)
+    print(
+        f"[metis-hf compare] {len(runs)} runs: tasks {comparison.task_names}, seeds {recipe.compare.seeds}, "
+        f"post-hoc {recipe.compare.post_hoc_methods}, many-shot {recipe.compare.many_shot_methods}"
+    )
+    results = [comparison.run(run, i, len(runs)) for i, run in enumerate(runs, 1)]
+    report = build_report(results, comparison.task_names, recipe.compare)
+    report["recipe"] = str(recipe_path) if recipe_path else "embedded offline default"
+    report["overrides"] = list(overrides or [])
+    write_report(report, output_dir, plots=plots)
+    print(report["markdown"])
+    print(f"[metis-hf compare] results in {output_dir}")
+    return report

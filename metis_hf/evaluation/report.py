@@ -1,0 +1,251 @@
+"""The compare report: normalized scores per run, their mean and spread over seeds, paired
+differences, a markdown table in the paper's layout, radar plots and per-round curves.
+
+Pure functions over the runs' ``result.json`` contents; nothing here trains or loads a model.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from metis_hf.evaluation.combine import summarize
+from metis_hf.files import write_json, write_text_atomic
+
+BLOCKS = (("post_hoc", "Post-hoc"), ("many_shot", "Many-shot"))
+REFERENCE = ("many_shot", "metis")
+
+
+def _mean_sd(values: Sequence[float]) -> dict[str, float]:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return {"mean": math.nan, "sd": math.nan, "n": 0}
+    sd = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    return {"mean": statistics.fmean(finite), "sd": sd, "n": len(finite)}
+
+
+def _multitask_loss(scores: Mapping[str, Mapping[str, Any]]) -> float:
+    losses = [s["loss"] for s in scores.values() if s.get("loss") is not None]
+    return sum(losses) / len(losses) if losses else math.nan
+
+
+def build_report(results: Sequence[Mapping[str, Any]], tasks: Sequence[str], spec) -> dict[str, Any]:
+    """Summaries per run (normalized by the same seed's experts), aggregates over seeds, paired
+    differences, and the markdown tables."""
+    metric, weights = spec.metric, dict(spec.task_weights) or None
+    experts = {r["seed"]: r for r in results if r["kind"] == "experts"}
+    base = next((r for r in results if r["kind"] == "base"), None)
+    per_run: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
+    for r in results:
+        if r["kind"] not in ("post_hoc", "many_shot"):
+            continue
+        expert_scores = {t: experts[r["seed"]]["scores"][t][metric] for t in tasks}
+        summary = summarize({t: r["scores"][t][metric] for t in tasks}, expert_scores, weights)
+        summary["multitask_loss"] = _multitask_loss(r["scores"])
+        per_run.setdefault((r["kind"], r["method"]), {})[r["seed"]] = summary
+
+    aggregate = {}
+    for key, by_seed in per_run.items():
+        runs = list(by_seed.values())
+        aggregate[key] = {
+            "normalized": {t: _mean_sd([s["normalized"][t] for s in runs]) for t in tasks},
+            **{f: _mean_sd([s[f] for s in runs]) for f in ("average", "worst", "gap", "multitask_loss")},
+        }
+
+    def paired(a: tuple[str, str], b: tuple[str, str]) -> dict[str, Any] | None:
+        seeds = sorted(set(per_run.get(a, {})) & set(per_run.get(b, {})))
+        if not seeds:
+            return None
+        out: dict[str, Any] = {"a": list(a), "b": list(b), "seeds": seeds}
+        for field in ("average", "worst"):
+            diffs = [per_run[a][s][field] - per_run[b][s][field] for s in seeds]
+            out[field] = {"per_seed": diffs, **_mean_sd(diffs), "wins": sum(d > 0 for d in diffs)}
+        return out
+
+    pairs = [(("many_shot", m), ("post_hoc", m)) for m in sorted({m for _, m in per_run})]
+    if REFERENCE in per_run:
+        pairs += [(REFERENCE, key) for key in sorted(per_run) if key != REFERENCE]
+    unique_pairs = list(dict.fromkeys(pairs))  # many-shot metis vs post-hoc metis can come twice
+    comparisons = [c for c in (paired(a, b) for a, b in unique_pairs) if c]
+
+    report = {
+        "metric": metric,
+        "tasks": list(tasks),
+        "seeds": sorted(experts),
+        "runs": list(results),
+        "summaries": {f"{k}/{m}": {str(s): v for s, v in d.items()} for (k, m), d in per_run.items()},
+        "aggregate": {f"{k}/{m}": v for (k, m), v in aggregate.items()},
+        "paired_differences": comparisons,
+    }
+    report["markdown"] = render_markdown(report, base, experts)
+    return report
+
+
+def _cell(stats: Mapping[str, float], signed: bool = False) -> str:
+    if stats["n"] == 0:
+        return "n/a"
+    text = f"{stats['mean']:+.3f}" if signed else f"{stats['mean']:.3f}"
+    return text + (f" ± {stats['sd']:.3f}" if stats["n"] > 1 else "")
+
+
+def render_markdown(report: Mapping[str, Any], base: Mapping | None, experts: Mapping[int, Mapping]) -> str:
+    tasks, metric, seeds = report["tasks"], report["metric"], report["seeds"]
+    spread = f"mean ± sd over {len(seeds)} seeds" if len(seeds) > 1 else "one seed"
+    lines = [
+        f"### Normalized {metric.replace('_', ' ')} (merged / expert per task), {spread}",
+        "",
+        "| method | " + " | ".join(tasks) + " | Avg | Worst | Gap | MT loss |",
+        "|---" * (len(tasks) + 5) + "|",
+    ]
+    for kind, title in BLOCKS:
+        keys = [k for k in report["aggregate"] if k.startswith(kind + "/")]
+        if not keys:
+            continue
+        lines.append(f"| **{title}** |" + " |" * (len(tasks) + 4))
+        for key in keys:
+            agg = report["aggregate"][key]
+            cells = [_cell(agg["normalized"][t]) for t in tasks]
+            cells += [_cell(agg[f]) for f in ("average", "worst")] + [_cell(agg["gap"], signed=True)]
+            cells.append(_cell(agg["multitask_loss"]))
+            lines.append(f"| {key.split('/', 1)[1]} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Avg: mean of the normalized scores; Worst: the lowest task (per seed, then averaged); "
+        "Gap: Worst - Avg; MT loss: mean validation loss over tasks.",
+        "",
+        f"### Raw scores (score / exact match, mean over {len(seeds)} seed(s))",
+        "",
+        "| model | " + " | ".join(tasks) + " |",
+        "|---" * (len(tasks) + 1) + "|",
+    ]
+
+    def raw(rows: Sequence[Mapping[str, Any]], task: str) -> str:
+        score = statistics.fmean(r["scores"][task]["score"] for r in rows)
+        exact = statistics.fmean(r["scores"][task]["exact_match"] for r in rows)
+        return f"{score:.3f} / {exact:.3f}"
+
+    if base is not None:
+        lines.append("| base | " + " | ".join(raw([base], t) for t in tasks) + " |")
+    if experts:
+        lines.append(
+            "| expert (own task) | " + " | ".join(raw(list(experts.values()), t) for t in tasks) + " |"
+        )
+    for kind, title in BLOCKS:
+        for key in (k for k in report["aggregate"] if k.startswith(kind + "/")):
+            rows = [r for r in report["runs"] if f"{r['kind']}/{r['method']}" == key]
+            lines.append(
+                f"| {title} {key.split('/', 1)[1]} | " + " | ".join(raw(rows, t) for t in tasks) + " |"
+            )
+    if report["paired_differences"]:
+        lines += [
+            "",
+            "### Paired differences (A - B, same seed)",
+            "",
+            "| A | B | Δ Avg | Δ Worst | A wins (Avg, Worst) | Δ Avg per seed |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in report["paired_differences"]:
+            per_seed = ", ".join(f"{d:+.3f}" for d in c["average"]["per_seed"])
+            n = len(c["seeds"])
+            lines.append(
+                f"| {' '.join(c['a'])} | {' '.join(c['b'])} | {_cell(c['average'], True)} | "
+                f"{_cell(c['worst'], True)} | {c['average']['wins']}/{n}, {c['worst']['wins']}/{n} | {per_seed} |"
+            )
+    return "\n".join(lines)
+
+
+# --- files and plots ---------------------------------------------------------------------------
+
+
+def write_report(report: Mapping[str, Any], output_dir: str | Path, plots: bool = True) -> list[Path]:
+    """results.json and results.md, and (with matplotlib) the radar and round-curve PNGs."""
+    output_dir = Path(output_dir)
+    write_json(output_dir / "results.json", {k: v for k, v in report.items() if k != "markdown"})
+    write_text_atomic(output_dir / "results.md", report["markdown"] + "\n")
+    written = [output_dir / "results.json", output_dir / "results.md"]
+    if not plots:
+        return written
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+    except ImportError:
+        warnings.warn("matplotlib is not installed (pip install 'metis-hf[plots]'): no plots.", stacklevel=2)
+        return written
+    for kind, title in BLOCKS:
+        path = output_dir / f"radar_{kind}.png"
+        if plot_radar(report, kind, f"{title}: normalized {report['metric'].replace('_', ' ')}", path):
+            written.append(path)
+    path = output_dir / "round_curves.png"
+    if plot_round_curves(report, path):
+        written.append(path)
+    return written
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    tmp.replace(path)
+
+
+def plot_radar(report: Mapping[str, Any], kind: str, title: str, path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in report["aggregate"] if k.startswith(kind + "/")]
+    tasks = report["tasks"]
+    if not keys or len(tasks) < 3:  # a radar needs three axes
+        return False
+    angles = [2 * math.pi * i / len(tasks) for i in range(len(tasks))]
+    fig, ax = plt.subplots(figsize=(6, 6), subplot_kw={"polar": True})
+    for key in keys:
+        values = [report["aggregate"][key]["normalized"][t]["mean"] for t in tasks]
+        values = [0.0 if math.isnan(v) else v for v in values]
+        ax.plot([*angles, angles[0]], [*values, values[0]], label=key.split("/", 1)[1], linewidth=1.5)
+        ax.fill([*angles, angles[0]], [*values, values[0]], alpha=0.08)
+    ax.set_xticks(angles, tasks)
+    ax.set_title(title)
+    ax.legend(loc="upper right", bbox_to_anchor=(1.35, 1.1), fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def plot_round_curves(report: Mapping[str, Any], path: Path) -> bool:
+    """Three panels over rounds: multi-task validation loss per many-shot method, METIS's alpha
+    weights per task, and METIS's per-task validation loss (mean over seeds)."""
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in report["runs"] if r["kind"] == "many_shot" and r.get("rounds")]
+    if not runs:
+        return False
+    tasks = report["tasks"]
+
+    def mean_curve(rows: Sequence[Mapping[str, Any]], field: str) -> list[float]:
+        count = min(len(r["rounds"]) for r in rows)
+        return [statistics.fmean(r["rounds"][i].get(field, math.nan) for r in rows) for i in range(count)]
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for method in sorted({r["method"] for r in runs}):
+        rows = [r for r in runs if r["method"] == method]
+        curve = mean_curve(rows, "merge/multitask_loss")
+        axes[0].plot(range(1, len(curve) + 1), curve, marker="o", label=method)
+    axes[0].set(title="multi-task validation loss (merged)", xlabel="round", ylabel="loss")
+    axes[0].legend(fontsize=8)
+    metis = [r for r in runs if r["method"] == "metis"] or [runs[0]]
+    for task in tasks:
+        alpha = mean_curve(metis, f"merge/alpha/{task}")
+        axes[1].plot(range(1, len(alpha) + 1), alpha, marker="o", label=task)
+        loss = mean_curve(metis, f"merge/val_loss_merged/{task}")
+        axes[2].plot(range(1, len(loss) + 1), loss, marker="o", label=task)
+    axes[1].set(title=f"{metis[0]['method']}: merge weight per task", xlabel="round", ylabel="alpha")
+    axes[2].set(title=f"{metis[0]['method']}: validation loss per task", xlabel="round", ylabel="loss")
+    axes[1].legend(fontsize=8)
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return True

@@ -1,0 +1,250 @@
+"""Combined scores (evaluate metric modules), the compare report, `metis-hf eval` and the harness."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metis_hf.cli import main
+from metis_hf.evaluation.combine import load_metric, metric_path, summarize
+from metis_hf.evaluation.report import build_report, write_report
+from metis_hf.recipe import CompareSpec
+from tests.conftest import make_tiny_model
+
+
+def test_normalized_score_average_worst_and_gap_by_hand():
+    out = summarize({"a": 0.3, "b": 0.5, "c": 0.2}, {"a": 0.6, "b": 0.5, "c": 0.4})
+    assert out["normalized"] == pytest.approx({"a": 0.5, "b": 1.0, "c": 0.5})
+    assert out["average"] == pytest.approx(2 / 3)
+    assert out["worst"] == pytest.approx(0.5) and out["worst_task"] == "a"
+    assert out["gap"] == pytest.approx(0.5 - 2 / 3)
+
+
+def test_paper_average_counts_multilingual_three_times():
+    scores = {"instruction": 0.9, "math": 0.8, "multilingual": 1.0, "safety": 1.2}
+    out = summarize(scores, weights={"multilingual": 3.0})
+    assert out["average"] == pytest.approx((0.9 + 0.8 + 3 * 1.0 + 1.2) / 6)
+    assert out["worst"] == pytest.approx(0.8)
+
+
+def test_an_expert_at_zero_leaves_its_task_undefined():
+    out = summarize({"a": 0.2, "b": 0.1}, {"a": 0.4, "b": 0.0})
+    assert math.isnan(out["normalized"]["b"]) and out["undefined_tasks"] == 1
+    assert out["average"] == pytest.approx(0.5) and out["worst"] == pytest.approx(0.5)
+
+
+def test_metric_modules_load_from_the_package_not_the_hub():
+    import metis_hf
+
+    path = metric_path("normalized_score")
+    assert str(path).startswith(str(metis_hf.__path__[0]))
+    metric = load_metric("normalized_score")  # HF_HUB_OFFLINE=1 here: a Hub load would fail
+    assert metric.compute(predictions=[1.0, 3.0], references=[2.0, 4.0])["normalized_scores"] == [0.5, 0.75]
+    with pytest.raises(ValueError, match="Unknown metric 'accuracy'"):
+        metric_path("accuracy")
+    with pytest.raises(ValueError, match="2 weights for 3 scores"):
+        load_metric("multitask_summary").compute(predictions=[1.0, 2.0, 3.0], weights=[1, 1])
+
+
+def _run(kind, seed, method, exact, loss=1.0, rounds=None):
+    scores = {t: {"task": t, "score": e, "exact_match": e, "n": 10, "loss": loss} for t, e in exact.items()}
+    return {"kind": kind, "seed": seed, "method": method, "scores": scores, "rounds": rounds}
+
+
+def test_report_normalizes_by_the_same_seeds_experts_and_pairs_by_seed(tmp_path):
+    tasks = ["t1", "t2", "t3"]
+    rounds = [
+        {"round": r, "merge/multitask_loss": 2.0 / r, **{f"merge/alpha/{t}": 1 / 3 for t in tasks}}
+        for r in (1, 2)
+    ]
+    runs = [_run("base", None, None, dict(t1=0.0, t2=0.0, t3=0.0))]
+    for seed, expert in ((0, 0.5), (1, 0.4)):
+        runs.append(_run("experts", seed, None, dict(t1=expert, t2=expert, t3=0.5)))
+        runs.append(_run("post_hoc", seed, "task_arithmetic", dict(t1=0.1, t2=0.2, t3=0.25)))
+        runs.append(_run("post_hoc", seed, "metis", dict(t1=0.2, t2=0.2, t3=0.25)))
+        runs.append(_run("many_shot", seed, "metis", dict(t1=0.4, t2=0.3, t3=0.5), rounds=rounds))
+    report = build_report(runs, tasks, CompareSpec(seeds=[0, 1]))
+    # seed 0, post-hoc TA: 0.1/0.5, 0.2/0.5, 0.25/0.5; seed 1: 0.1/0.4, 0.2/0.4, 0.25/0.5
+    ta0, ta1 = [0.2, 0.4, 0.5], [0.25, 0.5, 0.5]
+    agg = report["aggregate"]["post_hoc/task_arithmetic"]
+    assert agg["normalized"]["t1"]["mean"] == pytest.approx(0.225)
+    assert agg["average"]["mean"] == pytest.approx((statistics.fmean(ta0) + statistics.fmean(ta1)) / 2)
+    assert agg["average"]["sd"] == pytest.approx(
+        statistics.stdev([statistics.fmean(ta0), statistics.fmean(ta1)])
+    )
+    assert agg["worst"]["mean"] == pytest.approx((0.2 + 0.25) / 2)
+    ms0, ms1 = [0.8, 0.6, 1.0], [1.0, 0.75, 1.0]
+    pairs = {(" ".join(c["a"]), " ".join(c["b"])): c for c in report["paired_differences"]}
+    assert len(pairs) == len(report["paired_differences"])  # no pair twice
+    vs_ta = pairs[("many_shot metis", "post_hoc task_arithmetic")]
+    assert vs_ta["average"]["per_seed"] == pytest.approx(
+        [statistics.fmean(ms0) - statistics.fmean(ta0), statistics.fmean(ms1) - statistics.fmean(ta1)]
+    )
+    assert (
+        vs_ta["worst"]["per_seed"] == pytest.approx([0.6 - 0.2, 0.75 - 0.25]) and vs_ta["worst"]["wins"] == 2
+    )
+    assert ("many_shot metis", "post_hoc metis") in pairs
+    md = report["markdown"]
+    assert "| **Post-hoc** |" in md and "| **Many-shot** |" in md
+    assert f"| metis | {0.9:.3f} ± {statistics.stdev([0.8, 1.0]):.3f} |" in md
+    written = write_report(report, tmp_path)
+    names = {p.name for p in written}
+    assert {
+        "results.json",
+        "results.md",
+        "radar_post_hoc.png",
+        "radar_many_shot.png",
+        "round_curves.png",
+    } <= names
+    import matplotlib.image
+
+    assert matplotlib.image.imread(tmp_path / "round_curves.png").shape[0] > 100
+    assert json.loads((tmp_path / "results.json").read_text())["metric"] == "exact_match"
+
+
+# --- metis-hf eval ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_tokenizer):
+    folder = tmp_path / "tiny"
+    make_tiny_model(len(tiny_tokenizer)).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _reference_loss(model, tokenizer, rows) -> float:
+    """Mean over examples of the mean next-token cross-entropy over all tokens (+ EOS)."""
+    losses = []
+    for row in rows:
+        ids = tokenizer(row["prompt"] + row["completion"])["input_ids"] + [tokenizer.eos_token_id]
+        ids = torch.tensor([ids])
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1]
+        losses.append(float(F.cross_entropy(logits, ids[0, 1:])))
+    return sum(losses) / len(losses)
+
+
+def test_eval_scores_losses_and_normalizes(tmp_path, model_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from metis_hf.data import TaskSpec, build_task
+
+    experts = tmp_path / "experts.json"
+    experts.write_text(json.dumps({"chain_sum": 0.5, "gcd": {"score": 0.25, "exact_match": 0.5}}))
+    out = tmp_path / "eval.json"
+    args = ["eval", str(model_dir), "--tasks", "chain_sum,gcd", "--test-size", "4", "--validation-size", "3"]
+    assert main([*args, "--max-new-tokens", "3", "--experts", str(experts), "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["tasks"]) == {"chain_sum", "gcd"} and result["tasks"]["gcd"]["n"] == 4
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    validation = build_task(TaskSpec(name="gcd", validation_size=3, test_size=4)).validation
+    assert result["tasks"]["gcd"]["loss"] == pytest.approx(
+        _reference_loss(model, tiny_tokenizer, validation), rel=1e-4
+    )
+    exact = {t: result["tasks"][t]["exact_match"] for t in ("chain_sum", "gcd")}
+    assert result["summary"]["normalized"] == pytest.approx(
+        {"chain_sum": exact["chain_sum"] / 0.5, "gcd": exact["gcd"] / 0.5}
+    )
+
+
+def test_eval_loads_an_adapter_on_its_recorded_base(tmp_path, model_dir, tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    from metis_hf.evaluation.suite import load_for_evaluation
+
+    base = make_tiny_model(len(tiny_tokenizer))
+    peft_model = get_peft_model(
+        base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    peft_model.peft_config["default"].base_model_name_or_path = str(model_dir)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    loaded, tokenizer = load_for_evaluation(tmp_path / "adapter")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, peft_model(input_ids=ids).logits)
+    assert len(tokenizer) == len(tiny_tokenizer)
+
+
+def test_eval_bad_input_is_named(tmp_path, model_dir, tiny_tokenizer, capsys):
+    small = tmp_path / "small"
+    make_tiny_model(64).save_pretrained(small)
+    assert main(["eval", str(small), "--tokenizer", str(model_dir), "--tasks", "gcd"]) == 2
+    assert "do not belong to the same model" in capsys.readouterr().err
+    assert main(["eval", str(model_dir), "--tasks", "no_such_task", "--test-size", "2"]) == 2
+    assert "'no_such_task'" in capsys.readouterr().err
+    assert main(["eval", str(model_dir), "--tasks", "gcd", "--metric", "accuracy"]) == 2
+    assert "Unknown metric 'accuracy'" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing"), "--tasks", "gcd"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_an_empty_evaluation_set_is_refused(model_dir, tiny_tokenizer):
+    from datasets import Dataset
+
+    from metis_hf.data import Task
+    from metis_hf.evaluation.suite import evaluate_model
+
+    rows = [{"prompt": "Q\nAnswer:", "completion": " 1\n\n", "answer": "1", "entry": "{}"}]
+    empty = Dataset.from_list(rows).select([])
+    task = Task("lonely", Dataset.from_list(rows), Dataset.from_list(rows), empty)
+    with pytest.raises(ValueError, match="'lonely': split 'test' is empty"):
+        evaluate_model(make_tiny_model(len(tiny_tokenizer)), tiny_tokenizer, {"lonely": task})
+
+
+# --- lm-evaluation-harness -------------------------------------------------------------------
+
+
+def _choice_logprob(model, tokenizer, context: str, continuation: str) -> float:
+    whole = tokenizer(context + continuation)["input_ids"]
+    start = len(tokenizer(context)["input_ids"])
+    ids = torch.tensor([whole])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0].float(), -1)
+    return float(sum(logprobs[i - 1, whole[i]] for i in range(start, len(whole))))
+
+
+def test_harness_runs_a_custom_task_over_local_jsonl(tmp_path, tiny_tokenizer):
+    from metis_hf.evaluation.harness import run_harness
+
+    docs = [
+        {"question": f"What is {a} + {b}?", "choices": [str(a + b), str(a * b + 1), "7"], "label": i % 3}
+        for i, (a, b) in enumerate([(1, 2), (2, 3), (3, 4), (4, 5), (0, 9), (6, 1)])
+    ]
+    data = tmp_path / "tiny_qa.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tasks_dir = tmp_path / "harness_tasks"
+    tasks_dir.mkdir()
+    (tasks_dir / "tiny_qa.yaml").write_text(
+        "task: metis_tiny_qa\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{question}}\\nAnswer:"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{label}}"\n'
+        "metric_list:\n  - metric: acc\n"
+    )
+    model = make_tiny_model(len(tiny_tokenizer), seed=3)
+    results = run_harness(model, tiny_tokenizer, ["metis_tiny_qa"], include_path=str(tasks_dir), batch_size=2)
+    expected = statistics.fmean(
+        float(
+            max(
+                range(3),
+                key=lambda c: _choice_logprob(
+                    model, tiny_tokenizer, f"{d['question']}\nAnswer:", " " + d["choices"][c]
+                ),
+            )
+            == d["label"]
+        )
+        for d in docs
+    )
+    assert results["metis_tiny_qa"]["acc,none"] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="Unknown lm-evaluation-harness task 'no_such_task'"):
+        run_harness(model, tiny_tokenizer, ["no_such_task"], include_path=str(tasks_dir))
