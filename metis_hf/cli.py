@@ -19,6 +19,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from metis_hf.merge_files import load_merge_config, run_merge
 
     config, text = load_merge_config(args.config)
+    if args.push_to_hub:
+        from metis_hf.hub import check_repo_id
+
+        check_repo_id(args.push_to_hub)
     summary = run_merge(config, args.output_dir, overwrite=args.overwrite, config_text=text)
     extra = (
         f"; rank-r truncation dropped {summary.truncation_error:.2%}"
@@ -26,6 +30,11 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         else ""
     )
     print(f"Merged {summary.tensors} tensors ({summary.kind}) into {summary.output_dir}{extra}")
+    if args.push_to_hub:
+        from metis_hf.hub import describe_push, push_folder
+
+        result = push_folder(summary.output_dir, args.push_to_hub, commit_message="metis-hf merge")
+        print(describe_push(result, summary.output_dir))
     return 0
 
 
@@ -49,7 +58,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from metis_hf.compare import run_compare
 
-    run_compare(args.recipe, args.output_dir, overrides=args.set, plots=not args.no_plots)
+    run_compare(
+        args.recipe,
+        args.output_dir,
+        overrides=args.set,
+        plots=not args.no_plots,
+        push_to_hub=args.push_to_hub,
+    )
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from metis_hf.hub import describe_push, push_folder
+
+    result = push_folder(
+        args.folder,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        dry_run=args.dry_run,
+        allow_pickle=args.allow_pickle,
+        commit_message=args.commit_message,
+        stage_dir=args.stage_dir,
+    )
+    print(describe_push(result, args.folder))
     return 0
 
 
@@ -116,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="Override a recipe key."
     )
     cmp_.add_argument("--no-plots", action="store_true", help="Skip the PNG plots.")
+    cmp_.add_argument("--push-to-hub", metavar="REPO_ID", help="Push the report (card, tables, plots).")
     cmp_.set_defaults(func=_cmd_compare)
 
     merge = sub.add_parser(
@@ -124,7 +157,23 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("config", help="YAML: merge_method, models, base_model, parameters, dtype, space.")
     merge.add_argument("output_dir")
     merge.add_argument("--overwrite", action="store_true", help="Replace an existing output directory.")
+    merge.add_argument("--push-to-hub", metavar="REPO_ID", help="Push the merge to this Hub repository.")
     merge.set_defaults(func=_cmd_merge)
+
+    push = sub.add_parser(
+        "push", help="Push a merged adapter, model or compare report to the Hub, with its model card."
+    )
+    push.add_argument("folder", help="Output of train (its merged/ folder), merge or compare.")
+    push.add_argument("repo_id", help="namespace/name on the Hub (created if missing).")
+    push.add_argument("--private", action="store_true", help="Create the repository private.")
+    push.add_argument("--revision", help="Branch to push to (created if missing).")
+    push.add_argument("--dry-run", action="store_true", help="Stage and list what would be uploaded.")
+    push.add_argument("--stage-dir", help="Where to stage (default: a temporary folder).")
+    push.add_argument("--commit-message", help="Commit message (default: 'Upload with metis-hf').")
+    push.add_argument(
+        "--allow-pickle", action="store_true", help="Push pickle weights (*.bin) when no safetensors exist."
+    )
+    push.set_defaults(func=_cmd_push)
 
     mk = sub.add_parser(
         "mergekit-yaml",

@@ -28,9 +28,10 @@ from typing import Any
 from metis_hf.data import build_tasks
 from metis_hf.evaluation.suite import evaluate_model, load_for_evaluation
 from metis_hf.files import write_json
+from metis_hf.hub import card_info_for, check_repo_id, write_card
 from metis_hf.models import load_model_and_tokenizer
 from metis_hf.recipe import Recipe, load_recipe
-from metis_hf.run import lora_config_from_recipe, metis_config_from_recipe
+from metis_hf.run import lora_config_from_recipe, metis_config_from_recipe, recipe_datasets, recipe_text
 
 RESULT_FILE = "result.json"
 
@@ -210,11 +211,15 @@ def run_compare(
     output_dir: str | os.PathLike,
     overrides: list[str] | None = None,
     plots: bool = True,
+    push_to_hub: str | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the compare grid of a recipe and write results.json, results.md and plots."""
+    """Run (or resume) the compare grid of a recipe and write results.json, results.md, plots and a
+    report card (README.md); with ``push_to_hub``, push the report to that repository."""
     from metis_hf.evaluation.report import build_report, write_report
 
     recipe = load_recipe(recipe_path, overrides)
+    if push_to_hub:
+        check_repo_id(push_to_hub)  # before hours of training, not after
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     comparison = Comparison(recipe, output_dir)
@@ -227,7 +232,27 @@ def run_compare(
     report = build_report(results, comparison.task_names, recipe.compare)
     report["recipe"] = str(recipe_path) if recipe_path else "embedded offline default"
     report["overrides"] = list(overrides or [])
-    write_report(report, output_dir, plots=plots)
+    written = write_report(report, output_dir, plots=plots)
+    info = card_info_for(
+        "comparison",
+        "metis",
+        "compare",
+        recipe.model,
+        datasets=recipe_datasets(recipe),
+        tasks=comparison.task_names,
+        config_text=recipe_text(recipe_path, overrides),
+        evaluation_table=report["markdown"],
+        images=[p.name for p in written if p.suffix == ".png"],
+    )
+    write_card(output_dir, info)
     print(report["markdown"])
     print(f"[metis-hf compare] results in {output_dir}")
+    if push_to_hub:
+        from metis_hf.hub import describe_push, push_folder
+
+        print(
+            describe_push(
+                push_folder(output_dir, push_to_hub, commit_message="metis-hf compare report"), output_dir
+            )
+        )
     return report

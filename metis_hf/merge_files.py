@@ -356,21 +356,24 @@ def _merge_checkpoints(config, folders, params, out: Path, progress: bool) -> Me
 
 
 def _write_card(out: Path, config: MergeConfig, summary: MergeSummary, config_text: str | None) -> None:
+    from metis_hf.hub import card_info_for, write_card
+
     text = config_text if config_text is not None else yaml.safe_dump(asdict(config), sort_keys=False)
-    lines = [
-        "---",
-        "library_name: " + ("peft" if summary.kind == "adapter" else "transformers"),
-        "tags: [merge, metis-hf, " + config.merge_method + "]",
-        "---",
-        f"# Merged {summary.kind} ({config.merge_method})",
-        "",
-        f"Made with [metis-hf](https://github.com/metis-hf/metis-hf) `metis-hf merge` from {len(config.models)} "
-        f"{'adapters' if summary.kind == 'adapter' else 'checkpoints'}.",
-    ]
+    base = config.base_model
+    if base is None and summary.kind == "adapter":
+        base = json.loads((out / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    info = card_info_for(
+        "adapter" if summary.kind == "adapter" else "model",
+        config.merge_method,
+        "merge",
+        base,
+        sources=[entry.model for entry in config.models if not Path(entry.model).exists()],
+        config_text=text,
+        config_title="Merge configuration",
+    )
     if summary.truncation_error is not None:
-        lines.append(
-            f"\nMerged in the dense delta space; truncating back to rank r dropped "
+        info.notes.append(
+            f"Merged in the dense delta space; truncating back to rank r dropped "
             f"{summary.truncation_error:.2%} of the merged delta's Frobenius norm."
         )
-    lines += ["", "## Configuration", "", "```yaml", text.rstrip(), "```", ""]
-    (out / "README.md").write_text("\n".join(lines))
+    write_card(out, info)

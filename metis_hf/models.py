@@ -54,6 +54,21 @@ def is_builtin(name_or_path: str | os.PathLike) -> bool:
     return str(name_or_path) in BUILTIN_MODELS
 
 
+def hub_identity(name_or_path: str | os.PathLike | None) -> tuple[str | None, str | None]:
+    """The Hub id and license to name a base model by in model cards: a built-in name, or its
+    converted folder in the cache, maps to the original Hub model; a Hub id stays as it is (license
+    unknown); a local folder that is neither gives (None, None)."""
+    if name_or_path is None:
+        return None, None
+    name = str(name_or_path)
+    for spec in BUILTIN_MODELS.values():
+        if name == spec.name or Path(name).resolve() == (cache_dir() / "models" / spec.name).resolve():
+            return spec.hub_id, spec.license
+    if Path(name).exists() or name.startswith((".", "/", "~")):
+        return None, None
+    return name, None
+
+
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     """Return what ``from_pretrained`` should load: a converted local folder for built-in names,
     the string unchanged otherwise (a Hub id or a local path)."""

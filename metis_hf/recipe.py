@@ -157,7 +157,11 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     except (TypeError, ValueError) as err:
         if isinstance(err, RecipeError):
             raise
-        raise RecipeError(f"{where}: {err}") from err
+        message = str(err)
+        field_name = message.split(":", 1)[0]
+        if path and field_name in names:  # "seeds: ..." from __post_init__ -> "compare.seeds: ..."
+            raise RecipeError(f"{path}.{message}") from err
+        raise RecipeError(f"{where}: {message}") from err
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -11,8 +11,9 @@ from typing import Any
 from metis_hf.data import build_tasks
 from metis_hf.evaluation import TaskScore, format_score_table, score_tasks
 from metis_hf.files import write_json
+from metis_hf.hub import card_info_for, write_card
 from metis_hf.models import load_model_and_tokenizer
-from metis_hf.recipe import Recipe, RecipeError, load_recipe
+from metis_hf.recipe import Recipe, RecipeError, default_recipe_path, load_recipe
 
 
 def metis_config_from_recipe(recipe: Recipe, output_dir: str | os.PathLike, **extra: Any):
@@ -53,6 +54,17 @@ def _scores(model, tokenizer, tasks, recipe: Recipe) -> dict[str, TaskScore]:
         batch_size=ev.batch_size,
         max_new_tokens=ev.max_new_tokens,
     )
+
+
+def recipe_text(recipe_path: str | os.PathLike | None, overrides: list[str] | None = None) -> str:
+    """The recipe file verbatim, with the command line's overrides appended as comments."""
+    text = Path(recipe_path or default_recipe_path()).read_text().rstrip()
+    return text + "".join(f"\n# --set {o}" for o in overrides or [])
+
+
+def recipe_datasets(recipe: Recipe) -> list[str]:
+    """The Hub datasets a recipe trains on (for a card's front matter)."""
+    return sorted({t.dataset for t in recipe.tasks if t.source == "hub" and t.dataset})
 
 
 def run_training(
@@ -105,6 +117,20 @@ def run_training(
         print(format_score_table(tables))
     results["total_seconds"] = time.time() - start
     write_json(output_dir / "results.json", results)
+    write_card(
+        output_dir / "merged",
+        card_info_for(
+            "adapter",
+            args.merge_method,
+            args.protocol,
+            recipe.model,
+            datasets=recipe_datasets(recipe),
+            tasks=list(tasks),
+            config_text=recipe_text(recipe_path, overrides),
+            rounds=trainer.round_records,
+            evaluation_table=format_score_table(tables) if tables else None,
+        ),
+    )
     print(
         f"[metis-hf] done in {results['total_seconds']:.0f} s; merged adapter in {output_dir / 'merged'}; "
         f"results in {output_dir / 'results.json'}"

@@ -248,3 +248,8 @@ def test_harness_runs_a_custom_task_over_local_jsonl(tmp_path, tiny_tokenizer):
     assert results["metis_tiny_qa"]["acc,none"] == pytest.approx(expected)
     with pytest.raises(ValueError, match="Unknown lm-evaluation-harness task 'no_such_task'"):
         run_harness(model, tiny_tokenizer, ["no_such_task"], include_path=str(tasks_dir))
+
+
+def test_no_defined_score_gives_nan_not_an_error():
+    out = summarize({"a": 0.0, "b": 0.1}, {"a": 0.0, "b": 0.0})
+    assert math.isnan(out["average"]) and out["undefined_tasks"] == 2 and out["worst_task"] is None

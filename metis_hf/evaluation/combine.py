@@ -52,6 +52,6 @@ def summarize(
     worst_value = summary["worst"]
     return {
         "normalized": dict(zip(tasks, values)),
-        "worst_task": next(t for t, v in zip(tasks, values) if v == worst_value),
+        "worst_task": next((t for t, v in zip(tasks, values) if v == worst_value), None),
         **summary,
     }

@@ -50,6 +50,27 @@ logger = logging.getLogger(__name__)
 MERGED = "default"  # PEFT's default adapter name: the merged adapter G is what gets saved and loaded
 STATE_FILE = "metis_state.json"
 ROUNDS_FILE = "rounds.jsonl"
+# MetisConfig fields a pushed adapter's card lists under "Training settings".
+CARD_SETTINGS = (
+    "protocol",
+    "merge_method",
+    "merge_params",
+    "num_rounds",
+    "local_steps",
+    "local_epochs",
+    "task_schedule",
+    "merge_space",
+    "temperature",
+    "delta",
+    "k",
+    "beta",
+    "learning_rate",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+    "completion_only_loss",
+    "seed",
+)
 
 
 def default_lora_config() -> LoraConfig:
@@ -240,6 +261,60 @@ class MetisTrainer(SFTTrainer):
         if self.args.save_merged_model:
             self._save_merged_model(os.path.join(output_dir, "merged_model"))
         return None
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs: Any,
+    ) -> str | None:
+        """Push the merged adapter with its model card (method, settings, per-round table) to
+        ``repo_id=`` or ``args.hub_model_id``. The token is ``token``, ``args.hub_token`` or
+        huggingface_hub's usual sources. Returns the repository URL (None off the main process)."""
+        import tempfile
+
+        import yaml
+
+        from metis_hf.hub import card_info_for, check_repo_id, push_folder, write_card
+
+        repo_id = kwargs.pop("repo_id", None) or self.args.hub_model_id
+        if not repo_id:
+            raise ValueError("push_to_hub needs a repository: MetisConfig(hub_model_id=...) or repo_id=...")
+        check_repo_id(repo_id)
+        if not self.is_world_process_zero():
+            return None
+        lora = self.peft_model.peft_config[MERGED]
+        settings = {name: getattr(self.args, name) for name in CARD_SETTINGS}
+        settings["lora"] = {
+            "r": lora.r,
+            "lora_alpha": lora.lora_alpha,
+            "target_modules": sorted(lora.target_modules),
+        }
+        with tempfile.TemporaryDirectory(prefix="metis-hf-push-") as folder:
+            self.save_model(folder)
+            info = card_info_for(
+                "adapter",
+                self.args.merge_method,
+                self.args.protocol,
+                lora.base_model_name_or_path,
+                tasks=list(self.task_names),
+                config_text=yaml.safe_dump(settings, sort_keys=False),
+                config_title="Training settings",
+                rounds=self.round_records,
+            )
+            write_card(folder, info)
+            result = push_folder(
+                folder,
+                repo_id,
+                private=bool(private if private is not None else self.args.hub_private_repo),
+                revision=revision or self.args.hub_revision,
+                commit_message=commit_message,
+                token=token or self.args.hub_token,
+            )
+        return result.url
 
     # --- rounds -------------------------------------------------------------------------------
 

@@ -4,7 +4,8 @@ An ``evaluate`` metric module shipped inside metis-hf and loaded by local path (
 METIS's headline claim is on the worst task, so the gap (worst - average, never positive) is
 reported beside the average. ``weights`` give a weighted average, as the paper's Avg counts its
 multilingual task three times ((instr + math + 3 * multilingual + safety) / 6).
-NaN scores (a task whose expert scored 0) are left out and counted in ``undefined_tasks``.
+NaN scores (a task whose expert scored 0) are left out and counted in ``undefined_tasks``; with
+no defined score, average, worst and gap are NaN.
 """
 
 import math
@@ -38,8 +39,13 @@ class MultitaskSummary(evaluate.Metric):
         if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
             raise ValueError("multitask_summary: weights must be non-negative with a positive sum.")
         kept = [(p, w) for p, w in zip(predictions, weights) if p is not None and not math.isnan(p)]
-        if not kept:
-            raise ValueError("multitask_summary: no defined score to summarise.")
+        if not kept:  # every task undefined: nothing to average, but no reason to fail a report
+            return {
+                "average": math.nan,
+                "worst": math.nan,
+                "gap": math.nan,
+                "undefined_tasks": len(predictions),
+            }
         total = sum(w for _, w in kept)
         average = sum(p * w for p, w in kept) / total
         worst = min(p for p, w in kept if w > 0)

@@ -1,0 +1,94 @@
+"""`metis-hf compare` end to end on a tiny local model and real reasoning-gym tasks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from metis_hf.cli import main
+from metis_hf.compare import Comparison
+from tests.conftest import write_tiny_recipe
+
+TASKS = ("chain_sum", "gcd", "letter_counting")
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, tiny_tokenizer):
+    tmp_path = tmp_path_factory.mktemp("compare")
+    compare = {
+        "seeds": [0, 1],
+        "post_hoc_methods": ["task_arithmetic", "metis"],
+        "many_shot_methods": ["metis"],
+        "metric": "score",
+    }
+    recipe = write_tiny_recipe(
+        tmp_path, tiny_tokenizer, tasks=TASKS, training={"num_rounds": 2, "local_steps": 1}, compare=compare
+    )
+    out = tmp_path / "cmp"
+    assert main(["compare", str(recipe), "--output-dir", str(out)]) == 0
+    return recipe, out
+
+
+def test_compare_writes_every_run_table_and_plot(compared):
+    _, out = compared
+    results = json.loads((out / "results.json").read_text())
+    kinds = sorted((r["kind"], r["seed"] or 0, r["method"] or "") for r in results["runs"])
+    assert len(kinds) == 1 + 2 * (1 + 2 + 1)  # base; per seed experts, 2 post-hoc, 1 many-shot
+    for name in ("results.md", "radar_post_hoc.png", "radar_many_shot.png", "round_curves.png"):
+        assert (out / name).stat().st_size > 0
+    # normalized = the run's score / the same seed's expert score, from the runs' own files
+    for seed in (0, 1):
+        experts = json.loads((out / "runs" / f"seed{seed}" / "experts" / "result.json").read_text())
+        run = json.loads((out / "runs" / f"seed{seed}" / "many_shot-metis" / "result.json").read_text())
+        summary = results["summaries"]["many_shot/metis"][str(seed)]
+        for task in TASKS:
+            expert = experts["scores"][task]["score"]
+            expected = run["scores"][task]["score"] / expert if expert else float("nan")
+            assert summary["normalized"][task] == pytest.approx(expected, nan_ok=True)
+        assert [r["round"] for r in run["rounds"]] == [1, 2]
+    assert "| many_shot metis | post_hoc metis |" in (out / "results.md").read_text()
+
+
+def test_post_hoc_merge_is_the_merge_of_the_saved_experts(compared):
+    _, out = compared
+    experts = [
+        load_file(
+            out / "runs" / "seed0" / "experts" / "adapter" / "task_adapters" / t / "adapter_model.safetensors"
+        )
+        for t in TASKS
+    ]
+    merged = load_file(
+        out / "runs" / "seed0" / "post_hoc-task_arithmetic" / "adapter" / "adapter_model.safetensors"
+    )
+    assert set(merged) == set(experts[0])
+    for key, value in merged.items():
+        torch.testing.assert_close(value, sum(e[key] for e in experts) / len(experts))  # scale 1/T
+    assert not torch.equal(*(next(iter(e.values())) for e in experts[:2]))  # the experts differ
+    metis = json.loads((out / "runs" / "seed0" / "post_hoc-metis" / "result.json").read_text())
+    base = json.loads((out / "runs" / "base" / "result.json").read_text())
+    expert_losses = json.loads((out / "runs" / "seed0" / "experts" / "result.json").read_text())["scores"]
+    for task in TASKS:  # G_0 of a post-hoc METIS merge is the base model
+        gap = base["scores"][task]["loss"] - expert_losses[task]["loss"]
+        assert metis["loss_gaps"][task] == pytest.approx(gap)
+
+
+def test_compare_resumes_without_recomputing(compared, monkeypatch):
+    recipe, out = compared
+    before = (out / "results.json").read_text()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run was recomputed")
+
+    for kind in ("base", "experts", "post_hoc", "many_shot"):
+        monkeypatch.setattr(Comparison, f"run_{kind}", refuse)
+    assert main(["compare", str(recipe), "--output-dir", str(out), "--no-plots"]) == 0
+    assert json.loads((out / "results.json").read_text())["summaries"] == json.loads(before)["summaries"]
+
+
+def test_compare_bad_recipe_is_named(tmp_path, tiny_tokenizer, capsys):
+    recipe = write_tiny_recipe(tmp_path, tiny_tokenizer, compare={"many_shot_methods": ["metis", "magic"]})
+    assert main(["compare", str(recipe), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "compare.many_shot_methods: unknown merge method 'magic'" in capsys.readouterr().err
