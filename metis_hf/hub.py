@@ -251,8 +251,9 @@ def check_push_folder(folder: str | os.PathLike, allow_pickle: bool = False) -> 
     pickled = [f for f in files if f.suffix in PICKLE_SUFFIXES]
     if info is not None and info.kind == "comparison":
         return folder, files
-    if not safe and not pickled and (folder / "merged" / "adapter_config.json").is_file():
-        return check_push_folder(folder / "merged", allow_pickle)
+    top_level_weights = [f for f in safe + pickled if f.parent == folder]
+    if not top_level_weights and (folder / "merged" / "adapter_config.json").is_file():
+        return check_push_folder(folder / "merged", allow_pickle)  # a `metis-hf train` output
     if not safe and not pickled:
         raise ValueError(f"{folder} holds no model weights (*.safetensors); nothing to push.")
     if pickled and not safe and not allow_pickle:

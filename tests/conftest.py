@@ -72,7 +72,13 @@ def write_tiny_recipe(tmp_path, tokenizer, tasks=("chain_sum", "gcd"), training=
         "tasks": [{"name": n, "train_size": 16, "validation_size": 4, "test_size": 4} for n in tasks],
         "evaluation": {"batch_size": 4, "max_new_tokens": 3},
         "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-        "training": {"num_rounds": 2, "local_steps": 2, "use_cpu": True, "max_length": 96, **(training or {})},
+        "training": {
+            "num_rounds": 2,
+            "local_steps": 2,
+            "use_cpu": True,
+            "max_length": 96,
+            **(training or {}),
+        },
         **sections,
     }
     path = tmp_path / "recipe.yaml"

@@ -27,6 +27,18 @@ def test_train_recipe_writes_merged_adapter_and_results(tmp_path, tiny_tokenizer
     assert set(results["scores"]["merged"]) == {"chain_sum", "gcd"}
     assert (out / "merged" / "adapter_model.safetensors").is_file()
     assert len((out / "rounds.jsonl").read_text().splitlines()) == 2
+    # the merged adapter's card: the recipe verbatim with the override, the rounds, the scores
+    card = (out / "merged" / "README.md").read_text()
+    assert (
+        path.read_text().strip().splitlines()[0] in card
+        and "# --set training.merge_method=consensus_ta" in card
+    )
+    assert "| round | alpha chain_sum | alpha gcd |" in card and "| 2 |" in card
+    assert "| task | base score | base exact | merged score | merged exact |" in card
+    # `push` of a training output stages its merged/ folder
+    stage = tmp_path / "stage"
+    assert main(["push", str(out), "me/run", "--dry-run", "--stage-dir", str(stage)]) == 0
+    assert (stage / "adapter_model.safetensors").is_file() and (stage / "README.md").is_file()
 
 
 def test_train_recipe_errors_name_the_key(tmp_path, tiny_tokenizer, capsys):

@@ -92,3 +92,19 @@ def test_compare_bad_recipe_is_named(tmp_path, tiny_tokenizer, capsys):
     recipe = write_tiny_recipe(tmp_path, tiny_tokenizer, compare={"many_shot_methods": ["metis", "magic"]})
     assert main(["compare", str(recipe), "--output-dir", str(tmp_path / "o")]) == 2
     assert "compare.many_shot_methods: unknown merge method 'magic'" in capsys.readouterr().err
+
+
+def test_compare_report_card_and_its_dry_run_push(compared, tmp_path):
+    from huggingface_hub import metadata_load
+
+    _, out = compared
+    meta = metadata_load(out / "README.md")
+    assert "metis" in meta["tags"] and "evaluation" in meta["tags"]
+    card = (out / "README.md").read_text()
+    assert (out / "results.md").read_text().strip().splitlines()[0] in card
+    assert "![radar_many_shot.png](radar_many_shot.png)" in card
+    stage = tmp_path / "stage"
+    assert main(["push", str(out), "me/report", "--dry-run", "--stage-dir", str(stage)]) == 0
+    staged = {p.name for p in stage.rglob("*") if p.is_file()}
+    assert {"README.md", "results.md", "results.json", "round_curves.png"} <= staged
+    assert not (stage / "runs").exists()  # the per-run adapters stay local

@@ -299,7 +299,7 @@ class MetisTrainer(SFTTrainer):
                 "adapter",
                 self.args.merge_method,
                 self.args.protocol,
-                lora.base_model_name_or_path,
+                lora.base_model_name_or_path or self.peft_model.get_base_model().config._name_or_path or None,
                 tasks=list(self.task_names),
                 config_text=yaml.safe_dump(settings, sort_keys=False),
                 config_title="Training settings",
