@@ -12,8 +12,10 @@ and Hub datasets by id (or a dataset folder laid out like a Hub repo) with a col
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +69,22 @@ class Task:
 
 
 @dataclass
+class SourceSpec:
+    """One dataset of a task's ``mixture`` (e.g. the safety task: WildGuardMix + WildJailbreak)."""
+
+    dataset: str | None = field(default=None, metadata={"help": "Hub id, dataset folder or file path."})
+    config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    data_files: dict[str, str] | None = field(default=None, metadata={"help": "Split -> local file."})
+    split: str = field(default="train", metadata={"help": "The source split rows are drawn from."})
+    adapter: str | None = field(default=None, metadata={"help": "Schema adapter (metis_hf.data_adapters)."})
+    adapter_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "Adapter options."})
+    load_kwargs: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Extra datasets.load_dataset keyword arguments."}
+    )
+    weight: float = field(default=1.0, metadata={"help": "Share of the task's examples from this source."})
+
+
+@dataclass
 class TaskSpec:
     """How to build one task. Recipes list these under ``tasks:``."""
 
@@ -107,6 +125,20 @@ class TaskSpec:
     generator_config: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "Extra keyword arguments for the reasoning-gym generator."}
     )
+    adapter: str | None = field(
+        default=None,
+        metadata={"help": "Schema adapter for `dataset` (metis_hf.data_adapters), e.g. aya, wildjailbreak."},
+    )
+    adapter_options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Adapter options, e.g. {languages: [French, German]}."}
+    )
+    load_kwargs: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Extra datasets.load_dataset keyword arguments."}
+    )
+    mixture: list[SourceSpec] = field(
+        default_factory=list,
+        metadata={"help": "Several sources pooled into one task (instead of `dataset`), by weight."},
+    )
 
     def __post_init__(self) -> None:
         if self.source not in ("reasoning_gym", "file", "hub"):
@@ -126,6 +158,8 @@ def build_task(spec: TaskSpec | Mapping[str, Any]) -> Task:
         spec = TaskSpec(**spec)
     if spec.source == "reasoning_gym":
         return _reasoning_gym_task(spec)
+    if spec.adapter or spec.mixture:
+        return _adapted_task(spec)
     return _dataset_task(spec)
 
 
@@ -223,11 +257,11 @@ def _load_raw(spec: TaskSpec) -> DatasetDict:
             raise ValueError(
                 f"Task {spec.name!r}: cannot read {sorted(suffixes)}; use one of {sorted(_FILE_FORMATS)}."
             )
-        return load_dataset(formats.pop(), data_files=dict(files))
+        return load_dataset(formats.pop(), data_files=dict(files), **spec.load_kwargs)
     if not spec.dataset:
         raise ValueError(f"Task {spec.name!r}: source 'hub' needs `dataset` (a Hub id or a dataset folder).")
     # A Hub id and a local folder laid out like a Hub repo go through the same call.
-    return load_dataset(spec.dataset, spec.config_name)
+    return load_dataset(spec.dataset, spec.config_name, **spec.load_kwargs)
 
 
 def _resolve_columns(spec: TaskSpec, split: str, column_names: Sequence[str]) -> dict[str, str]:
@@ -248,17 +282,19 @@ def _resolve_columns(spec: TaskSpec, split: str, column_names: Sequence[str]) ->
     )
 
 
-def _canonical_row(columns: Mapping[str, str], row: Mapping[str, Any]) -> dict[str, str]:
+def _instruction_response(columns: Mapping[str, str], row: Mapping[str, Any]) -> tuple[str, str]:
     if "messages" in columns:
         messages = row[columns["messages"]]
         if not messages or messages[-1].get("role") != "assistant":
             raise ValueError("a chat example must end with an assistant message")
-        instruction = "\n\n".join(m["content"] for m in messages[:-1])
-        response = messages[-1]["content"]
-    elif "prompt" in columns:
-        instruction, response = row[columns["prompt"]], row[columns["completion"]]
-    else:
-        instruction, response = row[columns["instruction"]], row[columns["response"]]
+        return "\n\n".join(m["content"] for m in messages[:-1]), messages[-1]["content"]
+    if "prompt" in columns:
+        return row[columns["prompt"]], row[columns["completion"]]
+    return row[columns["instruction"]], row[columns["response"]]
+
+
+def _canonical_row(columns: Mapping[str, str], row: Mapping[str, Any]) -> dict[str, str]:
+    instruction, response = _instruction_response(columns, row)
     answer = row[columns["answer"]] if "answer" in columns else response
     return {
         "prompt": format_prompt(str(instruction)),
@@ -305,6 +341,90 @@ def _dataset_task(spec: TaskSpec) -> Task:
             raise ValueError(f"Task {spec.name!r}, split {split!r}: malformed example ({err}).") from err
         splits[split] = Dataset.from_list(rows)
     return Task(spec.name, splits["train"], splits["validation"], splits["test"], scorer=None)
+
+
+def _adapted_task(spec: TaskSpec) -> Task:
+    """A task drawn through schema adapters from one source or a weighted mixture: each source's
+    rows are shuffled (seeded) and adapted until its share is filled; the pooled rows are shuffled
+    and cut into test, validation and train."""
+    from metis_hf.data_adapters import get_adapter
+
+    sources = [dataclasses.replace(m) if isinstance(m, SourceSpec) else SourceSpec(**m) for m in spec.mixture]
+    if not sources:
+        sources = [
+            SourceSpec(
+                dataset=spec.dataset,
+                config_name=spec.config_name,
+                data_files=spec.data_files,
+                split=spec.splits.get("train", "train"),
+                adapter=spec.adapter,
+                adapter_options=spec.adapter_options,
+                load_kwargs=spec.load_kwargs,
+            )
+        ]
+    needed = spec.train_size + spec.validation_size + spec.test_size
+    total_weight = sum(s.weight for s in sources)
+    if total_weight <= 0 or any(s.weight < 0 for s in sources):
+        raise ValueError(f"Task {spec.name!r}: mixture weights must be non-negative with a positive sum.")
+    pairs: list[tuple[str, str]] = []
+    for index, source in enumerate(sources):
+        last = index == len(sources) - 1
+        quota = needed - len(pairs) if last else round(needed * source.weight / total_weight)
+        where = f"Task {spec.name!r}, source {source.dataset or source.data_files!r}"
+        adapter = get_adapter(source.adapter) if source.adapter else None
+        loader = TaskSpec(
+            name=spec.name,
+            source=spec.source,
+            dataset=source.dataset,
+            data_files=source.data_files,
+            config_name=source.config_name,
+            load_kwargs=source.load_kwargs,
+        )
+        raw = _load_raw(loader)
+        if source.split not in raw:
+            raise ValueError(f"{where}: split {source.split!r} not found; it has {list(raw)}.")
+        data = raw[source.split].shuffle(seed=spec.seed)
+        columns = None if adapter else _resolve_columns(spec, source.split, data.column_names)
+        taken = 0
+        for row in data:
+            if taken == quota:
+                break
+            try:
+                if adapter is not None:
+                    pair = adapter(row, source.adapter_options)
+                else:
+                    pair = tuple(str(x) for x in _instruction_response(columns, row))
+            except (KeyError, TypeError, AttributeError) as err:
+                raise ValueError(f"{where}: row does not fit adapter {source.adapter!r} ({err!r}).") from err
+            if pair is not None:
+                pairs.append(pair)
+                taken += 1
+        if taken == 0:
+            raise ValueError(f"{where}: no usable example (adapter {source.adapter!r} kept none).")
+    if len(pairs) <= spec.validation_size + spec.test_size:
+        raise ValueError(
+            f"Task {spec.name!r}: {len(pairs)} usable examples, too few for validation "
+            f"({spec.validation_size}) and test ({spec.test_size}) and any training."
+        )
+    random.Random(spec.seed).shuffle(pairs)
+
+    def rows(chunk: list[tuple[str, str]]) -> Dataset:
+        return Dataset.from_list(
+            [
+                {
+                    "prompt": format_prompt(instruction),
+                    "completion": format_completion(response),
+                    "answer": response.strip(),
+                    "entry": "",
+                }
+                for instruction, response in chunk
+            ]
+        )
+
+    test = rows(pairs[: spec.test_size])
+    validation = rows(pairs[spec.test_size : spec.test_size + spec.validation_size])
+    train = rows(pairs[spec.test_size + spec.validation_size :])
+    return Task(spec.name, train, validation, test, scorer=None)
 
 
 def _require_rows(task: str, split: str, rows: Sequence[Any] | Dataset) -> None:
