@@ -90,22 +90,55 @@ class Comparison:
             **extra,
         )
 
+    @property
+    def score_names(self) -> list[str]:
+        """The columns of the tables: the training tasks (when scored by generation), then the
+        harness scores."""
+        ev = self.recipe.evaluation
+        return (self.task_names if ev.generation else []) + [h.name for h in ev.harness]
+
     def _evaluate(self, model, tokenizer, task_names: list[str] | None = None) -> dict[str, Any]:
+        """Scores (generation and harness) and validation losses. With ``task_names`` (an expert),
+        only those tasks and the harness scores they are the expert of."""
         ev, args = self.recipe.evaluation, self._args(self.output_dir, Run("base"))
-        tasks = {t: self.tasks[t] for t in (task_names or self.task_names)}
-        results = evaluate_model(
-            model,
-            tokenizer,
-            tasks,
-            split=ev.split,
-            limit=ev.limit,
-            batch_size=ev.batch_size,
-            max_new_tokens=ev.max_new_tokens,
+        names = task_names or self.task_names
+        loss_kwargs = dict(
             loss_batch_size=args.gap_batch_size or args.per_device_train_batch_size,
             max_length=args.max_length or 512,
             completion_only_loss=bool(args.completion_only_loss),
         )
-        return {t: dataclasses.asdict(r) for t, r in results.items()}
+        results = evaluate_model(
+            model,
+            tokenizer,
+            {t: self.tasks[t] for t in names},
+            split=ev.split,
+            limit=ev.limit,
+            batch_size=ev.batch_size,
+            max_new_tokens=ev.max_new_tokens,
+            generate=ev.generation,
+            **loss_kwargs,
+        )
+        scores = {t: dataclasses.asdict(r) for t, r in results.items()} if ev.generation else {}
+        for harness in ev.harness:
+            if task_names is not None and harness.expert not in task_names:
+                continue
+            from metis_hf.evaluation.harness import run_harness
+
+            metrics = run_harness(
+                model,
+                tokenizer,
+                harness.tasks,
+                include_path=ev.harness_include,
+                limit=ev.harness_limit,
+                batch_size=ev.harness_batch_size,
+                num_fewshot=harness.num_fewshot,
+            )
+            missing = [t for t in harness.tasks if harness.metric not in metrics.get(t, {})]
+            if missing:
+                raise ValueError(f"Harness task {missing[0]!r} reports no metric {harness.metric!r}.")
+            value = sum(metrics[t][harness.metric] for t in harness.tasks) / len(harness.tasks)
+            scores[harness.name] = {"task": harness.name, "score": value, "exact_match": value, "n": None}
+        return {"scores": scores, "losses": {t: r.loss for t, r in results.items()}}
 
     def _result(self, run: Run) -> dict[str, Any]:
         return json.loads((self.output_dir / "runs" / run.folder / RESULT_FILE).read_text())
@@ -134,15 +167,17 @@ class Comparison:
 
     def run_base(self, run: Run, folder: Path) -> dict[str, Any]:
         model, tokenizer = load_model_and_tokenizer(self.recipe.model)
-        return {"scores": self._evaluate(model, tokenizer)}
+        return self._evaluate(model, tokenizer)
 
     def run_experts(self, run: Run, folder: Path) -> dict[str, Any]:
         trainer, tokenizer, seconds = self._train(run, folder, "post_hoc")
-        scores = {}
+        result: dict[str, Any] = {"scores": {}, "losses": {}, "train_seconds": seconds}
         for task in self.task_names:  # each expert on its own task: the normalization
             trainer.peft_model.set_adapter(task)
-            scores.update(self._evaluate(trainer.peft_model, tokenizer, [task]))
-        return {"scores": scores, "train_seconds": seconds}
+            own = self._evaluate(trainer.peft_model, tokenizer, [task])
+            result["scores"].update(own["scores"])
+            result["losses"].update(own["losses"])
+        return result
 
     def run_post_hoc(self, run: Run, folder: Path) -> dict[str, Any]:
         from safetensors.torch import load_file, save_file
@@ -154,7 +189,7 @@ class Comparison:
         states = [load_file(experts_dir / t / "adapter_model.safetensors") for t in self.task_names]
         base, experts = self._result(Run("base")), self._result(Run("experts", run.seed))
         # G_0 is the base model: a post-hoc METIS gap is the base's loss minus the expert's.
-        gaps = {t: base["scores"][t]["loss"] - experts["scores"][t]["loss"] for t in self.task_names}
+        gaps = {t: base["losses"][t] - experts["losses"][t] for t in self.task_names}
         args = self._args(folder, run)
         params, weights = merge_parameters(args, run.method, self.task_names, 0, gaps)
         adapter_config = json.loads((experts_dir / self.task_names[0] / "adapter_config.json").read_text())
@@ -172,7 +207,7 @@ class Comparison:
         os.replace(tmp, adapter_dir)
         model, tokenizer = load_for_evaluation(adapter_dir, tokenizer=self.recipe.model)
         return {
-            "scores": self._evaluate(model, tokenizer),
+            **self._evaluate(model, tokenizer),
             "weights": dict(zip(self.task_names, weights)),
             "loss_gaps": gaps if run.method == "metis" else None,
             "truncation_error": truncation,
@@ -182,7 +217,7 @@ class Comparison:
         trainer, tokenizer, seconds = self._train(run, folder, "many_shot")
         trainer.peft_model.set_adapter("default")
         return {
-            "scores": self._evaluate(trainer.peft_model, tokenizer),
+            **self._evaluate(trainer.peft_model, tokenizer),
             "rounds": trainer.round_records,
             "train_seconds": seconds,
         }
@@ -229,7 +264,7 @@ def run_compare(
         f"post-hoc {recipe.compare.post_hoc_methods}, many-shot {recipe.compare.many_shot_methods}"
     )
     results = [comparison.run(run, i, len(runs)) for i, run in enumerate(runs, 1)]
-    report = build_report(results, comparison.task_names, recipe.compare)
+    report = build_report(results, comparison.score_names, recipe.compare)
     report["recipe"] = str(recipe_path) if recipe_path else "embedded offline default"
     report["overrides"] = list(overrides or [])
     written = write_report(report, output_dir, plots=plots)
@@ -239,7 +274,7 @@ def run_compare(
         "compare",
         recipe.model,
         datasets=recipe_datasets(recipe),
-        tasks=comparison.task_names,
+        tasks=comparison.score_names,
         config_text=recipe_text(recipe_path, overrides),
         evaluation_table=report["markdown"],
         images=[p.name for p in written if p.suffix == ".png"],

@@ -22,11 +22,43 @@ from metis_hf.models import DEFAULT_MODEL
 
 
 @dataclass
+class HarnessScore:
+    """One score from lm-evaluation-harness: the mean of ``metric`` over ``tasks``."""
+
+    name: str = field(metadata={"help": "Column name in tables, e.g. M-MMLU."})
+    tasks: list[str] = field(default_factory=list, metadata={"help": "Harness task names averaged."})
+    metric: str = field(default="acc,none", metadata={"help": "Harness metric key, e.g. 'acc,none'."})
+    expert: str | None = field(
+        default=None, metadata={"help": "The training task whose expert normalizes this score."}
+    )
+    num_fewshot: int | None = field(default=None, metadata={"help": "Few-shot examples (task default)."})
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError(f"harness score {self.name!r}: tasks must name at least one harness task.")
+
+
+@dataclass
 class EvaluationSpec:
     split: str = field(default="test", metadata={"help": "Split scored by generation."})
     limit: int | None = field(default=None, metadata={"help": "Score at most this many examples per task."})
     batch_size: int = field(default=32, metadata={"help": "Generation batch size."})
     max_new_tokens: int = field(default=24, metadata={"help": "Longest generated answer, in tokens."})
+    generation: bool = field(
+        default=True, metadata={"help": "Score each training task by generation on its test split."}
+    )
+    harness: list[HarnessScore] = field(
+        default_factory=list, metadata={"help": "lm-evaluation-harness scores (extra lm-eval)."}
+    )
+    harness_limit: int | None = field(default=None, metadata={"help": "Harness examples per task."})
+    harness_batch_size: int = field(default=8, metadata={"help": "Harness batch size."})
+    harness_include: str | None = field(
+        default=None, metadata={"help": "A folder of custom harness task YAMLs (e.g. over local files)."}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.generation and not self.harness:
+            raise ValueError("generation: with generation off, list harness scores to evaluate.")
 
 
 BASELINES = ["task_arithmetic", "ties", "dare_ties", "consensus_ta"]
@@ -94,9 +126,17 @@ class Recipe:
         if not self.tasks:
             raise ValueError("tasks: a recipe needs at least one task.")
         names = [t.name for t in self.tasks]
+        for score in self.evaluation.harness:
+            if score.expert is not None and score.expert not in names:
+                raise ValueError(
+                    f"evaluation.harness: expert {score.expert!r} of {score.name!r} is not a task."
+                )
+        scored = names + [score.name for score in self.evaluation.harness]
         for task in self.compare.task_weights:
-            if task not in names:
-                raise ValueError(f"compare.task_weights: {task!r} is not a task of this recipe.")
+            if task not in scored:
+                raise ValueError(
+                    f"compare.task_weights: {task!r} is not a task or harness score of this recipe."
+                )
 
 
 class RecipeError(ValueError):

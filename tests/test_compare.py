@@ -69,9 +69,9 @@ def test_post_hoc_merge_is_the_merge_of_the_saved_experts(compared):
     assert not torch.equal(*(next(iter(e.values())) for e in experts[:2]))  # the experts differ
     metis = json.loads((out / "runs" / "seed0" / "post_hoc-metis" / "result.json").read_text())
     base = json.loads((out / "runs" / "base" / "result.json").read_text())
-    expert_losses = json.loads((out / "runs" / "seed0" / "experts" / "result.json").read_text())["scores"]
+    expert_losses = json.loads((out / "runs" / "seed0" / "experts" / "result.json").read_text())["losses"]
     for task in TASKS:  # G_0 of a post-hoc METIS merge is the base model
-        gap = base["scores"][task]["loss"] - expert_losses[task]["loss"]
+        gap = base["losses"][task] - expert_losses[task]
         assert metis["loss_gaps"][task] == pytest.approx(gap)
 
 

@@ -53,7 +53,15 @@ def test_metric_modules_load_from_the_package_not_the_hub():
 
 def _run(kind, seed, method, exact, loss=1.0, rounds=None):
     scores = {t: {"task": t, "score": e, "exact_match": e, "n": 10, "loss": loss} for t, e in exact.items()}
-    return {"kind": kind, "seed": seed, "method": method, "scores": scores, "rounds": rounds}
+    losses = {t: loss for t in exact}
+    return {
+        "kind": kind,
+        "seed": seed,
+        "method": method,
+        "scores": scores,
+        "losses": losses,
+        "rounds": rounds,
+    }
 
 
 def test_report_normalizes_by_the_same_seeds_experts_and_pairs_by_seed(tmp_path):
@@ -209,9 +217,7 @@ def _choice_logprob(model, tokenizer, context: str, continuation: str) -> float:
     return float(sum(logprobs[i - 1, whole[i]] for i in range(start, len(whole))))
 
 
-def test_harness_runs_a_custom_task_over_local_jsonl(tmp_path, tiny_tokenizer):
-    from metis_hf.evaluation.harness import run_harness
-
+def _harness_task(tmp_path):
     docs = [
         {"question": f"What is {a} + {b}?", "choices": [str(a + b), str(a * b + 1), "7"], "label": i % 3}
         for i, (a, b) in enumerate([(1, 2), (2, 3), (3, 4), (4, 5), (0, 9), (6, 1)])
@@ -231,6 +237,13 @@ def test_harness_runs_a_custom_task_over_local_jsonl(tmp_path, tiny_tokenizer):
         'doc_to_target: "{{label}}"\n'
         "metric_list:\n  - metric: acc\n"
     )
+    return docs, tasks_dir
+
+
+def test_harness_runs_a_custom_task_over_local_jsonl(tmp_path, tiny_tokenizer):
+    from metis_hf.evaluation.harness import run_harness
+
+    docs, tasks_dir = _harness_task(tmp_path)
     model = make_tiny_model(len(tiny_tokenizer), seed=3)
     results = run_harness(model, tiny_tokenizer, ["metis_tiny_qa"], include_path=str(tasks_dir), batch_size=2)
     expected = statistics.fmean(
@@ -253,3 +266,29 @@ def test_harness_runs_a_custom_task_over_local_jsonl(tmp_path, tiny_tokenizer):
 def test_no_defined_score_gives_nan_not_an_error():
     out = summarize({"a": 0.0, "b": 0.1}, {"a": 0.0, "b": 0.0})
     assert math.isnan(out["average"]) and out["undefined_tasks"] == 2 and out["worst_task"] is None
+
+
+def test_compare_scores_harness_columns_and_gives_experts_only_theirs(tmp_path, tiny_tokenizer):
+    from metis_hf.compare import Comparison
+    from metis_hf.evaluation.harness import run_harness
+    from metis_hf.recipe import load_recipe
+    from tests.conftest import write_tiny_recipe
+
+    _, tasks_dir = _harness_task(tmp_path)
+    evaluation = {
+        "generation": False,
+        "harness_include": str(tasks_dir),
+        "harness_batch_size": 2,
+        "harness": [{"name": "QA", "tasks": ["metis_tiny_qa"], "metric": "acc,none", "expert": "gcd"}],
+    }
+    recipe = load_recipe(write_tiny_recipe(tmp_path, tiny_tokenizer, evaluation=evaluation))
+    comparison = Comparison(recipe, tmp_path / "cmp")
+    assert comparison.score_names == ["QA"]
+    model = make_tiny_model(len(tiny_tokenizer), seed=3)
+    result = comparison._evaluate(model, tiny_tokenizer)
+    expected = run_harness(
+        model, tiny_tokenizer, ["metis_tiny_qa"], include_path=str(tasks_dir), batch_size=2
+    )
+    assert result["scores"]["QA"]["score"] == pytest.approx(expected["metis_tiny_qa"]["acc,none"])
+    assert set(result["losses"]) == {"chain_sum", "gcd"} and all(v > 0 for v in result["losses"].values())
+    assert comparison._evaluate(model, tiny_tokenizer, ["chain_sum"])["scores"] == {}  # not its expert

@@ -7,8 +7,17 @@ of custom task YAMLs (for instance over a local JSONL file, which is how this ru
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
+
+
+@functools.cache
+def task_manager(include_path: str | None = None):
+    """The harness's task index (it reads every task YAML, tens of seconds): built once per folder."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
 
 
 def run_harness(
@@ -24,12 +33,11 @@ def run_harness(
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
     except ImportError as err:
         raise ImportError("lm-evaluation-harness is not installed: pip install 'metis-hf[lm-eval]'.") from err
     if not tasks:
         raise ValueError("No harness task given.")
-    manager = TaskManager(include_path=include_path)
+    manager = task_manager(include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         where = f" (custom tasks from {include_path})" if include_path else ""

@@ -28,8 +28,9 @@ def _mean_sd(values: Sequence[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(finite), "sd": sd, "n": len(finite)}
 
 
-def _multitask_loss(scores: Mapping[str, Mapping[str, Any]]) -> float:
-    losses = [s["loss"] for s in scores.values() if s.get("loss") is not None]
+def _multitask_loss(run: Mapping[str, Any]) -> float:
+    by_task = run.get("losses") or {t: s.get("loss") for t, s in run["scores"].items()}  # older files
+    losses = [v for v in by_task.values() if v is not None]
     return sum(losses) / len(losses) if losses else math.nan
 
 
@@ -45,7 +46,7 @@ def build_report(results: Sequence[Mapping[str, Any]], tasks: Sequence[str], spe
             continue
         expert_scores = {t: experts[r["seed"]]["scores"][t][metric] for t in tasks}
         summary = summarize({t: r["scores"][t][metric] for t in tasks}, expert_scores, weights)
-        summary["multitask_loss"] = _multitask_loss(r["scores"])
+        summary["multitask_loss"] = _multitask_loss(r)
         per_run.setdefault((r["kind"], r["method"]), {})[r["seed"]] = summary
 
     aggregate = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -71,12 +72,17 @@ def evaluate_model(
     loss_batch_size: int = 8,
     max_length: int = 512,
     completion_only_loss: bool = False,
+    generate: bool = True,
 ) -> dict[str, TaskScore]:
-    """Score and (unless ``loss_split`` is None) validation loss of ``model`` on every task."""
+    """Score and (unless ``loss_split`` is None) validation loss of ``model`` on every task.
+    ``generate=False`` measures the loss only (scores NaN)."""
     check_tokenizer(model, tokenizer)
     results = {}
     for name, task in tasks.items():
-        result = score_task(model, tokenizer, task, split, limit, batch_size, max_new_tokens)
+        if generate:
+            result = score_task(model, tokenizer, task, split, limit, batch_size, max_new_tokens)
+        else:
+            result = TaskScore(name, math.nan, math.nan, 0)
         if loss_split is not None:
             data = task.split(loss_split)
             if len(data) == 0:
