@@ -52,3 +52,25 @@ def test_every_recipe_validates(path, tmp_path):
     config = metis_config_from_recipe(recipe, tmp_path, use_cpu=True)
     assert config.num_rounds >= 1 and recipe.tasks
     assert lora_config_from_recipe(recipe).r >= 1
+
+
+def test_paper_recipes_name_real_harness_tasks_and_metrics():
+    """Every harness task a paper recipe names is in the installed lm-evaluation-harness index, with
+    the metric (and filter) the recipe reads."""
+    from metis_hf.evaluation.harness import task_manager
+
+    manager = task_manager()
+    paper = sorted((ROOT / "recipes" / "paper").glob("*.yaml"))
+    assert len(paper) == 4
+    for path in paper:
+        recipe = load_recipe(path)
+        assert [t.name for t in recipe.tasks] == ["instruction_following", "math", "multilingual", "safety"]
+        assert all(t.train_size == 1000 for t in recipe.tasks) and recipe.training["num_rounds"] == 5
+        for score in recipe.evaluation.harness:
+            for task in score.tasks:
+                assert task in manager.all_tasks, f"{path.name}: unknown harness task {task}"
+                config = manager.task_index[task].cfg
+                metric, _, flt = score.metric.partition(",")
+                assert metric in {m["metric"] for m in config.get("metric_list", [])}, f"{task}: no {metric}"
+                filters = {f["name"] for f in config.get("filter_list", [])}
+                assert flt == "none" or flt in filters, f"{path.name}: {task} has no filter {flt}"
