@@ -191,7 +191,7 @@ class Comparison:
         # G_0 is the base model: a post-hoc METIS gap is the base's loss minus the expert's.
         gaps = {t: base["losses"][t] - experts["losses"][t] for t in self.task_names}
         args = self._args(folder, run)
-        params, weights = merge_parameters(args, run.method, self.task_names, 0, gaps)
+        params, weights = merge_parameters(args, run.method, self.task_names, 0, gaps, base["losses"])
         adapter_config = json.loads((experts_dir / self.task_names[0] / "adapter_config.json").read_text())
         rank, alpha = adapter_config["r"], adapter_config["lora_alpha"]
         scaling = alpha / (rank**0.5 if adapter_config.get("use_rslora") else rank)
@@ -209,7 +209,7 @@ class Comparison:
         return {
             **self._evaluate(model, tokenizer),
             "weights": dict(zip(self.task_names, weights)),
-            "loss_gaps": gaps if run.method == "metis" else None,
+            "loss_gaps": gaps if run.method.startswith("metis") else None,
             "truncation_error": truncation,
         }
 

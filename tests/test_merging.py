@@ -12,6 +12,7 @@ Parameter mapping to the peers (written down once, used below):
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -324,3 +325,79 @@ def test_our_methods_inside_mergekit_and_mergekit_methods_inside_ours():
     )
     with pytest.raises(ValueError, match="Unknown mergekit method"):
         merge("mergekit:nope", vs)
+
+
+# --- metis_robust: the failure modes of the paper's formula, pinned -----------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from metis_hf.merging.robust import robust_weights  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    count=st.integers(2, 16),
+    raw=st.lists(st.floats(0.01, 1.0), min_size=16, max_size=16),
+    seed=st.integers(0, 1000),
+)
+def test_identical_task_vectors_survive_the_robust_mask_for_any_count_and_weights(count, raw, seed):
+    torch.manual_seed(seed)
+    vector = torch.randn(257)
+    alphas = [r / sum(raw[:count]) for r in raw[:count]]
+    merged = merge("metis_robust", [vector.clone() for _ in range(count)], alphas=alphas)
+    torch.testing.assert_close(merged, vector)  # a convex combination of v with itself, all kept
+
+
+def test_the_paper_mask_zeroes_identical_vectors_from_five_tasks():
+    """Why metis_robust exists: with T >= 5 uniform weights alpha = 1/T < delta / (1 + delta)."""
+    vector = torch.randn(64)
+    for count in (4, 5, 8):
+        merged = merge("metis", [vector] * count, alphas=[1 / count] * count)
+        # |v/T| > 0.3 |v (T-1)/T|  <=>  1 > 0.3 (T-1)  <=>  T < 4.33
+        expected = vector if count == 4 else torch.zeros_like(vector)
+        torch.testing.assert_close(merged, expected)
+
+
+def test_robust_weights_are_relative_floored_and_sum_to_one():
+    gaps, losses = [0.2, 1.0, 0.1], [2.0, 10.0, 1.0]  # equal relative gaps (0.1 each)
+    torch.testing.assert_close(
+        torch.tensor(robust_weights(gaps, losses, 0.1)), torch.full((3,), 1 / 3), check_dtype=False
+    )
+    # scale-free: multiplying every loss and gap by 7 changes nothing
+    assert robust_weights([0.7, 0.1], [2.0, 3.0], 0.1) == pytest.approx(
+        robust_weights([4.9, 0.7], [14.0, 21.0], 0.1)
+    )
+    # one huge gap: softmax -> (1, 0), floored at 0.5 / T = 0.25 each -> (0.75, 0.25)
+    assert robust_weights([50.0, 0.0], None, 0.1) == pytest.approx([0.75, 0.25])
+    by_hand = [math.exp(0.5 / 0.2), 1.0]
+    soft = [b / sum(by_hand) for b in by_hand]
+    assert robust_weights([0.5, 0.0], None, 0.2, floor=0.1) == pytest.approx([0.1 + 0.8 * s for s in soft])
+    with pytest.raises(ValueError, match="floor must lie in"):
+        robust_weights([0.1, 0.2], None, 0.1, floor=0.6)
+
+
+def test_robust_mask_by_hand():
+    # coordinate 0: all agree; 1: only task a is nonzero (selfish); 2: a and b agree, c opposes
+    a, b, c = torch.tensor([1.0, 2.0, 1.0]), torch.tensor([1.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, -1.0])
+    alphas = [0.5, 0.3, 0.2]
+    merged_by_hand = [1.0, 0.0, 0.5 + 0.3 - 0.2]
+    # coord 1: V = 1.0; a: 2 >= 0.3*|1-2| yes; b: 0 >= 0.3*1 no; c: no -> 1 owner < k=2 -> 0
+    # coord 2: V = 0.6; a: 1 >= 0.12 yes; b: yes; c: 1 >= 0.3*1.6 = 0.48 yes -> kept
+    out = merge("metis_robust", [a, b, c], alphas=alphas)
+    torch.testing.assert_close(out, torch.tensor(merged_by_hand))
+
+
+def test_merged_norm_stays_bounded_over_rounds():
+    """Many-shot in LoRA space: each round every task adds its own update to the merge. The
+    robust merge is a masked convex combination, so it never grows beyond the task vectors."""
+    torch.manual_seed(0)
+    count, size = 6, 4096
+    directions = [torch.randn(size) * 0.1 for _ in range(count)]
+    merged = torch.zeros(size)
+    for _ in range(30):
+        tasks = [merged + d for d in directions]
+        gaps = torch.rand(count).tolist()
+        merged = merge("metis_robust", tasks, loss_gaps=gaps, reference_losses=[2.0] * count)
+        assert merged.norm() <= max(t.norm() for t in tasks) + 1e-4
+    assert merged.norm() < 30 * min(d.norm() for d in directions)  # no blow-up across 30 rounds

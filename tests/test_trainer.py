@@ -270,7 +270,7 @@ def test_round_rows_are_logged(tmp_path, tiny_tokenizer):
             dict(train={**TRAIN, "empty": TRAIN["add1"].select([])}, val={**VAL, "empty": VAL["add1"]}),
             "'empty' has no training data",
         ),
-        (dict(val=None), "METIS needs eval_dataset"),
+        (dict(val=None), "metis needs eval_dataset"),
         (dict(train={"a.b": TRAIN["add1"]}, val={"a.b": VAL["add1"]}), "not usable as an adapter name"),
     ],
 )

@@ -5,7 +5,7 @@
 """
 
 # Importing the method modules registers them.
-from metis_hf.merging import consensus, dare, linear, ties  # noqa: F401
+from metis_hf.merging import consensus, dare, linear, robust, ties  # noqa: F401
 from metis_hf.merging.consensus import loss_gap_weights
 from metis_hf.merging.registry import (
     MergeMethod,
@@ -14,6 +14,7 @@ from metis_hf.merging.registry import (
     merge,
     register_merge_method,
 )
+from metis_hf.merging.robust import robust_weights
 
 __all__ = [
     "MergeMethod",
@@ -22,4 +23,5 @@ __all__ = [
     "loss_gap_weights",
     "merge",
     "register_merge_method",
+    "robust_weights",
 ]

@@ -152,7 +152,8 @@ class MetisConfig(SFTConfig):
         if self.gap_batch_size < 1:
             raise ValueError(f"gap_batch_size must be >= 1, got {self.gap_batch_size}.")
         method = get_merge_method(self.merge_method)  # unknown method: fails here
-        reserved = {"loss_gaps", "alphas"} if self.merge_method == "metis" else set()
+        gap_methods = ("metis", "metis_robust")  # their gaps come from training, not from the user
+        reserved = {"loss_gaps", "alphas", "reference_losses"} if self.merge_method in gap_methods else set()
         unknown = sorted(
             set(self.merge_params) - set(method.parameters) | (set(self.merge_params) & reserved)
         )

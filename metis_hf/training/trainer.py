@@ -34,7 +34,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
 from metis_hf.evaluation.loss import per_example_losses
-from metis_hf.merging import loss_gap_weights
+from metis_hf.merging import loss_gap_weights, robust_weights
 from metis_hf.merging.task_vectors import (
     load_lora_state,
     lora_parameters,
@@ -386,7 +386,9 @@ class MetisTrainer(SFTTrainer):
             merged_before = self._merged_val_losses
             local = {t: self._val_loss(t, t) for t in tasks}
             gaps = {t: merged_before[t] - local[t] for t in tasks}
-        params, alphas = merge_parameters(self.args, self.args.merge_method, tasks, round_index, gaps)
+        params, alphas = merge_parameters(
+            self.args, self.args.merge_method, tasks, round_index, gaps, merged_before
+        )
 
         peft_model = self.peft_model
         states = [{k: p.detach() for k, p in lora_parameters(peft_model, t).items()} for t in tasks]
@@ -474,6 +476,7 @@ def merge_parameters(
     task_names: list[str],
     round_index: int,
     gaps: Mapping[str, float] | None,
+    reference_losses: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, Any], list[float]]:
     """The parameters of ``method`` for round ``round_index`` under ``args`` (METIS's temperature,
     delta, k and beta; 1/T for summing methods; a per-round DARE seed), and the per-task weights
@@ -489,6 +492,22 @@ def merge_parameters(
         params.setdefault("beta", args.per_round("beta", round_index))
         params["loss_gaps"] = [gaps[t] for t in task_names]
         return params, loss_gap_weights(params["loss_gaps"], params["temperature"])
+    if method == "metis_robust":  # its own temperature scale (relative gaps): only merge_params set it
+        if gaps is None:
+            raise ValueError("metis_robust needs loss gaps: pass eval_dataset (a validation split per task).")
+        params.setdefault("delta", args.delta)
+        params.setdefault("k", min(args.k, count))
+        params.setdefault("beta", args.per_round("beta", round_index))
+        params["loss_gaps"] = [gaps[t] for t in task_names]
+        if reference_losses is not None:
+            params["reference_losses"] = [reference_losses[t] for t in task_names]
+        weights = robust_weights(
+            params["loss_gaps"],
+            params.get("reference_losses"),
+            params.get("temperature", 0.1),
+            params.get("floor"),
+        )
+        return params, weights
     if method in SUM_METHODS:
         params.setdefault("scale", 1.0 / count)
     if method == "consensus_ta":
@@ -522,8 +541,10 @@ def _check_tasks(
         for name in names:
             if len(validation[name]) == 0:
                 raise ValueError(f"Task {name!r} has an empty validation set.")
-    elif args.merge_method == "metis":
-        raise ValueError("METIS needs eval_dataset (a validation set per task) to measure its loss gaps.")
+    elif args.merge_method in ("metis", "metis_robust"):
+        raise ValueError(
+            f"{args.merge_method} needs eval_dataset (a validation set per task) to measure its loss gaps."
+        )
     return names
 
 

@@ -1,0 +1,89 @@
+"""``metis_robust``: METIS with weights and masks that hold for any task count and loss scale.
+
+The paper's METIS (``metis``, kept exact) fails in three measured ways (../shared/METIS.md §7,
+docs/merging.md "metis_robust"): raw loss gaps depend on the loss's scale, one large gap at
+temperature 2 hands one task nearly all the weight, and the mask compares *weighted* entries, so
+where tasks agree it keeps task t only while alpha_t > delta / (1 + delta): with five or more tasks
+or skewed weights fewer than k tasks pass and consensus zeroes the merge. This variant changes:
+
+1. gaps are relative: ``g_t / L_merged_t`` (the gap as a fraction of the merged model's loss on
+   that task), so the temperature means the same at any loss scale;
+2. the weights have a floor: ``alpha = floor + (1 - T * floor) * softmax(...)``, default floor
+   ``0.5 / T`` (every task keeps at least half its uniform share);
+3. the mask compares each task's *unweighted* vector with the weighted merge (TALL's question,
+   "does this task agree with the merge here?", asked at the merge's own scale):
+   ``m_t = |v_t| >= delta * |V - v_t|``. Identical task vectors pass for every T and every alpha.
+
+The merge stays a masked convex combination, ``G = beta * c * V``, so its norm is bounded by the
+task vectors' across rounds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from metis_hf.merging.checks import check_delta, check_finite_number, check_k, check_positive, check_weights
+from metis_hf.merging.chunks import as_column, chunked_merge
+from metis_hf.merging.registry import register_merge_method
+
+
+def robust_weights(
+    loss_gaps: Sequence[float],
+    reference_losses: Sequence[float] | None,
+    temperature: float,
+    floor: float | None = None,
+) -> list[float]:
+    """Floored softmax of the relative gaps ``g_t / L_t`` (raw gaps when no reference losses)."""
+    count = len(loss_gaps)
+    gaps = [check_finite_number(g, "loss_gaps entry") for g in loss_gaps]
+    if reference_losses is not None:
+        losses = check_weights(reference_losses, count, "reference_losses")
+        if any(loss <= 0 for loss in losses):
+            raise ValueError(f"reference_losses must be positive, got {list(losses)}.")
+        gaps = [g / loss for g, loss in zip(gaps, losses)]
+    temperature = check_positive(temperature, "temperature")
+    floor = 0.5 / count if floor is None else check_finite_number(floor, "floor")
+    if not 0 <= floor <= 1 / count:
+        raise ValueError(f"floor must lie in [0, 1/T] = [0, {1 / count:.4g}], got {floor}.")
+    top = max(gaps)
+    exps = [math.exp((g - top) / temperature) for g in gaps]
+    total = sum(exps)
+    return [floor + (1 - count * floor) * e / total for e in exps]
+
+
+@register_merge_method("metis_robust")
+def metis_robust(
+    task_vectors: Sequence[torch.Tensor],
+    *,
+    loss_gaps: Sequence[float] | None = None,
+    reference_losses: Sequence[float] | None = None,
+    alphas: Sequence[float] | None = None,
+    temperature: float = 0.1,
+    floor: float | None = None,
+    delta: float = 0.3,
+    k: int = 2,
+    beta: float = 1.0,
+) -> torch.Tensor:
+    """METIS with relative, floored loss-gap weights and a mask on unweighted task vectors."""
+    count = len(task_vectors)
+    if (loss_gaps is None) == (alphas is None):
+        raise ValueError("metis_robust needs exactly one of loss_gaps or alphas.")
+    if alphas is None:
+        alphas = robust_weights(
+            check_weights(loss_gaps, count, "loss_gaps"), reference_losses, temperature, floor
+        )
+    else:
+        alphas = check_weights(alphas, count, "alphas")
+    delta, k, beta = check_delta(delta), check_k(k, count), check_finite_number(beta, "beta")
+    w = as_column(alphas, task_vectors[0])
+
+    def kernel(stacked: torch.Tensor, where: slice) -> torch.Tensor:
+        merged = (stacked * w).sum(0)
+        agrees = stacked.abs() >= (merged - stacked).abs_().mul_(delta)
+        keep = agrees.sum(0) >= k
+        return torch.where(keep, merged * beta, 0.0)
+
+    return chunked_merge(task_vectors, kernel)
