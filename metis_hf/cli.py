@@ -7,6 +7,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from huggingface_hub.errors import HfHubHTTPError
+
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from metis_hf.run import run_training
@@ -195,6 +197,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, OSError, ImportError, HfHubHTTPError) as err:  # bad input, files, extras, Hub
         print(f"metis-hf {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -84,7 +84,7 @@ def test_compare_resumes_without_recomputing(compared, monkeypatch):
 
     for kind in ("base", "experts", "post_hoc", "many_shot"):
         monkeypatch.setattr(Comparison, f"run_{kind}", refuse)
-    assert main(["compare", str(recipe), "--output-dir", str(out), "--no-plots"]) == 0
+    assert main(["compare", str(recipe), "--output-dir", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["summaries"] == json.loads(before)["summaries"]
 
 

@@ -430,3 +430,18 @@ def test_parallel_schedule_gives_the_same_merge(tmp_path, tiny_tokenizer):
 def test_parallel_needs_a_batch_divisible_by_the_tasks(tmp_path, tiny_tokenizer):
     with pytest.raises(ValueError, match="multiple of the number of tasks"):
         _trainer(tmp_path, tiny_tokenizer, per_device_train_batch_size=4, task_schedule="parallel")
+
+
+def test_the_initial_adapter_depends_on_the_seed_only(tmp_path, tiny_tokenizer):
+    models = [make_tiny_model(len(tiny_tokenizer), seed=0) for _ in range(3)]
+    first = lora_state(_trainer(tmp_path, tiny_tokenizer, model=models[0], seed=5).peft_model, "default")
+    torch.randn(1000)  # whatever ran before in the process must not matter
+    again = lora_state(
+        _trainer(tmp_path / "b", tiny_tokenizer, model=models[1], seed=5).peft_model, "default"
+    )
+    other = lora_state(
+        _trainer(tmp_path / "c", tiny_tokenizer, model=models[2], seed=6).peft_model, "default"
+    )
+    key = next(k for k in first if "lora_A" in k)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first[key], other[key])

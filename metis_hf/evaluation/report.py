@@ -17,7 +17,7 @@ from metis_hf.evaluation.combine import summarize
 from metis_hf.files import write_json, write_text_atomic
 
 BLOCKS = (("post_hoc", "Post-hoc"), ("many_shot", "Many-shot"))
-REFERENCE = ("many_shot", "metis")
+REFERENCES = (("many_shot", "metis_robust"), ("many_shot", "metis"))  # compared with every other run
 
 
 def _mean_sd(values: Sequence[float]) -> dict[str, float]:
@@ -68,9 +68,13 @@ def build_report(results: Sequence[Mapping[str, Any]], tasks: Sequence[str], spe
         return out
 
     pairs = [(("many_shot", m), ("post_hoc", m)) for m in sorted({m for _, m in per_run})]
-    if REFERENCE in per_run:
-        pairs += [(REFERENCE, key) for key in sorted(per_run) if key != REFERENCE]
-    unique_pairs = list(dict.fromkeys(pairs))  # many-shot metis vs post-hoc metis can come twice
+    for reference in (r for r in REFERENCES if r in per_run):
+        pairs += [(reference, key) for key in sorted(per_run) if key != reference]
+    unique_pairs, seen = [], set()
+    for a, b in pairs:  # many-shot metis vs post-hoc metis can come twice; keep one order of a pair
+        if frozenset((a, b)) not in seen:
+            seen.add(frozenset((a, b)))
+            unique_pairs.append((a, b))
     comparisons = [c for c in (paired(a, b) for a, b in unique_pairs) if c]
 
     report = {
@@ -219,6 +223,7 @@ def plot_round_curves(report: Mapping[str, Any], path: Path) -> bool:
     """Three panels over rounds: multi-task validation loss per many-shot method, METIS's alpha
     weights per task, and METIS's per-task validation loss (mean over seeds)."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     runs = [r for r in report["runs"] if r["kind"] == "many_shot" and r.get("rounds")]
     if not runs:
@@ -246,6 +251,8 @@ def plot_round_curves(report: Mapping[str, Any], path: Path) -> bool:
     axes[2].set(title=f"{metis[0]['method']}: validation loss per task", xlabel="round", ylabel="loss")
     axes[1].legend(fontsize=8)
     axes[2].legend(fontsize=8)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)

@@ -29,7 +29,7 @@ import torch
 from datasets import Dataset, concatenate_datasets
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
@@ -151,6 +151,9 @@ class MetisTrainer(SFTTrainer):
             t: _sorted_by_length(tokenize_dataset(processing_class, d, max_length, f"{t} validation"))
             for t, d in (eval_dataset or {}).items()
         }
+        # The shared initial adapter G_0 comes from the seed, not from whatever ran before in the
+        # process (a resumed compare must rebuild the same G_0). Trainer seeds only later.
+        set_seed(args.seed)
         peft_model = _build_adapters(model, peft_config, self.task_names)
 
         self.plan = _make_plan(
