@@ -410,20 +410,25 @@ def test_two_cpu_processes_match_one_at_the_same_global_batch(tmp_path):
 
 
 def test_parallel_schedule_gives_the_same_merge(tmp_path, tiny_tokenizer):
-    sequential = _trainer(tmp_path / "s", tiny_tokenizer, per_device_train_batch_size=2)
+    # Plain SGD: Adam would turn float32 summation-order noise into lr-sized steps on entries whose
+    # gradient is near zero, hiding what this test checks (the same gradients reach each adapter).
+    sgd = dict(optim="sgd", learning_rate=0.5)
+    sequential = _trainer(tmp_path / "s", tiny_tokenizer, per_device_train_batch_size=2, **sgd)
     sequential.train()
     # three tasks x 2 rows each per micro-batch, one batched forward per micro-batch
     parallel = _trainer(
-        tmp_path / "p", tiny_tokenizer, per_device_train_batch_size=6, task_schedule="parallel"
+        tmp_path / "p", tiny_tokenizer, per_device_train_batch_size=6, task_schedule="parallel", **sgd
     )
     assert parallel.plan.total_steps == sequential.plan.total_steps // 3
     parallel.train()
     expected, got = lora_state(sequential.peft_model, "default"), lora_state(parallel.peft_model, "default")
     for key in expected:
-        torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=0)
+        scale = float(expected[key].abs().max())
+        assert scale > 1e-4  # trained, not the zero init of B
+        torch.testing.assert_close(got[key], expected[key], atol=1e-4 * scale, rtol=1e-4)
     for t in TRAIN:
         assert parallel.round_records[0][f"merge/loss_gap/{t}"] == pytest.approx(
-            sequential.round_records[0][f"merge/loss_gap/{t}"], abs=1e-5
+            sequential.round_records[0][f"merge/loss_gap/{t}"], rel=1e-3
         )
 
 
@@ -445,3 +450,17 @@ def test_the_initial_adapter_depends_on_the_seed_only(tmp_path, tiny_tokenizer):
     key = next(k for k in first if "lora_A" in k)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not torch.equal(first[key], other[key])
+
+
+def test_metis_robust_weights_use_relative_gaps_of_the_previous_merge(tmp_path, tiny_tokenizer):
+    from metis_hf.merging import robust_weights
+
+    trainer = _trainer(tmp_path, tiny_tokenizer, merge_method="metis_robust", num_rounds=2)
+    trainer.train()
+    first, second = trainer.round_records
+    tasks = list(TRAIN)
+    gaps = [second[f"merge/loss_gap/{t}"] for t in tasks]
+    before = [first[f"merge/val_loss_merged/{t}"] for t in tasks]  # the merge round 2 started from
+    expected = robust_weights(gaps, before, temperature=0.1)
+    assert [second[f"merge/alpha/{t}"] for t in tasks] == pytest.approx(expected)
+    assert min(expected) >= 0.5 / len(tasks) - 1e-9
