@@ -9,7 +9,7 @@ gaps), in the comparison (TALL's ``>=`` vs. METIS's strict ``>``), and in the fi
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -77,6 +77,23 @@ def loss_gap_weights(loss_gaps: Sequence[float], temperature: float) -> list[flo
     return [e / total for e in exps]
 
 
+def gap_weights(
+    method: str,
+    count: int,
+    loss_gaps: Sequence[float] | None,
+    alphas: Sequence[float] | None,
+    from_gaps: Callable[[list[float]], list[float]],
+) -> list[float]:
+    """The per-task weights of a loss-gap method: ``from_gaps(loss_gaps)``, or ``alphas`` as given."""
+    if (loss_gaps is None) == (alphas is None):
+        raise ValueError(
+            f"{method} needs exactly one of loss_gaps (per task) or alphas (precomputed weights)."
+        )
+    if alphas is None:
+        return from_gaps(check_weights(loss_gaps, count, "loss_gaps"))
+    return check_weights(alphas, count, "alphas")
+
+
 @register_merge_method("metis")
 def metis(
     task_vectors: Sequence[torch.Tensor],
@@ -90,13 +107,8 @@ def metis(
 ) -> torch.Tensor:
     """METIS: loss-gap softmax weights, strict TALL masks, consensus >= k, times beta (paper defaults)."""
     count = len(task_vectors)
-    if (loss_gaps is None) == (alphas is None):
-        raise ValueError("metis needs exactly one of loss_gaps (per task) or alphas (precomputed weights).")
-    if alphas is None:
-        alphas = loss_gap_weights(check_weights(loss_gaps, count, "loss_gaps"), temperature)
-    else:
-        alphas = check_weights(alphas, count, "alphas")
-        check_positive(temperature, "temperature")
+    check_positive(temperature, "temperature")
+    alphas = gap_weights("metis", count, loss_gaps, alphas, lambda gaps: loss_gap_weights(gaps, temperature))
     return consensus_merge(
         task_vectors,
         alphas,

@@ -27,6 +27,7 @@ import torch
 
 from metis_hf.merging.checks import check_delta, check_finite_number, check_k, check_positive, check_weights
 from metis_hf.merging.chunks import as_column, chunked_merge
+from metis_hf.merging.consensus import gap_weights
 from metis_hf.merging.registry import register_merge_method
 
 
@@ -69,14 +70,13 @@ def metis_robust(
 ) -> torch.Tensor:
     """METIS with relative, floored loss-gap weights and a mask on unweighted task vectors."""
     count = len(task_vectors)
-    if (loss_gaps is None) == (alphas is None):
-        raise ValueError("metis_robust needs exactly one of loss_gaps or alphas.")
-    if alphas is None:
-        alphas = robust_weights(
-            check_weights(loss_gaps, count, "loss_gaps"), reference_losses, temperature, floor
-        )
-    else:
-        alphas = check_weights(alphas, count, "alphas")
+    alphas = gap_weights(
+        "metis_robust",
+        count,
+        loss_gaps,
+        alphas,
+        lambda gaps: robust_weights(gaps, reference_losses, temperature, floor),
+    )
     delta, k, beta = check_delta(delta), check_k(k, count), check_finite_number(beta, "beta")
     w = as_column(alphas, task_vectors[0])
 
