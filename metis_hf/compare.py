@@ -80,13 +80,13 @@ class Comparison:
     # --- helpers ------------------------------------------------------------------------------
 
     def _args(self, folder: Path, run: Run, **extra: Any):
-        method = run.method or "task_arithmetic"
+        method, params = self.recipe.compare.resolve(run.method or "task_arithmetic")
         return metis_config_from_recipe(
             self.recipe,
             folder / "trainer",
             seed=run.seed if run.seed is not None else self.recipe.seed,
             merge_method=method,
-            merge_params=dict(self.recipe.compare.method_params.get(method, {})),
+            merge_params=params,
             **extra,
         )
 
@@ -191,12 +191,13 @@ class Comparison:
         # G_0 is the base model: a post-hoc METIS gap is the base's loss minus the expert's.
         gaps = {t: base["losses"][t] - experts["losses"][t] for t in self.task_names}
         args = self._args(folder, run)
-        params, weights = merge_parameters(args, run.method, self.task_names, 0, gaps, base["losses"])
+        method = args.merge_method  # a variant's registered method
+        params, weights = merge_parameters(args, method, self.task_names, 0, gaps, base["losses"])
         adapter_config = json.loads((experts_dir / self.task_names[0] / "adapter_config.json").read_text())
         rank, alpha = adapter_config["r"], adapter_config["lora_alpha"]
         scaling = alpha / (rank**0.5 if adapter_config.get("use_rslora") else rank)
         merged, truncation = merge_lora_states(
-            run.method, states, args.merge_space, rank, scaling, names=self.task_names, **params
+            method, states, args.merge_space, rank, scaling, names=self.task_names, **params
         )
         adapter_dir, tmp = folder / "adapter", folder / "adapter.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -209,7 +210,7 @@ class Comparison:
         return {
             **self._evaluate(model, tokenizer),
             "weights": dict(zip(self.task_names, weights)),
-            "loss_gaps": gaps if run.method.startswith("metis") else None,
+            "loss_gaps": gaps if method.startswith("metis") else None,
             "truncation_error": truncation,
         }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -80,6 +81,14 @@ class CompareSpec:
         default_factory=dict,
         metadata={"help": "Method -> merge parameters, e.g. {ties: {density: 0.2}}; both protocols."},
     )
+    variants: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Name -> {method: <registered method>, <merge parameters>}: a method run under its "
+            "own name, e.g. {task_arithmetic@0.5: {method: task_arithmetic, scale: 0.5}} for a scale "
+            "sweep; list the name in post_hoc_methods or many_shot_methods."
+        },
+    )
     metric: str = field(
         default="exact_match", metadata={"help": "Score normalized in the tables: exact_match or score."}
     )
@@ -91,10 +100,24 @@ class CompareSpec:
         from metis_hf.merging import available_methods
 
         known = available_methods()
+        for name, variant in self.variants.items():
+            if name in known:
+                raise ValueError(f"variants: {name!r} is a registered method; give the variant another name.")
+            if not re.fullmatch(r"[A-Za-z0-9_.@=+-]+", name):
+                raise ValueError(
+                    f"variants: {name!r} names a run folder: use letters, digits and _ . @ = + -."
+                )
+            if not isinstance(variant, dict) or variant.get("method") not in known:
+                raise ValueError(
+                    f"variants.{name}: needs 'method', one of {', '.join(known)}; got {variant!r}."
+                )
         for key in ("post_hoc_methods", "many_shot_methods"):
             for method in getattr(self, key):
-                if method not in known:
-                    raise ValueError(f"{key}: unknown merge method {method!r} (known: {', '.join(known)}).")
+                if method not in known and method not in self.variants:
+                    raise ValueError(
+                        f"{key}: unknown merge method {method!r} (known: {', '.join(known)}; "
+                        f"variants: {', '.join(self.variants) or 'none'})."
+                    )
         for method in self.method_params:
             if method not in known:
                 raise ValueError(f"method_params: unknown merge method {method!r}.")
@@ -104,6 +127,13 @@ class CompareSpec:
             raise ValueError(f"seeds must be a non-empty list of distinct integers, got {self.seeds!r}.")
         if not self.post_hoc_methods and not self.many_shot_methods:
             raise ValueError("compare needs at least one post-hoc or many-shot method.")
+
+    def resolve(self, name: str) -> tuple[str, dict[str, Any]]:
+        """The registered method and merge parameters behind a name in the method lists."""
+        if name in self.variants:
+            params = dict(self.variants[name])
+            return params.pop("method"), params
+        return name, dict(self.method_params.get(name, {}))
 
 
 @dataclass

@@ -20,9 +20,10 @@ def compared(tmp_path_factory, tiny_tokenizer):
     tmp_path = tmp_path_factory.mktemp("compare")
     compare = {
         "seeds": [0, 1],
-        "post_hoc_methods": ["task_arithmetic", "metis"],
+        "post_hoc_methods": ["task_arithmetic", "metis", "ta@2x"],
         "many_shot_methods": ["metis"],
         "metric": "score",
+        "variants": {"ta@2x": {"method": "task_arithmetic", "scale": 2 / len(TASKS)}},
     }
     recipe = write_tiny_recipe(
         tmp_path, tiny_tokenizer, tasks=TASKS, training={"num_rounds": 2, "local_steps": 1}, compare=compare
@@ -36,7 +37,7 @@ def test_compare_writes_every_run_table_and_plot(compared):
     _, out = compared
     results = json.loads((out / "results.json").read_text())
     kinds = sorted((r["kind"], r["seed"] or 0, r["method"] or "") for r in results["runs"])
-    assert len(kinds) == 1 + 2 * (1 + 2 + 1)  # base; per seed experts, 2 post-hoc, 1 many-shot
+    assert len(kinds) == 1 + 2 * (1 + 3 + 1)  # base; per seed experts, 3 post-hoc, 1 many-shot
     for name in ("results.md", "radar_post_hoc.png", "radar_many_shot.png", "round_curves.png"):
         assert (out / name).stat().st_size > 0
     # normalized = the run's score / the same seed's expert score, from the runs' own files
@@ -67,6 +68,9 @@ def test_post_hoc_merge_is_the_merge_of_the_saved_experts(compared):
     for key, value in merged.items():
         torch.testing.assert_close(value, sum(e[key] for e in experts) / len(experts))  # scale 1/T
     assert not torch.equal(*(next(iter(e.values())) for e in experts[:2]))  # the experts differ
+    variant = load_file(out / "runs" / "seed0" / "post_hoc-ta@2x" / "adapter" / "adapter_model.safetensors")
+    for key, value in variant.items():  # the variant's own scale, 2/T
+        torch.testing.assert_close(value, 2 * sum(e[key] for e in experts) / len(experts))
     metis = json.loads((out / "runs" / "seed0" / "post_hoc-metis" / "result.json").read_text())
     base = json.loads((out / "runs" / "base" / "result.json").read_text())
     expert_losses = json.loads((out / "runs" / "seed0" / "experts" / "result.json").read_text())["losses"]

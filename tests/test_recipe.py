@@ -74,3 +74,27 @@ def test_paper_recipes_name_real_harness_tasks_and_metrics():
                 assert metric in {m["metric"] for m in config.get("metric_list", [])}, f"{task}: no {metric}"
                 filters = {f["name"] for f in config.get("filter_list", [])}
                 assert flt == "none" or flt in filters, f"{path.name}: {task} has no filter {flt}"
+
+
+def test_compare_variants_resolve_and_bad_variants_are_named():
+    def compare(**spec):
+        return from_dict(Recipe, {"tasks": [{"name": "a"}], "compare": spec}).compare
+
+    spec = compare(
+        many_shot_methods=["task_arithmetic", "ta@0.5"],
+        method_params={"task_arithmetic": {"scale": 0.2}},
+        variants={"ta@0.5": {"method": "task_arithmetic", "scale": 0.5}},
+    )
+    assert spec.resolve("ta@0.5") == ("task_arithmetic", {"scale": 0.5})
+    assert spec.resolve("task_arithmetic") == ("task_arithmetic", {"scale": 0.2})
+    assert spec.variants["ta@0.5"] == {"method": "task_arithmetic", "scale": 0.5}  # not consumed
+    with pytest.raises(RecipeError, match=r"variants: 'ties' is a registered method"):
+        compare(variants={"ties": {"method": "ties"}})
+    with pytest.raises(RecipeError, match=r"variants\.x: needs 'method'"):
+        compare(variants={"x": {"scale": 0.5}})
+    with pytest.raises(RecipeError, match=r"variants: 'a/b' names a run folder"):
+        compare(variants={"a/b": {"method": "ties"}})
+    with pytest.raises(
+        RecipeError, match=r"many_shot_methods: unknown merge method 'tb@0.5'.*variants: ta@0.5"
+    ):
+        compare(many_shot_methods=["tb@0.5"], variants={"ta@0.5": {"method": "task_arithmetic"}})
