@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from metis_hf.data import build_tasks
+from metis_hf.evaluation.report import run_losses
 from metis_hf.evaluation.suite import evaluate_model, load_for_evaluation
 from metis_hf.files import write_json
 from metis_hf.hub import card_info_for, check_repo_id, write_card
@@ -187,12 +188,13 @@ class Comparison:
 
         experts_dir = self.output_dir / "runs" / Run("experts", run.seed).folder / "adapter" / "task_adapters"
         states = [load_file(experts_dir / t / "adapter_model.safetensors") for t in self.task_names]
-        base, experts = self._result(Run("base")), self._result(Run("experts", run.seed))
+        base = run_losses(self._result(Run("base")))
+        experts = run_losses(self._result(Run("experts", run.seed)))
         # G_0 is the base model: a post-hoc METIS gap is the base's loss minus the expert's.
-        gaps = {t: base["losses"][t] - experts["losses"][t] for t in self.task_names}
+        gaps = {t: base[t] - experts[t] for t in self.task_names}
         args = self._args(folder, run)
         method = args.merge_method  # a variant's registered method
-        params, weights = merge_parameters(args, method, self.task_names, 0, gaps, base["losses"])
+        params, weights = merge_parameters(args, method, self.task_names, 0, gaps, base)
         adapter_config = json.loads((experts_dir / self.task_names[0] / "adapter_config.json").read_text())
         rank, alpha = adapter_config["r"], adapter_config["lora_alpha"]
         scaling = alpha / (rank**0.5 if adapter_config.get("use_rslora") else rank)

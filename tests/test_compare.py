@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -90,6 +91,25 @@ def test_compare_resumes_without_recomputing(compared, monkeypatch):
         monkeypatch.setattr(Comparison, f"run_{kind}", refuse)
     assert main(["compare", str(recipe), "--output-dir", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["summaries"] == json.loads(before)["summaries"]
+
+
+def test_post_hoc_metis_reads_losses_from_older_result_files(compared, tmp_path):
+    """Result files of earlier versions kept each validation loss inside the task's scores."""
+    recipe, out = compared
+    copy = tmp_path / "cmp"
+    shutil.copytree(out, copy)
+    for run in ("base", "seed0/experts"):
+        path = copy / "runs" / run / "result.json"
+        result = json.loads(path.read_text())
+        for task, loss in result.pop("losses").items():
+            result["scores"][task]["loss"] = loss
+        path.write_text(json.dumps(result))
+    shutil.rmtree(copy / "runs" / "seed0" / "post_hoc-metis")
+    assert main(["compare", str(recipe), "--output-dir", str(copy)]) == 0
+    redone = json.loads((copy / "runs" / "seed0" / "post_hoc-metis" / "result.json").read_text())
+    first = json.loads((out / "runs" / "seed0" / "post_hoc-metis" / "result.json").read_text())
+    assert redone["loss_gaps"] == pytest.approx(first["loss_gaps"])
+    assert redone["weights"] == pytest.approx(first["weights"])
 
 
 def test_compare_bad_recipe_is_named(tmp_path, tiny_tokenizer, capsys):

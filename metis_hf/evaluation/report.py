@@ -28,9 +28,15 @@ def _mean_sd(values: Sequence[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(finite), "sd": sd, "n": len(finite)}
 
 
+def run_losses(run: Mapping[str, Any]) -> dict[str, float]:
+    """A run's validation loss per task; files written before ``losses`` existed kept each loss
+    in its task's scores."""
+    by_task = run.get("losses") or {t: s.get("loss") for t, s in run["scores"].items()}
+    return {t: v for t, v in by_task.items() if v is not None}
+
+
 def _multitask_loss(run: Mapping[str, Any]) -> float:
-    by_task = run.get("losses") or {t: s.get("loss") for t, s in run["scores"].items()}  # older files
-    losses = [v for v in by_task.values() if v is not None]
+    losses = list(run_losses(run).values())
     return sum(losses) / len(losses) if losses else math.nan
 
 
