@@ -66,16 +66,27 @@ def _run(kind, seed, method, exact, loss=1.0, rounds=None):
 
 def test_report_normalizes_by_the_same_seeds_experts_and_pairs_by_seed(tmp_path):
     tasks = ["t1", "t2", "t3"]
-    rounds = [
-        {"round": r, "merge/multitask_loss": 2.0 / r, **{f"merge/alpha/{t}": 1 / 3 for t in tasks}}
-        for r in (1, 2)
-    ]
+
+    def rounds_of(seed):  # seed 1 masks more and weighs t1 up
+        return [
+            {
+                "round": r,
+                "merge/multitask_loss": 2.0 / r + seed,
+                "merge/mask_density": 0.9 - 0.2 * seed * r,
+                **{
+                    f"merge/alpha/{t}": (0.5 if seed and t == "t1" else 0.25 if seed else 1 / 3)
+                    for t in tasks
+                },
+            }
+            for r in (1, 2)
+        ]
+
     runs = [_run("base", None, None, dict(t1=0.0, t2=0.0, t3=0.0))]
     for seed, expert in ((0, 0.5), (1, 0.4)):
         runs.append(_run("experts", seed, None, dict(t1=expert, t2=expert, t3=0.5)))
         runs.append(_run("post_hoc", seed, "task_arithmetic", dict(t1=0.1, t2=0.2, t3=0.25)))
         runs.append(_run("post_hoc", seed, "metis", dict(t1=0.2, t2=0.2, t3=0.25)))
-        runs.append(_run("many_shot", seed, "metis", dict(t1=0.4, t2=0.3, t3=0.5), rounds=rounds))
+        runs.append(_run("many_shot", seed, "metis", dict(t1=0.4, t2=0.3, t3=0.5), rounds=rounds_of(seed)))
     report = build_report(runs, tasks, CompareSpec(seeds=[0, 1]))
     # seed 0, post-hoc TA: 0.1/0.5, 0.2/0.5, 0.25/0.5; seed 1: 0.1/0.4, 0.2/0.4, 0.25/0.5
     ta0, ta1 = [0.2, 0.4, 0.5], [0.25, 0.5, 0.5]
@@ -100,6 +111,12 @@ def test_report_normalizes_by_the_same_seeds_experts_and_pairs_by_seed(tmp_path)
     md = report["markdown"]
     assert "| **Post-hoc** |" in md and "| **Many-shot** |" in md
     assert f"| metis | {0.9:.3f} ± {statistics.stdev([0.8, 1.0]):.3f} |" in md
+    round_2 = report["rounds"]["many_shot/metis"][1]  # seeds 0 and 1: density 0.9 and 0.5, loss 1 and 2
+    assert round_2["round"] == 2 and round_2["mask_density"]["mean"] == pytest.approx(0.7)
+    assert round_2["mask_density"]["sd"] == pytest.approx(statistics.stdev([0.9, 0.5]))
+    assert round_2["multitask_loss"]["mean"] == pytest.approx(1.5)
+    assert (round_2["alpha_min"], round_2["alpha_max"]) == pytest.approx((0.25, 0.5))
+    assert f"| metis | 2 | 0.700 ± {statistics.stdev([0.9, 0.5]):.3f} | 1.500 ± " in md
     written = write_report(report, tmp_path)
     names = {p.name for p in written}
     assert {

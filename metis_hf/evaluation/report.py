@@ -83,6 +83,12 @@ def build_report(results: Sequence[Mapping[str, Any]], tasks: Sequence[str], spe
             unique_pairs.append((a, b))
     comparisons = [c for c in (paired(a, b) for a, b in unique_pairs) if c]
 
+    rounds = {}
+    for key in (k for k in per_run if k[0] == "many_shot"):
+        by_seed = [r["rounds"] for r in results if (r["kind"], r["method"]) == key and r.get("rounds")]
+        if by_seed:
+            rounds[f"{key[0]}/{key[1]}"] = round_summaries(by_seed)
+
     report = {
         "metric": metric,
         "tasks": list(tasks),
@@ -91,9 +97,32 @@ def build_report(results: Sequence[Mapping[str, Any]], tasks: Sequence[str], spe
         "summaries": {f"{k}/{m}": {str(s): v for s, v in d.items()} for (k, m), d in per_run.items()},
         "aggregate": {f"{k}/{m}": v for (k, m), v in aggregate.items()},
         "paired_differences": comparisons,
+        "rounds": rounds,
     }
     report["markdown"] = render_markdown(report, base, experts)
     return report
+
+
+def round_summaries(by_seed: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Per round, over seeds: the mean mask density (the share of coordinates the merge kept; near
+    0 means the merge collapsed), the mean multi-task validation loss, and the range of the merge
+    weights alpha."""
+    out = []
+    for index in range(min(len(rounds) for rounds in by_seed)):
+        records = [rounds[index] for rounds in by_seed]
+        alphas = [v for r in records for k, v in r.items() if k.startswith("merge/alpha/")]
+        densities = [r["merge/mask_density"] for r in records if "merge/mask_density" in r]
+        losses = [r["merge/multitask_loss"] for r in records if "merge/multitask_loss" in r]
+        out.append(
+            {
+                "round": records[0]["round"],
+                "mask_density": _mean_sd(densities),
+                "multitask_loss": _mean_sd(losses),
+                "alpha_min": min(alphas, default=math.nan),
+                "alpha_max": max(alphas, default=math.nan),
+            }
+        )
+    return out
 
 
 def _cell(stats: Mapping[str, float], signed: bool = False) -> str:
@@ -151,6 +180,25 @@ def render_markdown(report: Mapping[str, Any], base: Mapping | None, experts: Ma
             lines.append(
                 f"| {title} {key.split('/', 1)[1]} | " + " | ".join(raw(rows, t) for t in tasks) + " |"
             )
+    if report.get("rounds"):
+        lines += [
+            "",
+            "### Many-shot merges per round (mean ± sd over seeds)",
+            "",
+            "| method | round | mask density | MT val loss | alpha min - max |",
+            "|---|---|---|---|---|",
+        ]
+        for key, rows in report["rounds"].items():
+            for row in rows:
+                lines.append(
+                    f"| {key.split('/', 1)[1]} | {row['round']} | {_cell(row['mask_density'])} | "
+                    f"{_cell(row['multitask_loss'])} | {row['alpha_min']:.3f} - {row['alpha_max']:.3f} |"
+                )
+        lines.append("")
+        lines.append(
+            "Mask density: the share of coordinates the merge kept (a collapsed merge is near 0); "
+            "alpha: each task's merge weight (times the scale for summing methods)."
+        )
     if report["paired_differences"]:
         lines += [
             "",
