@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     mk = sub.add_parser(
         "mergekit-yaml",
-        help="Run mergekit's YAML runner with metis and consensus_ta registered.",
+        help="Run mergekit's YAML runner with metis, metis_robust and consensus_ta registered.",
     )
     mk.add_argument("config")
     mk.add_argument("output_dir")

@@ -310,11 +310,21 @@ def test_our_methods_inside_mergekit_and_mergekit_methods_inside_ours():
 
     from metis_hf.merging.mergekit_bridge import register_with_mergekit
 
-    assert register_with_mergekit() == register_with_mergekit() == ["metis", "consensus_ta"]  # idempotent
+    assert register_with_mergekit() == register_with_mergekit() == ["metis", "metis_robust", "consensus_ta"]
     vs, base = vectors(3), vectors(1, seed=9)[0]
     inputs = [base, *[base + v for v in vs]]
     out = merge_tensors(inputs, "metis", parameters={"loss_gap": [0.1, 0.5, -0.2]}, base_index=0)
     torch.testing.assert_close(out - base, merge("metis", vs, loss_gaps=[0.1, 0.5, -0.2]), atol=1e-5, rtol=0)
+    gaps, losses = [0.1, 0.5, -0.2], [2.0, 1.0, 4.0]
+    out = merge_tensors(
+        inputs, "metis_robust", parameters={"loss_gap": gaps, "reference_loss": losses}, base_index=0
+    )
+    expected = merge("metis_robust", vs, loss_gaps=gaps, reference_losses=losses)
+    torch.testing.assert_close(out - base, expected, atol=1e-5, rtol=0)
+    # relative gaps 0.05, 0.5, -0.05 at temperature 0.1, floor 0.5/3: by hand
+    soft = torch.softmax(torch.tensor([0.05, 0.5, -0.05]) / 0.1, 0)
+    alphas = (1 / 6 + 0.5 * soft).tolist()
+    torch.testing.assert_close(expected, merge("metis_robust", vs, alphas=alphas), atol=1e-6, rtol=0)
     out = merge_tensors(inputs, "consensus_ta", parameters={"weight": [0.5, 1.0, 2.0], "k": 2}, base_index=0)
     torch.testing.assert_close(
         out - base, merge("consensus_ta", vs, weights=[0.5, 1.0, 2.0]), atol=1e-5, rtol=0

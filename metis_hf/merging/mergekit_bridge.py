@@ -1,6 +1,6 @@
 """Both directions between our registry and mergekit's (mergekit >= 0.1.5, an optional extra).
 
-* ``register_with_mergekit()`` adds ``metis`` and ``consensus_ta`` to mergekit's registry, so its
+* ``register_with_mergekit()`` adds ``metis``, ``metis_robust`` and ``consensus_ta`` to mergekit's registry, so its
   YAML configs can say ``merge_method: metis``. mergekit has no plugin discovery, so this must run
   in the process that runs mergekit (``metis-hf mergekit-yaml`` does). Idempotent.
 * ``merge("mergekit:<name>", task_vectors, ...)`` runs any mergekit method on our task vectors
@@ -18,7 +18,7 @@ import torch
 
 from metis_hf.merging.registry import MergeMethod, merge
 
-MERGEKIT_METHODS = ("metis", "consensus_ta")
+MERGEKIT_METHODS = ("metis", "metis_robust", "consensus_ta")
 _PAPER_URL = "https://arxiv.org/abs/2606.16501"
 
 
@@ -66,6 +66,34 @@ def _build_methods() -> list:
         )
 
     @merge_method(
+        name="metis_robust",
+        pretty_name="METIS, robust weights and mask (metis-hf)",
+        reference_url=_PAPER_URL,
+        contract=contract,
+    )
+    def metis_robust_kernel(
+        group: TensorGroup,
+        loss_gap: PerNonBase[float] = 0.0,
+        reference_loss: PerNonBase[float] = 1.0,  # 1: the gaps are used as given
+        temperature: float = 0.1,
+        floor: float = -1.0,  # negative: metis_robust's default, 0.5 / T
+        delta: float = 0.3,
+        k: int = 2,
+        beta: float = 1.0,
+    ) -> torch.Tensor:
+        return merge_group(
+            group,
+            "metis_robust",
+            loss_gaps=loss_gap.values_for(group.non_base),
+            reference_losses=reference_loss.values_for(group.non_base),
+            temperature=temperature,
+            floor=None if floor < 0 else floor,
+            delta=delta,
+            k=k,
+            beta=beta,
+        )
+
+    @merge_method(
         name="consensus_ta",
         pretty_name="Consensus Task Arithmetic (TALL masks)",
         reference_url="https://arxiv.org/abs/2405.07813",
@@ -83,7 +111,7 @@ def _build_methods() -> list:
         )
 
     del merge_methods
-    return [metis_kernel, consensus_kernel]
+    return [metis_kernel, metis_robust_kernel, consensus_kernel]
 
 
 def register_with_mergekit() -> list[str]:
