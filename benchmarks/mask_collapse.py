@@ -26,10 +26,14 @@ def flat(path: Path) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("compare_dir", type=Path)
     args = parser.parse_args()
-    files = sorted(args.compare_dir.glob("runs/seed*/experts/adapter/task_adapters/*/adapter_model.safetensors"))
+    files = sorted(
+        args.compare_dir.glob("runs/seed*/experts/adapter/task_adapters/*/adapter_model.safetensors")
+    )
     if len(files) < 2:
         raise SystemExit(f"need at least two expert adapters under {args.compare_dir}/runs/seed*/experts")
     vectors = [flat(f) for f in files]
