@@ -1,8 +1,8 @@
 """Both directions between our registry and mergekit's (mergekit >= 0.1.5, an optional extra).
 
-* ``register_with_mergekit()`` adds ``metis``, ``metis_robust`` and ``consensus_ta`` to mergekit's registry, so its
-  YAML configs can say ``merge_method: metis``. mergekit has no plugin discovery, so this must run
-  in the process that runs mergekit (``metis-hf mergekit-yaml`` does). Idempotent.
+* ``register_with_mergekit()`` adds ``metis``, ``metis_robust`` and ``consensus_ta`` to mergekit's
+  registry, so its YAML configs can say ``merge_method: metis``. mergekit has no plugin discovery,
+  so this must run in the process that runs mergekit (``metis-hf mergekit-yaml`` does). Idempotent.
 * ``merge("mergekit:<name>", task_vectors, ...)`` runs any mergekit method on our task vectors
   (zero base, so each task vector is the input's delta).
 
