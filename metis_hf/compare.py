@@ -31,7 +31,7 @@ from metis_hf.evaluation.suite import evaluate_model, load_for_evaluation
 from metis_hf.files import write_json
 from metis_hf.hub import card_info_for, check_repo_id, write_card
 from metis_hf.models import load_model_and_tokenizer
-from metis_hf.recipe import Recipe, load_recipe
+from metis_hf.recipe import Recipe, RecipeError, load_recipe
 from metis_hf.run import lora_config_from_recipe, metis_config_from_recipe, recipe_datasets, recipe_text
 
 RESULT_FILE = "result.json"
@@ -77,18 +77,24 @@ class Comparison:
         self.output_dir = Path(output_dir)
         self.tasks = build_tasks(recipe.tasks)
         self.task_names = list(self.tasks)
+        for name in recipe.compare.variants:  # a bad training override fails now, not hours in
+            try:
+                self._args(self.output_dir, Run("many_shot", recipe.seed, name))
+            except RecipeError as err:
+                raise RecipeError(f"compare.variants.{name}: {err}") from err
 
     # --- helpers ------------------------------------------------------------------------------
 
     def _args(self, folder: Path, run: Run, **extra: Any):
-        method, params = self.recipe.compare.resolve(run.method or "task_arithmetic")
+        name = run.method or "task_arithmetic"
+        method, params = self.recipe.compare.resolve(name)
         return metis_config_from_recipe(
             self.recipe,
             folder / "trainer",
             seed=run.seed if run.seed is not None else self.recipe.seed,
             merge_method=method,
             merge_params=params,
-            **extra,
+            **{**self.recipe.compare.training_overrides(name), **extra},
         )
 
     @property

@@ -84,9 +84,11 @@ class CompareSpec:
     variants: dict[str, dict[str, Any]] = field(
         default_factory=dict,
         metadata={
-            "help": "Name -> {method: <registered method>, <merge parameters>}: a method run under its "
-            "own name, e.g. {task_arithmetic@0.5: {method: task_arithmetic, scale: 0.5}} for a scale "
-            "sweep; list the name in post_hoc_methods or many_shot_methods."
+            "help": "Name -> {method: <registered method>, <merge parameters>, training: {<MetisConfig "
+            "fields>}}: a method run under its own name, e.g. {task_arithmetic@0.5: {method: "
+            "task_arithmetic, scale: 0.5}} for a scale sweep; list the name in post_hoc_methods or "
+            "many_shot_methods. 'training' (optional) overrides the recipe's training section for "
+            "that variant's runs, e.g. {gap_tokens: completion}."
         },
     )
     metric: str = field(
@@ -111,6 +113,8 @@ class CompareSpec:
                 raise ValueError(
                     f"variants.{name}: needs 'method', one of {', '.join(known)}; got {variant!r}."
                 )
+            if not isinstance(variant.get("training", {}), dict):
+                raise ValueError(f"variants.{name}.training: must be a mapping of MetisConfig fields.")
         for key in ("post_hoc_methods", "many_shot_methods"):
             for method in getattr(self, key):
                 if method not in known and method not in self.variants:
@@ -132,8 +136,13 @@ class CompareSpec:
         """The registered method and merge parameters behind a name in the method lists."""
         if name in self.variants:
             params = dict(self.variants[name])
+            params.pop("training", None)
             return params.pop("method"), params
         return name, dict(self.method_params.get(name, {}))
+
+    def training_overrides(self, name: str) -> dict[str, Any]:
+        """The MetisConfig fields a variant sets for its own runs (none for a plain method)."""
+        return dict(self.variants.get(name, {}).get("training", {}))
 
 
 @dataclass

@@ -22,9 +22,12 @@ def compared(tmp_path_factory, tiny_tokenizer):
     compare = {
         "seeds": [0, 1],
         "post_hoc_methods": ["task_arithmetic", "metis", "ta@2x"],
-        "many_shot_methods": ["metis"],
+        "many_shot_methods": ["metis", "robust@answer"],
         "metric": "score",
-        "variants": {"ta@2x": {"method": "task_arithmetic", "scale": 2 / len(TASKS)}},
+        "variants": {
+            "ta@2x": {"method": "task_arithmetic", "scale": 2 / len(TASKS)},
+            "robust@answer": {"method": "metis_robust", "training": {"gap_tokens": "completion"}},
+        },
     }
     recipe = write_tiny_recipe(
         tmp_path, tiny_tokenizer, tasks=TASKS, training={"num_rounds": 2, "local_steps": 1}, compare=compare
@@ -38,7 +41,7 @@ def test_compare_writes_every_run_table_and_plot(compared):
     _, out = compared
     results = json.loads((out / "results.json").read_text())
     kinds = sorted((r["kind"], r["seed"] or 0, r["method"] or "") for r in results["runs"])
-    assert len(kinds) == 1 + 2 * (1 + 3 + 1)  # base; per seed experts, 3 post-hoc, 1 many-shot
+    assert len(kinds) == 1 + 2 * (1 + 3 + 2)  # base; per seed experts, 3 post-hoc, 2 many-shot
     for name in ("results.md", "radar_post_hoc.png", "radar_many_shot.png", "round_curves.png"):
         assert (out / name).stat().st_size > 0
     # normalized = the run's score / the same seed's expert score, from the runs' own files
@@ -112,10 +115,52 @@ def test_post_hoc_metis_reads_losses_from_older_result_files(compared, tmp_path)
     assert redone["weights"] == pytest.approx(first["weights"])
 
 
-def test_compare_bad_recipe_is_named(tmp_path, tiny_tokenizer, capsys):
-    recipe = write_tiny_recipe(tmp_path, tiny_tokenizer, compare={"many_shot_methods": ["metis", "magic"]})
+def test_a_variants_training_overrides_reach_its_runs_only(compared):
+    _, out = compared
+    for seed in (0, 1):
+        variant = json.loads(
+            (out / "runs" / f"seed{seed}" / "many_shot-robust@answer" / "result.json").read_text()
+        )
+        metis = json.loads((out / "runs" / f"seed{seed}" / "many_shot-metis" / "result.json").read_text())
+        first, second = variant["rounds"]
+        for task in TASKS:  # round 2's gap: completion loss of round 1's merge minus the local one
+            expected = (
+                first[f"merge/completion_loss_merged/{task}"] - second[f"merge/completion_loss_local/{task}"]
+            )
+            assert second[f"merge/loss_gap/{task}"] == pytest.approx(expected)
+            assert second[f"merge/completion_loss_local/{task}"] != second[f"merge/val_loss_local/{task}"]
+        assert not any(key.startswith("merge/completion_loss") for key in metis["rounds"][0])
+
+
+@pytest.mark.parametrize(
+    "compare,message",
+    [
+        (
+            {"many_shot_methods": ["metis", "magic"]},
+            "compare.many_shot_methods: unknown merge method 'magic'",
+        ),
+        (
+            {
+                "many_shot_methods": ["x"],
+                "variants": {"x": {"method": "metis", "training": {"gap_token": "all"}}},
+            },
+            "compare.variants.x: training: ",
+        ),
+        (
+            {
+                "many_shot_methods": ["x"],
+                "variants": {"x": {"method": "metis", "training": {"gap_tokens": "all"}}},
+            },
+            "compare.variants.x: training: gap_tokens must be one of",
+        ),
+    ],
+)
+def test_compare_bad_recipe_is_named(tmp_path, tiny_tokenizer, capsys, compare, message):
+    recipe = write_tiny_recipe(tmp_path, tiny_tokenizer, compare=compare)
     assert main(["compare", str(recipe), "--output-dir", str(tmp_path / "o")]) == 2
-    assert "compare.many_shot_methods: unknown merge method 'magic'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    assert not (tmp_path / "o" / "runs").exists()  # refused before any run
 
 
 def test_compare_report_card_and_its_dry_run_push(compared, tmp_path):

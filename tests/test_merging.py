@@ -387,6 +387,24 @@ def test_robust_weights_are_relative_floored_and_sum_to_one():
         robust_weights([0.1, 0.2], None, 0.1, floor=0.6)
 
 
+def test_standardized_gaps_by_hand():
+    # gaps 1, 2, 3: mean 2, population sd sqrt(2/3), so z = -1.2247, 0, +1.2247; temperature 1
+    z = [-math.sqrt(1.5), 0.0, math.sqrt(1.5)]
+    total = sum(math.exp(v) for v in z)
+    soft = [math.exp(v) / total for v in z]
+    floor = 0.5 / 3
+    expected = [floor + 0.5 * s for s in soft]
+    assert robust_weights([1.0, 2.0, 3.0], None, gap_normalization="standardized") == pytest.approx(expected)
+    # invariant to any common scale and shift of the gaps; the reference losses play no part
+    assert robust_weights(
+        [13.0, 23.0, 33.0], [5.0, 1.0, 9.0], gap_normalization="standardized"
+    ) == pytest.approx(expected)
+    # equal gaps: uniform, not a division by zero
+    assert robust_weights([0.4] * 4, None, gap_normalization="standardized") == pytest.approx([0.25] * 4)
+    with pytest.raises(ValueError, match="gap_normalization must be one of"):
+        robust_weights([0.1, 0.2], None, gap_normalization="zscore")
+
+
 def test_robust_mask_by_hand():
     # coordinate 0: all agree; 1: only task a is nonzero (selfish); 2: a and b agree, c opposes
     a, b, c = torch.tensor([1.0, 2.0, 1.0]), torch.tensor([1.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, -1.0])

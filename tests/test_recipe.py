@@ -88,6 +88,13 @@ def test_compare_variants_resolve_and_bad_variants_are_named():
     assert spec.resolve("ta@0.5") == ("task_arithmetic", {"scale": 0.5})
     assert spec.resolve("task_arithmetic") == ("task_arithmetic", {"scale": 0.2})
     assert spec.variants["ta@0.5"] == {"method": "task_arithmetic", "scale": 0.5}  # not consumed
+    answer = {"method": "metis_robust", "floor": 0.1, "training": {"gap_tokens": "completion"}}
+    spec = compare(many_shot_methods=["r@answer"], variants={"r@answer": answer})
+    assert spec.resolve("r@answer") == ("metis_robust", {"floor": 0.1})
+    assert spec.training_overrides("r@answer") == {"gap_tokens": "completion"}
+    assert spec.training_overrides("metis") == {}
+    with pytest.raises(RecipeError, match=r"variants\.y\.training: must be a mapping"):
+        compare(variants={"y": {"method": "ties", "training": ["gap_tokens"]}})
     with pytest.raises(RecipeError, match=r"variants: 'ties' is a registered method"):
         compare(variants={"ties": {"method": "ties"}})
     with pytest.raises(RecipeError, match=r"variants\.x: needs 'method'"):

@@ -73,19 +73,24 @@ def _batch(tokenizer, rows):
     return ids, mask
 
 
-def _token_loss_sum(model, ids, mask):
+def _token_loss_sum(model, ids, mask, scored=None):
+    """Summed next-token loss over the targets ``scored`` marks (default: every real token)."""
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
     loss = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-    keep = mask[:, 1:].float()
+    keep = (mask if scored is None else scored)[:, 1:].float()
     return (loss * keep).sum(), keep.sum()
 
 
-def _example_mean_loss(model, tokenizer, rows):
+def _example_mean_loss(model, tokenizer, rows, completion_only=False):
     losses = []
     with torch.no_grad():
         for row in rows:
             ids, mask = _batch(tokenizer, [row])
-            total, count = _token_loss_sum(model, ids, mask)
+            scored = None
+            if completion_only:  # score only the completion (and EOS) tokens
+                encoded = tokenize_example(tokenizer, row["prompt"], row["completion"], 64)
+                scored = torch.tensor([encoded["completion_mask"]])
+            total, count = _token_loss_sum(model, ids, mask, scored)
             losses.append(total / count)
     return float(torch.stack(losses).mean())
 
@@ -288,6 +293,7 @@ def test_bad_input_fails_before_training(tmp_path, tiny_tokenizer, change, messa
         (dict(merge_params={"loss_gaps": [1]}), "merge_params has 'loss_gaps'"),
         (dict(temperature=[1.0, 2.0, 3.0]), "temperature has 3 values for 2 rounds"),
         (dict(task_schedule="random"), "task_schedule"),
+        (dict(gap_tokens="prompt"), "gap_tokens must be one of"),
     ],
 )
 def test_bad_config(tmp_path, overrides, message):
@@ -464,3 +470,38 @@ def test_metis_robust_weights_use_relative_gaps_of_the_previous_merge(tmp_path, 
     expected = robust_weights(gaps, before, temperature=0.1)
     assert [second[f"merge/alpha/{t}"] for t in tasks] == pytest.approx(expected)
     assert min(expected) >= 0.5 / len(tasks) - 1e-9
+
+
+def test_gaps_on_completion_tokens_under_all_token_training(tmp_path, tiny_tokenizer):
+    from metis_hf.merging import robust_weights
+
+    base = make_tiny_model(len(tiny_tokenizer), seed=0)
+    trainer = _trainer(
+        tmp_path,
+        tiny_tokenizer,
+        model=copy.deepcopy(base),
+        merge_method="metis_robust",
+        merge_params={"gap_normalization": "standardized"},
+        gap_tokens="completion",
+        num_rounds=1,
+    )
+    trainer.train()
+    tasks, record = list(TRAIN), trainer.round_records[0]
+    # G_0 has lora_B = 0: before the first merge, every task's loss is the base model's. After the
+    # last round each task adapter keeps its local result.
+    before = [_example_mean_loss(base, tiny_tokenizer, list(VAL[t]), completion_only=True) for t in tasks]
+    local = []
+    for t in tasks:
+        trainer.peft_model.set_adapter(t)
+        local.append(
+            _example_mean_loss(trainer.peft_model, tiny_tokenizer, list(VAL[t]), completion_only=True)
+        )
+    gaps = [b - a for b, a in zip(before, local)]
+    assert [record[f"merge/loss_gap/{t}"] for t in tasks] == pytest.approx(gaps, abs=1e-4)
+    assert [record[f"merge/completion_loss_local/{t}"] for t in tasks] == pytest.approx(local, abs=1e-4)
+    expected = robust_weights(gaps, None, gap_normalization="standardized")
+    assert [record[f"merge/alpha/{t}"] for t in tasks] == pytest.approx(expected, abs=1e-4)
+    # the logged validation loss stays the trained (all-token) one, which differs
+    all_tokens = _example_mean_loss(trainer.peft_model, tiny_tokenizer, list(VAL["add3"]))
+    assert record["merge/val_loss_local/add3"] == pytest.approx(all_tokens, abs=1e-4)
+    assert abs(all_tokens - local[2]) > 1e-3

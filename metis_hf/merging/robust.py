@@ -6,8 +6,10 @@ temperature 2 hands one task nearly all the weight, and the mask compares *weigh
 where tasks agree it keeps task t only while alpha_t > delta / (1 + delta): with five or more tasks
 or skewed weights fewer than k tasks pass and consensus zeroes the merge. This variant changes:
 
-1. gaps are relative: ``g_t / L_merged_t`` (the gap as a fraction of the merged model's loss on
-   that task), so the temperature means the same at any loss scale;
+1. gaps are made scale-free, so the temperature means the same at any loss scale: relative,
+   ``g_t / L_merged_t`` (the gap as a fraction of the merged model's loss on that task, the
+   default), or standardized, ``(g_t - mean g) / sd g`` (a temperature set from the gaps' spread:
+   it ranks tasks by their raw gap, as the paper does, whatever each task's own loss level);
 2. the weights have a floor: ``alpha = floor + (1 - T * floor) * softmax(...)``, default floor
    ``0.5 / T`` (every task keeps at least half its uniform share);
 3. the mask compares each task's *unweighted* vector with the weighted merge (TALL's question,
@@ -30,21 +32,37 @@ from metis_hf.merging.chunks import as_column, chunked_merge
 from metis_hf.merging.consensus import gap_weights
 from metis_hf.merging.registry import register_merge_method
 
+GAP_NORMALIZATIONS = ("relative", "standardized")
+DEFAULT_TEMPERATURES = {"relative": 0.1, "standardized": 1.0}
+
 
 def robust_weights(
     loss_gaps: Sequence[float],
     reference_losses: Sequence[float] | None,
-    temperature: float,
+    temperature: float | None = None,
     floor: float | None = None,
+    gap_normalization: str = "relative",
 ) -> list[float]:
-    """Floored softmax of the relative gaps ``g_t / L_t`` (raw gaps when no reference losses)."""
+    """Floored softmax of the scale-free gaps: ``g_t / L_t`` under ``"relative"`` (raw gaps when no
+    reference losses), ``(g_t - mean) / sd`` under ``"standardized"`` (reference losses unused).
+    The default temperature suits each: 0.1 for relative gaps (fractions of a loss), 1 for
+    standardized ones (units of the gaps' spread)."""
     count = len(loss_gaps)
     gaps = [check_finite_number(g, "loss_gaps entry") for g in loss_gaps]
-    if reference_losses is not None:
+    if gap_normalization not in GAP_NORMALIZATIONS:
+        raise ValueError(f"gap_normalization must be one of {GAP_NORMALIZATIONS}, got {gap_normalization!r}.")
+    if gap_normalization == "standardized":
+        mean = sum(gaps) / count
+        spread = math.sqrt(sum((g - mean) ** 2 for g in gaps) / count)
+        # Equal gaps carry no ranking: uniform weights rather than a division by zero.
+        gaps = [(g - mean) / spread if spread > 0 else 0.0 for g in gaps]
+    elif reference_losses is not None:
         losses = check_weights(reference_losses, count, "reference_losses")
         if any(loss <= 0 for loss in losses):
             raise ValueError(f"reference_losses must be positive, got {list(losses)}.")
         gaps = [g / loss for g, loss in zip(gaps, losses)]
+    if temperature is None:
+        temperature = DEFAULT_TEMPERATURES[gap_normalization]
     temperature = check_positive(temperature, "temperature")
     floor = 0.5 / count if floor is None else check_finite_number(floor, "floor")
     if not 0 <= floor <= 1 / count:
@@ -62,8 +80,9 @@ def metis_robust(
     loss_gaps: Sequence[float] | None = None,
     reference_losses: Sequence[float] | None = None,
     alphas: Sequence[float] | None = None,
-    temperature: float = 0.1,
+    temperature: float | None = None,
     floor: float | None = None,
+    gap_normalization: str = "relative",
     delta: float = 0.3,
     k: int = 2,
     beta: float = 1.0,
@@ -75,7 +94,7 @@ def metis_robust(
         count,
         loss_gaps,
         alphas,
-        lambda gaps: robust_weights(gaps, reference_losses, temperature, floor),
+        lambda gaps: robust_weights(gaps, reference_losses, temperature, floor, gap_normalization),
     )
     delta, k, beta = check_delta(delta), check_k(k, count), check_finite_number(beta, "beta")
     w = as_column(alphas, task_vectors[0])

@@ -14,6 +14,7 @@ PROTOCOLS = ("many_shot", "post_hoc")
 TASK_SCHEDULES = ("sequential", "interleaved", "parallel")
 ROUND_LR_SCHEDULES = ("linear", "constant")
 MERGE_SPACES = ("lora", "delta")
+GAP_TOKENS = ("trained", "completion")
 # Methods whose output is a sum over tasks: in LoRA-parameter space, merging every round with
 # scale 1 multiplies the adapter by about T each round (../shared/METIS.md §7), so their default
 # scale is 1/T. TIES and DARE-TIES end in a disjoint *mean* and METIS in a convex combination:
@@ -97,6 +98,15 @@ class MetisConfig(SFTConfig):
             "(no gradients are kept, so the gap never needs more memory than a training step)."
         },
     )
+    gap_tokens: str = field(
+        default="trained",
+        metadata={
+            "help": "Tokens the loss gaps are measured on: 'trained' (those training uses: the "
+            "reference) or 'completion' (the answer tokens, even under all-token training: the "
+            "prompt tokens dominate an all-token loss, and only the answer is scored).",
+            "choices": list(GAP_TOKENS),
+        },
+    )
     save_task_adapters: bool = field(
         default=False, metadata={"help": "save_model also writes each task's adapter."}
     )
@@ -151,6 +161,8 @@ class MetisConfig(SFTConfig):
             self.gap_batch_size = self.per_device_train_batch_size
         if self.gap_batch_size < 1:
             raise ValueError(f"gap_batch_size must be >= 1, got {self.gap_batch_size}.")
+        if self.gap_tokens not in GAP_TOKENS:
+            raise ValueError(f"gap_tokens must be one of {GAP_TOKENS}, got {self.gap_tokens!r}.")
         method = get_merge_method(self.merge_method)  # unknown method: fails here
         gap_methods = ("metis", "metis_robust")  # their gaps come from training, not from the user
         reserved = {"loss_gaps", "alphas", "reference_losses"} if self.merge_method in gap_methods else set()

@@ -167,6 +167,7 @@ class MetisTrainer(SFTTrainer):
             self.task_ranges.append(range(start, start + len(self.train_parts[t])))
             start += len(self.train_parts[t])
         self._merged_val_losses: dict[str, float] | None = None
+        self._merged_gap_losses: dict[str, float] | None = None  # under gap_tokens='completion'
         self.round_records: list[dict[str, Any]] = []
         # Ours first: a round's merge and a checkpoint's round state precede what user callbacks see.
         callbacks = [_RoundCallback(self), *(callbacks or [])]
@@ -237,6 +238,7 @@ class MetisTrainer(SFTTrainer):
         if path:
             state = json.loads(open(os.path.join(path, STATE_FILE)).read())
             self._merged_val_losses = state["merged_val_losses"]
+            self._merged_gap_losses = state.get("merged_gap_losses")
             self.round_records = state["round_records"]
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         self._activate(MERGED)
@@ -367,30 +369,48 @@ class MetisTrainer(SFTTrainer):
                 for p in lora_parameters(peft_model, task).values():
                     p.requires_grad_(True)
 
-    def _val_loss(self, adapter: str, task: str) -> float:
-        self._activate(adapter)
-        losses = per_example_losses(
-            self.peft_model,
-            self.validation[task],
-            self.args.gap_batch_size,
-            bool(self.args.completion_only_loss),
-            fused=True,  # SFTTrainer patched the model: the training loss's own kernel, no full logits
-        )
-        return float(losses.mean())
+    def _val_losses(self, adapter: str | None, completion_only: bool | None = None) -> dict[str, float]:
+        """Mean validation loss per task of ``adapter`` (None: each task's own adapter), on the
+        trained tokens unless ``completion_only`` says otherwise."""
+        if completion_only is None:
+            completion_only = bool(self.args.completion_only_loss)
+        losses = {}
+        for task in self.task_names:
+            self._activate(adapter or task)
+            losses[task] = float(
+                per_example_losses(
+                    self.peft_model,
+                    self.validation[task],
+                    self.args.gap_batch_size,
+                    completion_only,
+                    fused=True,  # SFTTrainer patched the model: the training loss's own kernel, no full logits
+                ).mean()
+            )
+        return losses
+
+    @property
+    def _separate_gap_tokens(self) -> bool:
+        """The gaps use other tokens than training (completion tokens under all-token training)."""
+        return self.args.gap_tokens == "completion" and not self.args.completion_only_loss
 
     @torch.no_grad()
     def _end_round(self, round_index: int) -> None:
         tasks = self.task_names
         previous_adapter = self.peft_model.active_adapter
-        gaps = merged_before = local = None
+        separate = self._separate_gap_tokens
+        gaps = gap_before = gap_local = local = None
         if self.validation:
             if self._merged_val_losses is None:  # round 1: G_0, the shared initial adapter
-                self._merged_val_losses = {t: self._val_loss(MERGED, t) for t in tasks}
-            merged_before = self._merged_val_losses
-            local = {t: self._val_loss(t, t) for t in tasks}
-            gaps = {t: merged_before[t] - local[t] for t in tasks}
+                self._merged_val_losses = self._val_losses(MERGED)
+            if separate and self._merged_gap_losses is None:
+                self._merged_gap_losses = self._val_losses(MERGED, completion_only=True)
+            local = self._val_losses(None)
+            gap_before, gap_local = self._merged_val_losses, local
+            if separate:
+                gap_before, gap_local = self._merged_gap_losses, self._val_losses(None, completion_only=True)
+            gaps = {t: gap_before[t] - gap_local[t] for t in tasks}
         params, alphas = merge_parameters(
-            self.args, self.args.merge_method, tasks, round_index, gaps, merged_before
+            self.args, self.args.merge_method, tasks, round_index, gaps, gap_before
         )
 
         peft_model = self.peft_model
@@ -417,11 +437,16 @@ class MetisTrainer(SFTTrainer):
         for t, a in zip(tasks, alphas):
             record[f"merge/alpha/{t}"] = a
         if self.validation:
-            self._merged_val_losses = {t: self._val_loss(MERGED, t) for t in tasks}
+            self._merged_val_losses = self._val_losses(MERGED)
+            if separate:
+                self._merged_gap_losses = self._val_losses(MERGED, completion_only=True)
             for t in tasks:
                 record[f"merge/loss_gap/{t}"] = gaps[t]
                 record[f"merge/val_loss_merged/{t}"] = self._merged_val_losses[t]
                 record[f"merge/val_loss_local/{t}"] = local[t]
+                if separate:
+                    record[f"merge/completion_loss_merged/{t}"] = self._merged_gap_losses[t]
+                    record[f"merge/completion_loss_local/{t}"] = gap_local[t]
             record["merge/multitask_loss"] = sum(self._merged_val_losses.values()) / len(tasks)
         if truncation is not None:
             record["merge/truncation_error"] = truncation
@@ -441,6 +466,7 @@ class MetisTrainer(SFTTrainer):
             "tasks": self.task_names,
             "global_step": self.state.global_step,
             "merged_val_losses": self._merged_val_losses,
+            "merged_gap_losses": self._merged_gap_losses,
             "round_records": self.round_records,
         }
         with open(os.path.join(checkpoint_dir, STATE_FILE), "w") as handle:
@@ -507,8 +533,9 @@ def merge_parameters(
         weights = robust_weights(
             params["loss_gaps"],
             params.get("reference_losses"),
-            params.get("temperature", 0.1),
+            params.get("temperature"),
             params.get("floor"),
+            params.get("gap_normalization", "relative"),
         )
         return params, weights
     if method in SUM_METHODS:
