@@ -530,14 +530,9 @@ def merge_parameters(
         params["loss_gaps"] = [gaps[t] for t in task_names]
         if reference_losses is not None:
             params["reference_losses"] = [reference_losses[t] for t in task_names]
-        weights = robust_weights(
-            params["loss_gaps"],
-            params.get("reference_losses"),
-            params.get("temperature"),
-            params.get("floor"),
-            params.get("gap_normalization", "relative"),
-        )
-        return params, weights
+        # robust_weights owns the defaults: pass only what merge_params set
+        options = {key: params[key] for key in ("temperature", "floor", "gap_normalization") if key in params}
+        return params, robust_weights(params["loss_gaps"], params.get("reference_losses"), **options)
     if method in SUM_METHODS:
         params.setdefault("scale", 1.0 / count)
     if method == "consensus_ta":
