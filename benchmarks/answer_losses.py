@@ -61,9 +61,10 @@ def main() -> None:
     print("|---|" + "---|" * len(names))
     with torch.no_grad():
         for i, method in enumerate(merged):
+            name = f"merged{i}" if i else "default"  # run names may hold '.', which PEFT refuses
             if i:
-                model.load_adapter(str(runs / f"many_shot-{method}" / "adapter"), adapter_name=method)
-            model.set_adapter(method if i else "default")
+                model.load_adapter(str(runs / f"many_shot-{method}" / "adapter"), adapter_name=name)
+            model.set_adapter(name)
             print(f"| many-shot {method} | {losses(names)} |", flush=True)
         cells = []
         for task in names:  # each expert on its own task only
