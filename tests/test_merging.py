@@ -325,6 +325,21 @@ def test_our_methods_inside_mergekit_and_mergekit_methods_inside_ours():
     soft = torch.softmax(torch.tensor([0.05, 0.5, -0.05]) / 0.1, 0)
     alphas = (1 / 6 + 0.5 * soft).tolist()
     torch.testing.assert_close(expected, merge("metis_robust", vs, alphas=alphas), atol=1e-6, rtol=0)
+    # standardized gaps (reference losses unused) at temperature 1: z-scores by hand
+    raw = torch.tensor(gaps)
+    soft = torch.softmax((raw - raw.mean()) / raw.std(unbiased=False), 0)
+    out = merge_tensors(
+        inputs,
+        "metis_robust",
+        parameters={"loss_gap": gaps, "reference_loss": losses, "gap_normalization": "standardized"},
+        base_index=0,
+    )
+    expected = merge("metis_robust", vs, alphas=(1 / 6 + 0.5 * soft).tolist())
+    torch.testing.assert_close(out - base, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="gap_normalization must be one of"):
+        merge_tensors(
+            inputs, "metis_robust", parameters={"loss_gap": gaps, "gap_normalization": "zscore"}, base_index=0
+        )
     out = merge_tensors(inputs, "consensus_ta", parameters={"weight": [0.5, 1.0, 2.0], "k": 2}, base_index=0)
     torch.testing.assert_close(
         out - base, merge("consensus_ta", vs, weights=[0.5, 1.0, 2.0]), atol=1e-5, rtol=0

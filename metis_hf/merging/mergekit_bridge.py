@@ -75,7 +75,8 @@ def _build_methods() -> list:
         group: TensorGroup,
         loss_gap: PerNonBase[float] = 0.0,
         reference_loss: PerNonBase[float] = 1.0,  # 1: the gaps are used as given
-        temperature: float = 0.1,
+        gap_normalization: str = "relative",  # checked by robust_weights, which names it
+        temperature: float = -1.0,  # negative: the normalization's default (0.1 relative, 1 standardized)
         floor: float = -1.0,  # negative: metis_robust's default, 0.5 / T
         delta: float = 0.3,
         k: int = 2,
@@ -86,7 +87,8 @@ def _build_methods() -> list:
             "metis_robust",
             loss_gaps=loss_gap.values_for(group.non_base),
             reference_losses=reference_loss.values_for(group.non_base),
-            temperature=temperature,
+            gap_normalization=gap_normalization,
+            temperature=None if temperature < 0 else temperature,
             floor=None if floor < 0 else floor,
             delta=delta,
             k=k,
