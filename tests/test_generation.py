@@ -102,3 +102,41 @@ def test_fused_and_logits_losses_agree(tiny_model, tiny_tokenizer):
             tiny_model, tokenized, batch_size=2, completion_only=completion_only, fused=True
         )
         torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_both_token_sets_from_one_forward(tiny_model, tiny_tokenizer):
+    import torch.nn.functional as F
+    from datasets import Dataset
+    from trl.trainer.utils import add_fused_lm_head
+
+    from metis_hf.evaluation.loss import per_example_losses_on
+    from metis_hf.tokenization import tokenize_dataset, tokenize_example
+
+    rows = [
+        {"prompt": "What is 2 + 3?\nAnswer:", "completion": " 5\n\n"},
+        {"prompt": "Find\nAnswer:", "completion": " 6 7 8\n\n"},
+        {"prompt": "Spell this word backward: cat\nAnswer:", "completion": " tac\n\n"},
+    ]
+    expected = {"all": [], "completion": []}
+    for row in rows:  # one example at a time, by hand: no padding, no mask arithmetic
+        enc = tokenize_example(tiny_tokenizer, row["prompt"], row["completion"])
+        ids = torch.tensor([enc["input_ids"]])
+        with torch.no_grad():
+            losses = F.cross_entropy(tiny_model(ids).logits[0, :-1], ids[0, 1:], reduction="none")
+        expected["all"].append(losses.mean())
+        expected["completion"].append(losses[torch.tensor(enc["completion_mask"][1:]).bool()].mean())
+    tokenized = tokenize_dataset(tiny_tokenizer, Dataset.from_list(rows))
+    forwards = []
+    hook = tiny_model.model.register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        plain = per_example_losses_on(tiny_model, tokenized, ("all", "completion"), batch_size=2)
+        add_fused_lm_head(tiny_model)
+        fused = per_example_losses_on(tiny_model, tokenized, ("completion", "all"), batch_size=2, fused=True)
+    finally:
+        hook.remove()
+    assert len(forwards) == 4  # two batches, each forwarded once per call
+    for got in (plain, fused[::-1]):
+        torch.testing.assert_close(got[0], torch.stack(expected["all"]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1], torch.stack(expected["completion"]), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="token_sets must be"):
+        per_example_losses_on(tiny_model, tokenized, ("prompt",))

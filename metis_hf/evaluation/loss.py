@@ -20,7 +20,58 @@ def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows])
 
 
+TOKEN_SETS = ("all", "completion")
+
+
 @torch.no_grad()
+def per_example_losses_on(
+    model,
+    tokenized: Dataset,
+    token_sets: Sequence[str],
+    batch_size: int = 16,
+    fused: bool = False,
+) -> list[torch.Tensor]:
+    """Mean token loss of each example, for each of ``token_sets`` ("all" tokens or the
+    "completion" tokens), from one forward per batch: asking for both costs one pass, not two.
+
+    ``tokenized`` has ``input_ids`` and ``completion_mask``. ``fused=True`` asks a model patched by
+    TRL's ``add_fused_lm_head`` (as SFTTrainer patches its model) for per-token log-probabilities
+    without materialising the ``(batch, length, vocab)`` logits: the computation training uses, at
+    training's memory cost.
+    """
+    unknown = [name for name in token_sets if name not in TOKEN_SETS]
+    if unknown or not token_sets:
+        raise ValueError(f"token_sets must be a non-empty subset of {TOKEN_SETS}, got {list(token_sets)}.")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    losses: list[list[torch.Tensor]] = [[] for _ in token_sets]
+    try:
+        for start in range(0, len(tokenized), batch_size):
+            batch = tokenized[start : start + batch_size]
+            ids = _pad(batch["input_ids"], 0).to(device)
+            attention = _pad([[1] * len(r) for r in batch["input_ids"]], 0).to(device)
+            masks = {"all": attention}
+            if "completion" in token_sets:
+                masks["completion"] = _pad(batch["completion_mask"], 0).to(device)
+            # Token j's loss predicts ids[j + 1]: every mask is read from position 1 on.
+            weights = [masks[name][:, 1:].float() for name in token_sets]
+            if fused:
+                # Score only the tokens some set asks for: the completion alone skips the prompt's head.
+                needed = masks["all"] if "all" in token_sets else masks["completion"]
+                labels = ids.masked_fill(needed == 0, -100)
+                out = model(input_ids=ids, attention_mask=attention, labels=labels, fused_lm_head=True)
+                token_loss = -out.log_probs.float()
+            else:
+                logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+                token_loss = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            for collected, weight in zip(losses, weights):
+                collected.append(((token_loss * weight).sum(1) / weight.sum(1).clamp(min=1)).cpu())
+    finally:
+        model.train(was_training)
+    return [torch.cat(collected) for collected in losses]
+
+
 def per_example_losses(
     model,
     tokenized: Dataset,
@@ -28,35 +79,9 @@ def per_example_losses(
     completion_only: bool = False,
     fused: bool = False,
 ) -> torch.Tensor:
-    """Mean token loss of each example of a tokenized dataset (``input_ids``, ``completion_mask``).
-
-    ``fused=True`` asks a model patched by TRL's ``add_fused_lm_head`` (as SFTTrainer patches its
-    model) for per-token log-probabilities without materialising the ``(batch, length, vocab)``
-    logits: the computation training uses, at training's memory cost.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    losses = []
-    try:
-        for start in range(0, len(tokenized), batch_size):
-            batch = tokenized[start : start + batch_size]
-            ids = _pad(batch["input_ids"], 0).to(device)
-            attention = _pad([[1] * len(r) for r in batch["input_ids"]], 0).to(device)
-            trained = attention if not completion_only else _pad(batch["completion_mask"], 0).to(device)
-            if fused:
-                labels = ids.masked_fill(trained == 0, -100)
-                out = model(input_ids=ids, attention_mask=attention, labels=labels, fused_lm_head=True)
-                sums, counts = -out.log_probs.float().sum(1), out.label_mask.float().sum(1)
-            else:
-                logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
-                weights = trained[:, 1:].float()
-                token_loss = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-                sums, counts = (token_loss * weights).sum(1), weights.sum(1)
-            losses.append((sums / counts.clamp(min=1)).cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(losses)
+    """Mean token loss of each example on its trained tokens (all, or the completion only)."""
+    token_set = "completion" if completion_only else "all"
+    return per_example_losses_on(model, tokenized, (token_set,), batch_size, fused)[0]
 
 
 def task_loss(

@@ -33,7 +33,7 @@ from transformers import TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
-from metis_hf.evaluation.loss import per_example_losses
+from metis_hf.evaluation.loss import per_example_losses_on
 from metis_hf.merging import loss_gap_weights, robust_weights
 from metis_hf.merging.task_vectors import (
     load_lora_state,
@@ -369,24 +369,28 @@ class MetisTrainer(SFTTrainer):
                 for p in lora_parameters(peft_model, task).values():
                     p.requires_grad_(True)
 
-    def _val_losses(self, adapter: str | None, completion_only: bool | None = None) -> dict[str, float]:
-        """Mean validation loss per task of ``adapter`` (None: each task's own adapter), on the
-        trained tokens unless ``completion_only`` says otherwise."""
-        if completion_only is None:
-            completion_only = bool(self.args.completion_only_loss)
-        losses = {}
+    def _val_losses(self, adapter: str | None) -> tuple[dict[str, float], dict[str, float] | None]:
+        """Mean validation loss per task of ``adapter`` (None: each task's own adapter) on the
+        trained tokens and, when the gaps use the completion tokens instead, on those too (the same
+        forward gives both)."""
+        token_sets = ["completion" if self.args.completion_only_loss else "all"]
+        if self._separate_gap_tokens:
+            token_sets.append("completion")
+        trained: dict[str, float] = {}
+        completion: dict[str, float] = {}
         for task in self.task_names:
             self._activate(adapter or task)
-            losses[task] = float(
-                per_example_losses(
-                    self.peft_model,
-                    self.validation[task],
-                    self.args.gap_batch_size,
-                    completion_only,
-                    fused=True,  # SFTTrainer patched the model: the training loss's own kernel, no full logits
-                ).mean()
+            losses = per_example_losses_on(
+                self.peft_model,
+                self.validation[task],
+                token_sets,
+                self.args.gap_batch_size,
+                fused=True,  # SFTTrainer patched the model: the training loss's own kernel, no full logits
             )
-        return losses
+            trained[task] = float(losses[0].mean())
+            if len(losses) > 1:
+                completion[task] = float(losses[1].mean())
+        return trained, (completion if self._separate_gap_tokens else None)
 
     @property
     def _separate_gap_tokens(self) -> bool:
@@ -400,14 +404,13 @@ class MetisTrainer(SFTTrainer):
         separate = self._separate_gap_tokens
         gaps = gap_before = gap_local = local = None
         if self.validation:
-            if self._merged_val_losses is None:  # round 1: G_0, the shared initial adapter
-                self._merged_val_losses = self._val_losses(MERGED)
-            if separate and self._merged_gap_losses is None:
-                self._merged_gap_losses = self._val_losses(MERGED, completion_only=True)
-            local = self._val_losses(None)
+            # Round 1: G_0, the shared initial adapter (or a checkpoint saved without gap losses).
+            if self._merged_val_losses is None or (separate and self._merged_gap_losses is None):
+                self._merged_val_losses, self._merged_gap_losses = self._val_losses(MERGED)
+            local, local_gap = self._val_losses(None)
             gap_before, gap_local = self._merged_val_losses, local
             if separate:
-                gap_before, gap_local = self._merged_gap_losses, self._val_losses(None, completion_only=True)
+                gap_before, gap_local = self._merged_gap_losses, local_gap
             gaps = {t: gap_before[t] - gap_local[t] for t in tasks}
         params, alphas = merge_parameters(
             self.args, self.args.merge_method, tasks, round_index, gaps, gap_before
@@ -437,9 +440,7 @@ class MetisTrainer(SFTTrainer):
         for t, a in zip(tasks, alphas):
             record[f"merge/alpha/{t}"] = a
         if self.validation:
-            self._merged_val_losses = self._val_losses(MERGED)
-            if separate:
-                self._merged_gap_losses = self._val_losses(MERGED, completion_only=True)
+            self._merged_val_losses, self._merged_gap_losses = self._val_losses(MERGED)
             for t in tasks:
                 record[f"merge/loss_gap/{t}"] = gaps[t]
                 record[f"merge/val_loss_merged/{t}"] = self._merged_val_losses[t]
