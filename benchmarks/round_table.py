@@ -1,0 +1,83 @@
+"""Does a many-shot method collapse? Its merges, round by round, for every seed of a compare run.
+
+Reads the run files `metis-hf compare` writes (runs/base/result.json and
+runs/seed*/many_shot-<method>/result.json) and prints one markdown row per seed: the merged
+adapter's mask density each round, the multi-task validation loss each round beside the base
+model's, the spread of the task weights in the last round and the tasks whose exact match rose
+above the base model's. Then the loss drop from the base to the last round, mean ± sd over seeds.
+A collapsed merge keeps the base's loss; one that trains lowers it every round.
+
+    python benchmarks/round_table.py outputs/compare-cpu-7tasks-seeds outputs/compare-cpu-8tasks-seeds \
+        --method metis_robust@completion-z
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def _seed_of(folder: Path) -> int:
+    return int(folder.name.removeprefix("seed"))
+
+
+def rows_for(output_dir: Path, method: str) -> tuple[list[str], list[float]]:
+    """Markdown rows (one per seed that ran ``method``) and each seed's loss drop."""
+    base = _read(output_dir / "runs" / "base" / "result.json")
+    base_loss = sum(base["losses"].values()) / len(base["losses"])
+    rows, drops = [], []
+    for seed_dir in sorted((output_dir / "runs").glob("seed*"), key=_seed_of):
+        result_file = seed_dir / f"many_shot-{method}" / "result.json"
+        if not result_file.exists():
+            continue
+        run = _read(result_file)
+        rounds = run["rounds"]
+        density = ", ".join(f"{r['merge/mask_density']:.2f}" for r in rounds)
+        losses = " -> ".join(f"{r['merge/multitask_loss']:.3f}" for r in rounds)
+        alphas = [v for k, v in rounds[-1].items() if k.startswith("merge/alpha/")]
+        above = [t for t, s in run["scores"].items() if s["exact_match"] > base["scores"][t]["exact_match"]]
+        drops.append(base_loss - rounds[-1]["merge/multitask_loss"])
+        rows.append(
+            f"| {len(base['losses'])} | {_seed_of(seed_dir)} | {density} | {base_loss:.3f} | {losses} "
+            f"| {min(alphas):.2f}-{max(alphas):.2f} | {', '.join(above) or 'none'} |"
+        )
+    return rows, drops
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("output_dirs", nargs="+", type=Path, help="`metis-hf compare` output folders.")
+    parser.add_argument("--method", required=True, help="A many-shot method or variant name of the grid.")
+    args = parser.parse_args()
+    print(
+        "| T | seed | mask density, rounds | base loss | multi-task validation loss, rounds "
+        "| alpha, last round | tasks above the base (exact) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    summaries = []
+    for output_dir in args.output_dirs:
+        if not (output_dir / "runs" / "base" / "result.json").exists():
+            raise SystemExit(f"{output_dir}: no runs/base/result.json; is it a `metis-hf compare` output?")
+        rows, drops = rows_for(output_dir, args.method)
+        if not rows:
+            raise SystemExit(f"{output_dir}: no finished many_shot-{args.method} run.")
+        print("\n".join(rows))
+        spread = statistics.stdev(drops) if len(drops) > 1 else 0.0
+        summaries.append(
+            f"{output_dir}: loss drop base -> last round {statistics.mean(drops):.3f} ± {spread:.3f} "
+            f"over {len(drops)} seed(s)"
+        )
+    print("\n" + "\n".join(summaries))
+
+
+if __name__ == "__main__":
+    main()
