@@ -19,6 +19,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from metis_hf.evaluation.report import run_losses
+
 
 def _read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
@@ -31,7 +33,8 @@ def _seed_of(folder: Path) -> int:
 def rows_for(output_dir: Path, method: str) -> tuple[list[str], list[float]]:
     """Markdown rows (one per seed that ran ``method``) and each seed's loss drop."""
     base = _read(output_dir / "runs" / "base" / "result.json")
-    base_loss = sum(base["losses"].values()) / len(base["losses"])
+    base_losses = run_losses(base)
+    base_loss = sum(base_losses.values()) / len(base_losses)
     rows, drops = [], []
     for seed_dir in sorted((output_dir / "runs").glob("seed*"), key=_seed_of):
         result_file = seed_dir / f"many_shot-{method}" / "result.json"
@@ -45,7 +48,7 @@ def rows_for(output_dir: Path, method: str) -> tuple[list[str], list[float]]:
         above = [t for t, s in run["scores"].items() if s["exact_match"] > base["scores"][t]["exact_match"]]
         drops.append(base_loss - rounds[-1]["merge/multitask_loss"])
         rows.append(
-            f"| {len(base['losses'])} | {_seed_of(seed_dir)} | {density} | {base_loss:.3f} | {losses} "
+            f"| {len(run['scores'])} | {_seed_of(seed_dir)} | {density} | {base_loss:.3f} | {losses} "
             f"| {min(alphas):.2f}-{max(alphas):.2f} | {', '.join(above) or 'none'} |"
         )
     return rows, drops

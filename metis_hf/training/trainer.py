@@ -390,7 +390,7 @@ class MetisTrainer(SFTTrainer):
             trained[task] = float(losses[0].mean())
             if len(losses) > 1:
                 completion[task] = float(losses[1].mean())
-        return trained, (completion if self._separate_gap_tokens else None)
+        return trained, (completion if len(token_sets) > 1 else None)
 
     @property
     def _separate_gap_tokens(self) -> bool:
