@@ -55,12 +55,28 @@ def test_empty_evaluation_set_is_an_error(tiny_model, tiny_tokenizer):
         score_task(tiny_model, tiny_tokenizer, Task("t", empty, empty, empty))
 
 
-def test_task_loss_is_the_per_example_mean_of_token_losses(tiny_model, tiny_tokenizer):
+def _hand_example_losses(model, tokenizer, rows) -> dict[str, torch.Tensor]:
+    """Each example's mean token loss on all tokens and on its completion, one example at a time
+    (no padding, no batch masks): the reference the batched losses are checked against."""
     import torch.nn.functional as F
+
+    from metis_hf.tokenization import tokenize_example
+
+    losses: dict[str, list[torch.Tensor]] = {"all": [], "completion": []}
+    for row in rows:
+        enc = tokenize_example(tokenizer, row["prompt"], row["completion"])
+        ids = torch.tensor([enc["input_ids"]])
+        with torch.no_grad():
+            token_losses = F.cross_entropy(model(ids).logits[0, :-1], ids[0, 1:], reduction="none")
+        losses["all"].append(token_losses.mean())
+        losses["completion"].append(token_losses[torch.tensor(enc["completion_mask"][1:]).bool()].mean())
+    return {name: torch.stack(values) for name, values in losses.items()}
+
+
+def test_task_loss_is_the_per_example_mean_of_token_losses(tiny_model, tiny_tokenizer):
     from datasets import Dataset
 
     from metis_hf.evaluation.loss import task_loss
-    from metis_hf.tokenization import tokenize_example
 
     rows = [
         {"prompt": "What is 2 + 3?\nAnswer:", "completion": " 5\n\n"},
@@ -68,19 +84,11 @@ def test_task_loss_is_the_per_example_mean_of_token_losses(tiny_model, tiny_toke
         {"prompt": "Spell this word backward: cat\nAnswer:", "completion": " tac\n\n"},
     ]
     data = Dataset.from_list(rows)
+    expected = _hand_example_losses(tiny_model, tiny_tokenizer, rows)
     for completion_only in (False, True):
-        expected = []
-        for row in rows:  # one example at a time: no padding involved
-            enc = tokenize_example(tiny_tokenizer, row["prompt"], row["completion"])
-            ids = torch.tensor([enc["input_ids"]])
-            with torch.no_grad():
-                logits = tiny_model(ids).logits[0, :-1]
-            losses = F.cross_entropy(logits, ids[0, 1:], reduction="none")
-            if completion_only:
-                losses = losses[torch.tensor(enc["completion_mask"][1:]).bool()]
-            expected.append(losses.mean())
         got = task_loss(tiny_model, tiny_tokenizer, data, batch_size=2, completion_only=completion_only)
-        assert got == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
+        reference = expected["completion" if completion_only else "all"]
+        assert got == pytest.approx(float(reference.mean()), rel=1e-5)
 
 
 def test_fused_and_logits_losses_agree(tiny_model, tiny_tokenizer):
@@ -105,26 +113,18 @@ def test_fused_and_logits_losses_agree(tiny_model, tiny_tokenizer):
 
 
 def test_both_token_sets_from_one_forward(tiny_model, tiny_tokenizer):
-    import torch.nn.functional as F
     from datasets import Dataset
     from trl.trainer.utils import add_fused_lm_head
 
     from metis_hf.evaluation.loss import per_example_losses_on
-    from metis_hf.tokenization import tokenize_dataset, tokenize_example
+    from metis_hf.tokenization import tokenize_dataset
 
     rows = [
         {"prompt": "What is 2 + 3?\nAnswer:", "completion": " 5\n\n"},
         {"prompt": "Find\nAnswer:", "completion": " 6 7 8\n\n"},
         {"prompt": "Spell this word backward: cat\nAnswer:", "completion": " tac\n\n"},
     ]
-    expected = {"all": [], "completion": []}
-    for row in rows:  # one example at a time, by hand: no padding, no mask arithmetic
-        enc = tokenize_example(tiny_tokenizer, row["prompt"], row["completion"])
-        ids = torch.tensor([enc["input_ids"]])
-        with torch.no_grad():
-            losses = F.cross_entropy(tiny_model(ids).logits[0, :-1], ids[0, 1:], reduction="none")
-        expected["all"].append(losses.mean())
-        expected["completion"].append(losses[torch.tensor(enc["completion_mask"][1:]).bool()].mean())
+    expected = _hand_example_losses(tiny_model, tiny_tokenizer, rows)
     tokenized = tokenize_dataset(tiny_tokenizer, Dataset.from_list(rows))
     forwards = []
     hook = tiny_model.model.register_forward_hook(lambda *args: forwards.append(1))
@@ -136,7 +136,7 @@ def test_both_token_sets_from_one_forward(tiny_model, tiny_tokenizer):
         hook.remove()
     assert len(forwards) == 4  # two batches, each forwarded once per call
     for got in (plain, fused[::-1]):
-        torch.testing.assert_close(got[0], torch.stack(expected["all"]), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(got[1], torch.stack(expected["completion"]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[0], expected["all"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1], expected["completion"], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="token_sets must be"):
         per_example_losses_on(tiny_model, tokenized, ("prompt",))
