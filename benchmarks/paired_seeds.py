@@ -52,12 +52,15 @@ def _stats(values: list[float], signed: bool = True) -> str:
 
 
 def paired_t(diffs: list[float]) -> float:
-    """The paired t statistic, mean / (sd / sqrt(n)); inf when every seed gives the same difference."""
+    """The paired t statistic, mean / (sd / sqrt(n)); +-inf when every seed gives the same nonzero
+    difference, nan when it is zero in every seed (or there is one seed)."""
     if len(diffs) < 2:
         return math.nan
     spread = statistics.stdev(diffs)
     mean = statistics.fmean(diffs)
-    return math.copysign(math.inf, mean) if spread == 0 else mean / (spread / math.sqrt(len(diffs)))
+    if spread == 0:
+        return math.nan if mean == 0 else math.copysign(math.inf, mean)
+    return mean / (spread / math.sqrt(len(diffs)))
 
 
 def main() -> None:
