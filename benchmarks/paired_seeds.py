@@ -20,7 +20,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from metis_hf.evaluation.report import build_report
+from metis_hf.evaluation.report import _cell, _mean_sd, build_report
 from metis_hf.recipe import CompareSpec
 
 
@@ -46,9 +46,7 @@ def collect_runs(output_dirs: list[Path], methods: list[str]) -> list[dict[str, 
 
 
 def _stats(values: list[float], signed: bool = True) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    mean = statistics.fmean(values)
-    return f"{mean:+.3f} ± {spread:.3f}" if signed else f"{mean:.3f} ± {spread:.3f}"
+    return _cell(_mean_sd(values), signed=signed)  # the compare report's own "mean ± sd" cell
 
 
 def paired_t(diffs: list[float]) -> float:
