@@ -20,7 +20,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from metis_hf.evaluation.report import _cell, _mean_sd, build_report
+from metis_hf.evaluation.report import build_report, mean_sd, mean_sd_cell
 from metis_hf.recipe import CompareSpec
 
 
@@ -43,10 +43,6 @@ def collect_runs(output_dirs: list[Path], methods: list[str]) -> list[dict[str, 
                     )
                 runs[key] = run
     return list(runs.values())
-
-
-def _stats(values: list[float], signed: bool = True) -> str:
-    return _cell(_mean_sd(values), signed=signed)  # the compare report's own "mean ± sd" cell
 
 
 def paired_t(diffs: list[float]) -> float:
@@ -87,12 +83,10 @@ def main() -> None:
     print(f"| many-shot, seeds {', '.join(map(str, seeds))} | {' | '.join(tasks)} | Avg | Worst |")
     print("|---" * (len(tasks) + 3) + "|")
     for method in methods:
-        runs = list(summaries[method].values())
-        cells = [f"{statistics.fmean(r['normalized'][t] for r in runs):.3f}" for t in tasks]
-        avg, worst = ([r[f] for r in runs] for f in ("average", "worst"))
-        print(
-            f"| {method} ({len(runs)} seeds) | {' | '.join(cells)} | {_stats(avg, signed=False)} | {_stats(worst, signed=False)} |"
-        )
+        aggregate = report["aggregate"][f"many_shot/{method}"]
+        cells = [f"{aggregate['normalized'][t]['mean']:.3f}" for t in tasks]
+        cells += [mean_sd_cell(aggregate[f]) for f in ("average", "worst")]
+        print(f"| {method} ({aggregate['average']['n']} seeds) | {' | '.join(cells)} |")
 
     print(
         f"\n| {args.a} - B | seeds | Δ Avg (per seed) | Δ Worst (per seed) | wins (Avg, Worst) | paired t (Avg, Worst) |"
@@ -108,8 +102,8 @@ def main() -> None:
         wins = ", ".join(f"{sum(d > 0 for d in diffs[f])}/{len(common)}" for f in diffs)
         t_values = ", ".join(f"{paired_t(diffs[f]):.1f}" for f in diffs)
         print(
-            f"| {other} | {','.join(common)} | {_stats(diffs['average'])} ({per_seed['average']}) "
-            f"| {_stats(diffs['worst'])} ({per_seed['worst']}) | {wins} | {t_values} |"
+            f"| {other} | {','.join(common)} | {mean_sd_cell(mean_sd(diffs['average']), signed=True)} ({per_seed['average']}) "
+            f"| {mean_sd_cell(mean_sd(diffs['worst']), signed=True)} ({per_seed['worst']}) | {wins} | {t_values} |"
         )
 
 

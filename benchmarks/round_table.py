@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from metis_hf.evaluation.report import run_losses
+from metis_hf.evaluation.report import multitask_loss
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -33,8 +33,7 @@ def _seed_of(folder: Path) -> int:
 def rows_for(output_dir: Path, method: str) -> tuple[list[str], list[float]]:
     """Markdown rows (one per seed that ran ``method``) and each seed's loss drop."""
     base = _read(output_dir / "runs" / "base" / "result.json")
-    base_losses = run_losses(base)
-    base_loss = sum(base_losses.values()) / len(base_losses)
+    base_loss = multitask_loss(base)
     rows, drops = [], []
     for seed_dir in sorted((output_dir / "runs").glob("seed*"), key=_seed_of):
         result_file = seed_dir / f"many_shot-{method}" / "result.json"

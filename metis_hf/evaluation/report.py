@@ -20,7 +20,8 @@ BLOCKS = (("post_hoc", "Post-hoc"), ("many_shot", "Many-shot"))
 REFERENCES = (("many_shot", "metis_robust"), ("many_shot", "metis"))  # compared with every other run
 
 
-def _mean_sd(values: Sequence[float]) -> dict[str, float]:
+def mean_sd(values: Sequence[float]) -> dict[str, float]:
+    """Mean, sample sd and count of the finite values (nan entries are runs that had no score)."""
     finite = [v for v in values if not math.isnan(v)]
     if not finite:
         return {"mean": math.nan, "sd": math.nan, "n": 0}
@@ -35,7 +36,8 @@ def run_losses(run: Mapping[str, Any]) -> dict[str, float]:
     return {t: v for t, v in by_task.items() if v is not None}
 
 
-def _multitask_loss(run: Mapping[str, Any]) -> float:
+def multitask_loss(run: Mapping[str, Any]) -> float:
+    """The mean of a run's per-task validation losses."""
     losses = list(run_losses(run).values())
     return sum(losses) / len(losses) if losses else math.nan
 
@@ -52,15 +54,15 @@ def build_report(results: Sequence[Mapping[str, Any]], tasks: Sequence[str], spe
             continue
         expert_scores = {t: experts[r["seed"]]["scores"][t][metric] for t in tasks}
         summary = summarize({t: r["scores"][t][metric] for t in tasks}, expert_scores, weights)
-        summary["multitask_loss"] = _multitask_loss(r)
+        summary["multitask_loss"] = multitask_loss(r)
         per_run.setdefault((r["kind"], r["method"]), {})[r["seed"]] = summary
 
     aggregate = {}
     for key, by_seed in per_run.items():
         runs = list(by_seed.values())
         aggregate[key] = {
-            "normalized": {t: _mean_sd([s["normalized"][t] for s in runs]) for t in tasks},
-            **{f: _mean_sd([s[f] for s in runs]) for f in ("average", "worst", "gap", "multitask_loss")},
+            "normalized": {t: mean_sd([s["normalized"][t] for s in runs]) for t in tasks},
+            **{f: mean_sd([s[f] for s in runs]) for f in ("average", "worst", "gap", "multitask_loss")},
         }
 
     def paired(a: tuple[str, str], b: tuple[str, str]) -> dict[str, Any] | None:
@@ -70,7 +72,7 @@ def build_report(results: Sequence[Mapping[str, Any]], tasks: Sequence[str], spe
         out: dict[str, Any] = {"a": list(a), "b": list(b), "seeds": seeds}
         for field in ("average", "worst"):
             diffs = [per_run[a][s][field] - per_run[b][s][field] for s in seeds]
-            out[field] = {"per_seed": diffs, **_mean_sd(diffs), "wins": sum(d > 0 for d in diffs)}
+            out[field] = {"per_seed": diffs, **mean_sd(diffs), "wins": sum(d > 0 for d in diffs)}
         return out
 
     pairs = [(("many_shot", m), ("post_hoc", m)) for m in sorted({m for _, m in per_run})]
@@ -116,8 +118,8 @@ def round_summaries(by_seed: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict
         out.append(
             {
                 "round": records[0]["round"],
-                "mask_density": _mean_sd(densities),
-                "multitask_loss": _mean_sd(losses),
+                "mask_density": mean_sd(densities),
+                "multitask_loss": mean_sd(losses),
                 "alpha_min": min(alphas, default=math.nan),
                 "alpha_max": max(alphas, default=math.nan),
             }
@@ -125,7 +127,8 @@ def round_summaries(by_seed: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict
     return out
 
 
-def _cell(stats: Mapping[str, float], signed: bool = False) -> str:
+def mean_sd_cell(stats: Mapping[str, float], signed: bool = False) -> str:
+    """A table cell "mean ± sd" for ``mean_sd``'s output (the sd left out for one value)."""
     if stats["n"] == 0:
         return "n/a"
     text = f"{stats['mean']:+.3f}" if signed else f"{stats['mean']:.3f}"
@@ -148,9 +151,11 @@ def render_markdown(report: Mapping[str, Any], base: Mapping | None, experts: Ma
         lines.append(f"| **{title}** |" + " |" * (len(tasks) + 4))
         for key in keys:
             agg = report["aggregate"][key]
-            cells = [_cell(agg["normalized"][t]) for t in tasks]
-            cells += [_cell(agg[f]) for f in ("average", "worst")] + [_cell(agg["gap"], signed=True)]
-            cells.append(_cell(agg["multitask_loss"]))
+            cells = [mean_sd_cell(agg["normalized"][t]) for t in tasks]
+            cells += [mean_sd_cell(agg[f]) for f in ("average", "worst")] + [
+                mean_sd_cell(agg["gap"], signed=True)
+            ]
+            cells.append(mean_sd_cell(agg["multitask_loss"]))
             lines.append(f"| {key.split('/', 1)[1]} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -191,8 +196,8 @@ def render_markdown(report: Mapping[str, Any], base: Mapping | None, experts: Ma
         for key, rows in report["rounds"].items():
             for row in rows:
                 lines.append(
-                    f"| {key.split('/', 1)[1]} | {row['round']} | {_cell(row['mask_density'])} | "
-                    f"{_cell(row['multitask_loss'])} | {row['alpha_min']:.3f} - {row['alpha_max']:.3f} |"
+                    f"| {key.split('/', 1)[1]} | {row['round']} | {mean_sd_cell(row['mask_density'])} | "
+                    f"{mean_sd_cell(row['multitask_loss'])} | {row['alpha_min']:.3f} - {row['alpha_max']:.3f} |"
                 )
         lines.append("")
         lines.append(
@@ -211,8 +216,8 @@ def render_markdown(report: Mapping[str, Any], base: Mapping | None, experts: Ma
             per_seed = ", ".join(f"{d:+.3f}" for d in c["average"]["per_seed"])
             n = len(c["seeds"])
             lines.append(
-                f"| {' '.join(c['a'])} | {' '.join(c['b'])} | {_cell(c['average'], True)} | "
-                f"{_cell(c['worst'], True)} | {c['average']['wins']}/{n}, {c['worst']['wins']}/{n} | {per_seed} |"
+                f"| {' '.join(c['a'])} | {' '.join(c['b'])} | {mean_sd_cell(c['average'], True)} | "
+                f"{mean_sd_cell(c['worst'], True)} | {c['average']['wins']}/{n}, {c['worst']['wins']}/{n} | {per_seed} |"
             )
     return "\n".join(lines)
 
