@@ -180,6 +180,11 @@ class MetisConfig(SFTConfig):
                 raise ValueError(f"{name} has {len(value)} values for {self.num_rounds} rounds.")
         if self.packing:
             raise ValueError("packing is not supported: each optimizer step must hold one task's examples.")
+        if self.shuffle_dataset:
+            raise ValueError(
+                "shuffle_dataset is not supported: the round plan draws each task's examples in its own "
+                "seeded order, so the dataset's rows must stay in place."
+            )
         super().__post_init__()
 
     def per_round(self, name: str, round_index: int) -> float:

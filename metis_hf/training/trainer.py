@@ -141,14 +141,29 @@ class MetisTrainer(SFTTrainer):
             )
 
         max_length = args.max_length or 10**9
+        # The trainer drops examples that have no trained token after truncation itself, before
+        # it fixes each task's row range: TRL would drop them later and shift every range after.
         self.train_parts = {
-            t: tokenize_dataset(processing_class, d, max_length, f"{t} train")
+            t: _drop_untrained(
+                tokenize_dataset(processing_class, d, max_length, f"{t} train"),
+                f"task {t!r} train",
+                args.completion_only_loss,
+                args.max_length,
+            )
             for t, d in train_dataset.items()
         }
         # Sorted by length: a gap is a mean of per-example losses, so order does not matter, and
         # batches of similar lengths carry little padding.
+        gap_on_completion = bool(args.completion_only_loss) or args.gap_tokens == "completion"
         self.validation = {
-            t: _sorted_by_length(tokenize_dataset(processing_class, d, max_length, f"{t} validation"))
+            t: _sorted_by_length(
+                _drop_untrained(
+                    tokenize_dataset(processing_class, d, max_length, f"{t} validation"),
+                    f"task {t!r} validation",
+                    gap_on_completion,
+                    args.max_length,
+                )
+            )
             for t, d in (eval_dataset or {}).items()
         }
         # The shared initial adapter G_0 comes from the seed, not from whatever ran before in the
@@ -180,6 +195,11 @@ class MetisTrainer(SFTTrainer):
             callbacks=callbacks,
             **kwargs,
         )
+        if len(self.train_dataset) != start:  # the task ranges index this dataset row by row
+            raise RuntimeError(
+                f"SFTTrainer kept {len(self.train_dataset)} of the {start} training rows; MetisTrainer's "
+                "task ranges would point at other tasks' rows."
+            )
 
     # --- extension points ---------------------------------------------------------------------
 
@@ -572,6 +592,31 @@ def _check_tasks(
             f"{args.merge_method} needs eval_dataset (a validation set per task) to measure its loss gaps."
         )
     return names
+
+
+def _drop_untrained(tokenized: Dataset, name: str, completion_only: bool, max_length: int | None) -> Dataset:
+    """The examples that keep at least one scored token after truncation (completion tokens when
+    ``completion_only``), with a warning that counts the others."""
+    if completion_only:
+        keep = [i for i, mask in enumerate(tokenized["completion_mask"]) if any(mask)]
+    else:
+        keep = [i for i, ids in enumerate(tokenized["input_ids"]) if ids]
+    if len(keep) == len(tokenized):
+        return tokenized
+    if not keep:
+        raise ValueError(
+            f"{name}: no example has a {'completion ' if completion_only else ''}token left within "
+            f"max_length={max_length}; raise max_length or shorten the prompts."
+        )
+    logger.warning(
+        "%s: %d of %d examples have no %stoken within max_length=%s (the prompt fills it) and are dropped.",
+        name,
+        len(tokenized) - len(keep),
+        len(tokenized),
+        "completion " if completion_only else "",
+        max_length,
+    )
+    return tokenized.select(keep)
 
 
 def _sorted_by_length(tokenized: Dataset) -> Dataset:

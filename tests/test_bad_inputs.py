@@ -1,0 +1,130 @@
+"""Bad inputs a new user tries, walked item by item (issue 17): each stops with a clear error that
+names the culprit, or is handled correctly; nothing the user had is lost or silently corrupted.
+
+``pytest tests/test_bad_inputs.py -q`` prints the count of bad inputs tried."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from datasets import Dataset
+from peft import LoraConfig
+
+from metis_hf import MetisConfig, MetisTrainer
+from metis_hf.tokenization import tokenize_example
+from tests.conftest import make_tiny_model
+
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+
+
+def _tasks(n_long=12, n_short=10):
+    """Task 'long' first: every other prompt alone is longer than max_length=24, so dropping those
+    examples would shift the row range of 'short' if the trainer did not own the filtering."""
+    long_rows = [
+        {
+            "prompt": ("Spell this word backward: cat " * (8 if i % 2 else 1)) + f"{i}\nAnswer:",
+            "completion": " tac",
+        }
+        for i in range(n_long)
+    ]
+    short_rows = [{"prompt": f"What is {i} + 1?\nAnswer:", "completion": f" {i + 1}"} for i in range(n_short)]
+    return {"long": Dataset.from_list(long_rows), "short": Dataset.from_list(short_rows)}
+
+
+class _RecordingTrainer(MetisTrainer):
+    """Records, for every micro-batch, the task the plan trains and the rows it holds."""
+
+    seen: list[tuple[str, list[tuple[int, ...]]]]
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        task = self.task_names[self.plan.step(self.state.global_step).task]
+        rows = [
+            tuple(ids[mask.bool()].tolist())
+            for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])
+        ]
+        self.seen.append((task, rows))
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+@pytest.mark.parametrize("completion_only", [True, False])
+def test_every_step_trains_on_its_own_tasks_rows_under_truncation(
+    tmp_path, tiny_tokenizer, caplog, completion_only
+):
+    data = _tasks()
+    max_length = 24
+    expected = {}
+    for task, dataset in data.items():
+        encoded = [
+            tokenize_example(tiny_tokenizer, r["prompt"], r["completion"], max_length) for r in dataset
+        ]
+        kept = [e for e in encoded if any(e["completion_mask"])] if completion_only else encoded
+        expected[task] = {tuple(e["input_ids"]) for e in kept}
+    dropped = len(data["long"]) - sum(
+        1
+        for r in data["long"]
+        if any(tokenize_example(tiny_tokenizer, r["prompt"], r["completion"], max_length)["completion_mask"])
+    )
+    assert completion_only is False or dropped == 6  # the fixture really truncates prompts away
+    args = MetisConfig(
+        output_dir=str(tmp_path / "run"),
+        num_rounds=2,
+        local_steps=4,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_length=max_length,
+        completion_only_loss=completion_only,
+        merge_method="task_arithmetic",
+        use_cpu=True,
+        disable_tqdm=True,
+        report_to="none",
+    )
+    with caplog.at_level(logging.WARNING, logger="metis_hf"):
+        trainer = _RecordingTrainer(
+            model=make_tiny_model(len(tiny_tokenizer)),
+            args=args,
+            train_dataset=data,
+            processing_class=tiny_tokenizer,
+            peft_config=LoraConfig(**LORA),
+        )
+    trainer.seen = []
+    trainer.train()
+    assert len(trainer.seen) == 2 * 2 * 4 * 2  # rounds x tasks x steps x micro-batches
+    for task, rows in trainer.seen:
+        assert all(row in expected[task] for row in rows), f"a {task} step holds another task's rows"
+    warned = [r.getMessage() for r in caplog.records if "are dropped" in r.getMessage()]
+    if completion_only:
+        assert warned == [
+            f"task 'long' train: {dropped} of 12 examples have no completion token within "
+            f"max_length={max_length} (the prompt fills it) and are dropped."
+        ]
+    else:
+        assert warned == []
+
+
+def test_a_task_with_no_trainable_example_is_named(tmp_path, tiny_tokenizer):
+    data = _tasks()
+    data["long"] = data["long"].select([1, 3])  # only the over-long prompts
+    args = MetisConfig(
+        output_dir=str(tmp_path / "run"),
+        max_length=24,
+        completion_only_loss=True,
+        merge_method="ties",
+        use_cpu=True,
+        local_steps=1,
+        num_rounds=1,
+    )
+    with pytest.raises(ValueError, match="task 'long' train: no example has a completion token left"):
+        MetisTrainer(
+            make_tiny_model(len(tiny_tokenizer)),
+            args,
+            data,
+            processing_class=tiny_tokenizer,
+            peft_config=LoraConfig(**LORA),
+        )
+
+
+@pytest.mark.parametrize("field", ["packing", "shuffle_dataset"])
+def test_packing_and_shuffling_are_refused(tmp_path, field):
+    with pytest.raises(ValueError, match=f"{field} is not supported"):
+        MetisConfig(output_dir=str(tmp_path), use_cpu=True, **{field: True})
