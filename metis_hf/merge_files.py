@@ -36,7 +36,13 @@ from tqdm.auto import tqdm
 
 from metis_hf.merging import get_merge_method
 from metis_hf.merging.checks import check_task_vectors
-from metis_hf.merging.task_vectors import check_same_keys, dense_to_lora, lora_to_dense, merge_state_dicts
+from metis_hf.merging.task_vectors import (
+    check_lora_factors,
+    check_same_keys,
+    dense_to_lora,
+    lora_to_dense,
+    merge_state_dicts,
+)
 from metis_hf.recipe import RecipeError, from_dict
 
 # Per-model YAML parameters -> the list parameter of our methods.
@@ -289,6 +295,13 @@ def _adapter_configs(folders: list[Path]) -> list[dict[str, Any]]:
         raise ValueError(
             f"{folders[0]} is a {configs[0].get('peft_type')} adapter; only LoRA adapters can be merged."
         )
+    for folder, cfg in zip(folders, configs):
+        if cfg.get("use_dora") or cfg.get("modules_to_save"):
+            what = "use_dora" if cfg.get("use_dora") else f"modules_to_save={cfg['modules_to_save']}"
+            raise ValueError(
+                f"Adapter {folder} has {what}: its extra tensors are not LoRA factors, and merging them "
+                "like factors would corrupt them. metis-hf merges plain LoRA adapters only."
+            )
     return configs
 
 
@@ -299,6 +312,7 @@ def _merge_adapters(config, folders, params, out: Path, progress: bool) -> Merge
         source = TensorSource(folder)
         states.append({k: source.get(k) for k in sorted(source.keys())})
     names = [str(f) for f in folders]
+    check_lora_factors(states, names)
     dtype = DTYPES.get(config.dtype) if config.dtype else states[0][next(iter(states[0]))].dtype
     truncation = None
     if config.space == "lora":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 from datasets import Dataset
 from peft import LoraConfig
 
@@ -128,3 +129,75 @@ def test_a_task_with_no_trainable_example_is_named(tmp_path, tiny_tokenizer):
 def test_packing_and_shuffling_are_refused(tmp_path, field):
     with pytest.raises(ValueError, match=f"{field} is not supported"):
         MetisConfig(output_dir=str(tmp_path), use_cpu=True, **{field: True})
+
+
+# --- 2. non-LoRA tensors are never merged as LoRA factors ---------------------------------------
+
+
+def _write_yaml(path, config):
+    import yaml
+
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def _saved_adapters(tmp_path, **lora_options):
+    from peft import get_peft_model
+
+    folders = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        model = get_peft_model(make_tiny_model(64), LoraConfig(**LORA, **lora_options))
+        folder = tmp_path / f"adapter{seed}"
+        model.save_pretrained(folder)
+        folders.append(str(folder))
+    return folders
+
+
+@pytest.mark.parametrize(
+    "options,culprit",
+    [(dict(modules_to_save=["lm_head"]), "modules_to_save"), (dict(use_dora=True), "use_dora")],
+)
+def test_merge_refuses_adapters_with_non_lora_tensors(tmp_path, capsys, options, culprit):
+    from metis_hf.cli import main
+
+    folders = _saved_adapters(tmp_path, **options)
+    config = _write_yaml(
+        tmp_path / "m.yaml",
+        {"merge_method": "ties", "models": [{"model": f} for f in folders], "parameters": {"density": 0.2}},
+    )
+    assert main(["merge", config, str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert culprit in err and "adapter0" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options", [dict(modules_to_save=["lm_head"]), dict(use_dora=True)])
+def test_non_lora_tensors_are_refused_even_when_the_config_hides_them(tmp_path, options):
+    """An adapter_config.json edited by hand: the tensors themselves are checked too."""
+    import json
+
+    from metis_hf.merge_files import MergeConfig, ModelEntry, run_merge
+
+    folders = _saved_adapters(tmp_path, **options)
+    for folder in folders:
+        path = tmp_path / folder / "adapter_config.json"
+        config = json.loads(path.read_text())
+        config.update(use_dora=False, modules_to_save=None)
+        path.write_text(json.dumps(config))
+    config = MergeConfig("ties", [ModelEntry(f) for f in folders], parameters={"density": 0.2})
+    with pytest.raises(ValueError, match="is (a DoRA magnitude|not a LoRA factor)"):
+        run_merge(config, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("option", [dict(use_dora=True), dict(modules_to_save=["lm_head"])])
+def test_trainer_refuses_lora_options_it_cannot_merge(tmp_path, tiny_tokenizer, option):
+    args = MetisConfig(output_dir=str(tmp_path), use_cpu=True, merge_method="ties", local_steps=1)
+    with pytest.raises(ValueError, match=f"peft_config.{next(iter(option))} is not supported"):
+        MetisTrainer(
+            make_tiny_model(len(tiny_tokenizer)),
+            args,
+            _tasks(),
+            processing_class=tiny_tokenizer,
+            peft_config=LoraConfig(**LORA, **option),
+        )

@@ -82,6 +82,26 @@ def check_same_keys(
     return keys
 
 
+_LORA_FACTOR = re.compile(r"\.lora_(A|B)\.weight$|\.lora_embedding_(A|B)$")
+
+
+def check_lora_factors(
+    states: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str] | None = None
+) -> None:
+    """Refuse adapter tensors that are not LoRA factors: a ``modules_to_save`` copy is a full weight
+    and a DoRA ``lora_magnitude_vector`` a per-row norm; merging either elementwise like a factor
+    (TIES trimming, consensus masks) would corrupt it."""
+    names = list(names or [f"input {i}" for i in range(len(states))])
+    for name, state in zip(names, states):
+        for key in state:
+            if not _LORA_FACTOR.search(key):
+                kind = "a DoRA magnitude" if "lora_magnitude_vector" in key else "not a LoRA factor"
+                raise ValueError(
+                    f"{name}: tensor {key!r} is {kind} (modules_to_save or DoRA?). metis-hf merges "
+                    "plain LoRA adapters only (lora_A/lora_B); train without modules_to_save and use_dora."
+                )
+
+
 def merge_state_dicts(
     method: str,
     states: Sequence[Mapping[str, torch.Tensor]],
@@ -208,6 +228,7 @@ def merge_lora_states(
     the reference code's way), or in the dense delta space ``scaling * B @ A`` and back to rank
     ``rank`` by SVD. Returns the merged LoRA state and, for the dense space, the relative
     truncation error."""
+    check_lora_factors(states, names)
     if space == "lora":
         return merge_state_dicts(method, states, names=names, **params), None
     if space != "delta":

@@ -114,6 +114,12 @@ class MetisTrainer(SFTTrainer):
         peft_config = peft_config if peft_config is not None else default_lora_config()
         if not isinstance(peft_config, LoraConfig):
             raise ValueError(f"peft_config must be a peft.LoraConfig, got {type(peft_config).__name__}.")
+        for option in ("use_dora", "modules_to_save", "trainable_token_indices"):
+            if getattr(peft_config, option, None):
+                raise ValueError(
+                    f"peft_config.{option} is not supported: its tensors are not LoRA factors, and "
+                    "MetisTrainer merges LoRA A and B only (they would never be merged)."
+                )
         self._parallel = args.task_schedule == "parallel"
         self._rows_per_task = args.per_device_train_batch_size
         self._step_tokens = [0] * len(self.task_names)
