@@ -25,7 +25,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         from metis_hf.hub import check_repo_id
 
         check_repo_id(args.push_to_hub)
-    summary = run_merge(config, args.output_dir, overwrite=args.overwrite, config_text=text)
+    summary = run_merge(
+        config, args.output_dir, overwrite=args.overwrite, config_text=text, config_path=args.config
+    )
     extra = (
         f"; rank-r truncation dropped {summary.truncation_error:.2%}"
         if summary.truncation_error is not None

@@ -222,6 +222,27 @@ class ShardWriter:
         (self.folder / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def check_output_dir(output_dir: Path, inputs: list[Path]) -> None:
+    """Refuse an output folder whose replacement would delete an input, the current folder, or
+    that is a file; before any work."""
+    out = output_dir.resolve()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{output_dir} is a file, not a folder; choose another output folder.")
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise ValueError(
+            f"Output folder {str(output_dir)!r} is the current folder or contains it; replacing it would "
+            "delete what is there. Choose a new folder."
+        )
+    for path in inputs:
+        resolved = path.resolve()
+        if resolved == out or out in resolved.parents:
+            raise ValueError(
+                f"Output folder {str(output_dir)!r} is or contains the input {str(path)!r}; replacing it "
+                "would delete that input. Choose another folder."
+            )
+
+
 def _atomic_output(output_dir: Path, overwrite: bool):
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} exists; pass --overwrite to replace it.")
@@ -258,8 +279,11 @@ def run_merge(
     overwrite: bool = False,
     config_text: str | None = None,
     progress: bool = True,
+    config_path: str | os.PathLike | None = None,
 ) -> MergeSummary:
     output_dir = Path(output_dir)
+    local = [entry.model for entry in config.models] + [config.base_model or "", str(config_path or "")]
+    check_output_dir(output_dir, [Path(p) for p in local if p and os.path.exists(p)])
     params = config.method_params()
     folders = [resolve_folder(entry.model) for entry in config.models]
     adapters = [is_adapter(f) for f in folders]

@@ -201,3 +201,23 @@ def test_trainer_refuses_lora_options_it_cannot_merge(tmp_path, tiny_tokenizer, 
             processing_class=tiny_tokenizer,
             peft_config=LoraConfig(**LORA, **option),
         )
+
+
+# --- 3. merge --overwrite never deletes its inputs ---------------------------------------------
+
+
+@pytest.mark.parametrize("out", ["adapters", "adapters/adapter0", ".", "file.txt", "m.yaml"])
+def test_merge_overwrite_refuses_outputs_that_would_delete_inputs(tmp_path, monkeypatch, capsys, out):
+    from metis_hf.cli import main
+
+    folders = _saved_adapters(tmp_path / "adapters")
+    config = _write_yaml(
+        tmp_path / "m.yaml", {"merge_method": "task_arithmetic", "models": [{"model": f} for f in folders]}
+    )
+    (tmp_path / "file.txt").write_text("keep me")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["merge", config, out, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert ("is a file" in err) if out in ("file.txt", "m.yaml") else ("would" in err and "delete" in err)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
