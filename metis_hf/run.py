@@ -76,11 +76,16 @@ def run_training(
     """Train a recipe, save the merged adapter to ``output_dir/merged``, and (by default) score the
     base and the merged model on every task's test split. Returns (and writes) ``results.json``."""
     from metis_hf.training import MetisTrainer
+    from metis_hf.training.trainer import check_merge_settings
 
     recipe = load_recipe(recipe_path, overrides)
     output_dir = Path(output_dir)
     args = metis_config_from_recipe(recipe, output_dir)
     lora = lora_config_from_recipe(recipe)
+    try:
+        check_merge_settings(args, [t.name for t in recipe.tasks])
+    except ValueError as err:
+        raise RecipeError(f"training: {err}") from err
     start = time.time()
     print(
         f"[metis-hf] model {recipe.model}; tasks {[t.name for t in recipe.tasks]}; "

@@ -221,3 +221,51 @@ def test_merge_overwrite_refuses_outputs_that_would_delete_inputs(tmp_path, monk
     err = capsys.readouterr().err
     assert ("is a file" in err) if out in ("file.txt", "m.yaml") else ("would" in err and "delete" in err)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+# --- 4. merge parameters are checked when the config or trainer is built -----------------------
+
+
+@pytest.mark.parametrize(
+    "field,message",
+    [
+        (dict(k=0), "k must be an integer >= 1"),
+        (dict(delta=-1.0), "delta must be a finite number >= 0"),
+        (dict(temperature=0.0), "temperature must be a finite number > 0"),
+        (dict(temperature=[2.0, -1.0], num_rounds=2), "temperature must be a finite number > 0"),
+        (dict(beta=float("nan")), "beta must be finite"),
+    ],
+)
+def test_metis_config_checks_its_merge_fields(tmp_path, field, message):
+    with pytest.raises(ValueError, match=message):
+        MetisConfig(output_dir=str(tmp_path), use_cpu=True, **field)
+
+
+@pytest.mark.parametrize(
+    "method,params,message",
+    [
+        ("metis", {"temperature": 0}, "temperature must be a finite number > 0"),
+        ("metis", {"k": 0}, r"k must be an integer in \[1, 2\]"),
+        ("metis", {"k": 3}, r"k must be an integer in \[1, 2\]"),
+        ("metis", {"delta": -1}, "delta must be a finite number >= 0"),
+        ("consensus_ta", {"k": 5}, r"k must be an integer in \[1, 2\]"),
+        ("ties", {"density": 0.0}, r"density must be in \(0, 1\]"),
+        ("dare_ties", {"density": 1.5}, r"density must be in \(0, 1\]"),
+        ("metis_robust", {"gap_normalization": "zscore"}, "gap_normalization must be one of"),
+        ("task_arithmetic", {"weights": [1.0, 2.0, 3.0]}, "weights has 3 entries for 2 task vectors"),
+    ],
+)
+def test_merge_params_fail_when_the_trainer_is_built(tmp_path, tiny_tokenizer, method, params, message):
+    args = MetisConfig(
+        output_dir=str(tmp_path), use_cpu=True, merge_method=method, merge_params=params, local_steps=1
+    )
+    data = _tasks()
+    with pytest.raises(ValueError, match=message):
+        MetisTrainer(
+            "unused-because-the-check-comes-first",
+            args,
+            data,
+            eval_dataset=data,
+            processing_class=tiny_tokenizer,
+            peft_config=LoraConfig(**LORA),
+        )

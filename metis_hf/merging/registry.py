@@ -34,6 +34,13 @@ class MergeMethod:
             )
         return self.function(list(task_vectors), **params)
 
+    def check(self, num_tasks: int, **params) -> None:
+        """Raise the error a merge of ``num_tasks`` task vectors with ``params`` would raise, before
+        any real data exists: the method's own checks run on tiny probe vectors, so each
+        parameter's domain is stated once, in the method."""
+        probe = [torch.linspace(-1.0, 1.0, 8) * (t + 1) for t in range(num_tasks)]
+        self(probe, **params)
+
 
 _METHODS: dict[str, MergeMethod] = {}
 

@@ -9,6 +9,7 @@ import torch
 from trl import SFTConfig
 
 from metis_hf.merging import get_merge_method
+from metis_hf.merging.checks import check_delta, check_finite_number, check_positive
 
 PROTOCOLS = ("many_shot", "post_hoc")
 TASK_SCHEDULES = ("sequential", "interleaved", "parallel")
@@ -178,6 +179,12 @@ class MetisConfig(SFTConfig):
             value = getattr(self, name)
             if isinstance(value, list) and len(value) != self.num_rounds:
                 raise ValueError(f"{name} has {len(value)} values for {self.num_rounds} rounds.")
+        for round_index in range(self.num_rounds):
+            check_positive(self.per_round("temperature", round_index), "temperature")
+            check_finite_number(self.per_round("beta", round_index), "beta")
+        check_delta(self.delta)
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {self.k!r}.")
         if self.packing:
             raise ValueError("packing is not supported: each optimizer step must hold one task's examples.")
         if self.shuffle_dataset:

@@ -34,7 +34,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
 from metis_hf.evaluation.loss import per_example_losses_on
-from metis_hf.merging import loss_gap_weights, robust_weights
+from metis_hf.merging import get_merge_method, loss_gap_weights, robust_weights
 from metis_hf.merging.task_vectors import (
     load_lora_state,
     lora_parameters,
@@ -111,6 +111,7 @@ class MetisTrainer(SFTTrainer):
         if not isinstance(args, MetisConfig):
             raise TypeError(f"args must be a MetisConfig, got {type(args).__name__}.")
         self.task_names = _check_tasks(args, train_dataset, eval_dataset)
+        check_merge_settings(args, self.task_names)
         peft_config = peft_config if peft_config is not None else default_lora_config()
         if not isinstance(peft_config, LoraConfig):
             raise ValueError(f"peft_config must be a peft.LoraConfig, got {type(peft_config).__name__}.")
@@ -570,6 +571,23 @@ def merge_parameters(
     scale = float(params.get("scale", 1.0))
     weights = params.get("weights") or [1.0] * count
     return params, [scale * float(w) for w in weights]
+
+
+def check_merge_settings(args: MetisConfig, task_names: list[str]) -> None:
+    """Every round's merge parameters, checked by the method itself on probe vectors (zero gaps,
+    unit losses), so a bad value fails when the trainer is built, not after a round of training."""
+    method = get_merge_method(args.merge_method)
+    gaps = dict.fromkeys(task_names, 0.0)
+    losses = dict.fromkeys(task_names, 1.0)
+    rounds = args.num_rounds if args.protocol == "many_shot" else 1
+    for round_index in range(rounds):
+        params, _ = merge_parameters(args, args.merge_method, task_names, round_index, gaps, losses)
+        try:
+            method.check(len(task_names), **params)
+        except ValueError as err:
+            raise ValueError(
+                f"{args.merge_method} merge of {len(task_names)} tasks (round {round_index + 1}): {err}"
+            ) from err
 
 
 def _check_tasks(
