@@ -178,18 +178,23 @@ class Recipe:
                 )
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 class RecipeError(ValueError):
     """A recipe that does not validate; the message starts with the offending key's path."""
 
 
-def _check_type(value: Any, annotation: Any, path: str) -> Any:
+def check_type(value: Any, annotation: Any, path: str) -> Any:
+    """``value`` checked against a type annotation (ints widen to float, numeric strings such as
+    ``1e-4`` become floats); a mismatch raises :class:`RecipeError` naming ``path``."""
     origin = typing.get_origin(annotation)
     if annotation is Any:
         return value
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(annotation):
             try:
-                return _check_type(value, option, path)
+                return check_type(value, option, path)
             except RecipeError:
                 continue
         raise RecipeError(f"{path}: {value!r} does not match {annotation}")
@@ -203,14 +208,16 @@ def _check_type(value: Any, annotation: Any, path: str) -> Any:
         if not isinstance(value, list):
             raise RecipeError(f"{path}: expected a list, got {type(value).__name__}")
         (item_type,) = typing.get_args(annotation) or (Any,)
-        return [_check_type(v, item_type, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [check_type(v, item_type, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise RecipeError(f"{path}: expected a mapping, got {type(value).__name__}")
         _, value_type = typing.get_args(annotation) or (Any, Any)
-        return {k: _check_type(v, value_type, f"{path}.{k}") for k, v in value.items()}
+        return {k: check_type(v, value_type, f"{path}.{k}") for k, v in value.items()}
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)  # PyYAML (YAML 1.1) reads 1e-4, without a dot, as a string
     if annotation in (int, float) and isinstance(value, bool):
         raise RecipeError(f"{path}: expected {annotation.__name__}, got a boolean")
     if isinstance(annotation, type) and not isinstance(value, annotation):
@@ -230,7 +237,7 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
         raise RecipeError(
             f"{path + '.' if path else ''}{unknown[0]}: unknown key (allowed: {', '.join(sorted(names))})"
         )
-    kwargs = {k: _check_type(v, hints[k], f"{path + '.' if path else ''}{k}") for k, v in data.items()}
+    kwargs = {k: check_type(v, hints[k], f"{path + '.' if path else ''}{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +14,14 @@ from metis_hf.evaluation import TaskScore, format_score_table, score_tasks
 from metis_hf.files import write_json
 from metis_hf.hub import card_info_for, write_card
 from metis_hf.models import load_model_and_tokenizer
-from metis_hf.recipe import Recipe, RecipeError, default_recipe_path, load_recipe
+from metis_hf.recipe import Recipe, RecipeError, check_type, default_recipe_path, load_recipe
 
 
 def metis_config_from_recipe(recipe: Recipe, output_dir: str | os.PathLike, **extra: Any):
     from metis_hf.training import MetisConfig
 
-    allowed = {f.name for f in dataclasses.fields(MetisConfig) if f.init}
-    unknown = sorted(set(recipe.training) - allowed)
-    if unknown:
-        raise RecipeError(f"training.{unknown[0]}: unknown MetisConfig field")
-    values = {"seed": recipe.seed, "disable_tqdm": False, "logging_steps": 10, **recipe.training, **extra}
+    training = typed_fields(MetisConfig, {**recipe.training, **extra}, "training")
+    values = {"seed": recipe.seed, "disable_tqdm": False, "logging_steps": 10, **training}
     try:
         return MetisConfig(output_dir=str(output_dir), **values)
     except (TypeError, ValueError) as err:
@@ -35,12 +33,23 @@ def lora_config_from_recipe(recipe: Recipe):
 
     from metis_hf.training.trainer import default_lora_config
 
-    values = {**default_lora_config().to_dict(), **recipe.lora}
     allowed = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
-    unknown = sorted(set(recipe.lora) - allowed)
+    values = {**default_lora_config().to_dict(), **typed_fields(LoraConfig, recipe.lora, "lora")}
+    try:
+        return LoraConfig(**{k: v for k, v in values.items() if k in allowed})
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"lora: {err}") from err
+
+
+def typed_fields(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
+    """A recipe section's values checked against the fields of dataclass ``cls`` (``1e-4`` read as a
+    float); an unknown field or a wrong type names its key path."""
+    hints = typing.get_type_hints(cls)
+    allowed = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - allowed)
     if unknown:
-        raise RecipeError(f"lora.{unknown[0]}: unknown LoraConfig field")
-    return LoraConfig(**{k: v for k, v in values.items() if k in allowed})
+        raise RecipeError(f"{section}.{unknown[0]}: unknown {cls.__name__} field")
+    return {key: check_type(value, hints[key], f"{section}.{key}") for key, value in values.items()}
 
 
 def _scores(model, tokenizer, tasks, recipe: Recipe) -> dict[str, TaskScore]:

@@ -269,3 +269,28 @@ def test_merge_params_fail_when_the_trainer_is_built(tmp_path, tiny_tokenizer, m
             processing_class=tiny_tokenizer,
             peft_config=LoraConfig(**LORA),
         )
+
+
+# --- 5. recipe sections are type-checked; YAML 1.1's 1e-4 is a number --------------------------
+
+
+def test_yaml_numbers_without_a_dot_are_floats_and_sections_are_type_checked(tmp_path, tiny_tokenizer):
+    from metis_hf.recipe import RecipeError, load_recipe
+    from metis_hf.run import lora_config_from_recipe, metis_config_from_recipe
+    from tests.conftest import write_tiny_recipe
+
+    path = write_tiny_recipe(tmp_path, tiny_tokenizer)
+    recipe = load_recipe(path, ["training.learning_rate=1e-4", "lora.lora_dropout=5e-2"])
+    assert metis_config_from_recipe(recipe, tmp_path / "o").learning_rate == 1e-4
+    assert lora_config_from_recipe(recipe).lora_dropout == 0.05
+    for override, message in [
+        ("training.learning_rate=fast", r"training.learning_rate: expected float, got str \('fast'\)"),
+        ("training.num_rounds=two", r"training.num_rounds: expected int, got str \('two'\)"),
+        ("training.local_steps=[1, 2]", r"training.local_steps: \[1, 2\] does not match"),
+        ("lora.r=sixteen", "lora.r: expected int, got str"),
+        ("training.num_rounds=1e-4", r"training.num_rounds: expected int, got str \('1e-4'\)"),
+    ]:
+        with pytest.raises(RecipeError, match=message):
+            recipe = load_recipe(path, [override])
+            metis_config_from_recipe(recipe, tmp_path / "o")
+            lora_config_from_recipe(recipe)
