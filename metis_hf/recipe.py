@@ -255,21 +255,38 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     data = copy.deepcopy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise RecipeError(f"--set {item!r}: expected KEY=VALUE")
-        node: Any = data
         parts = key.split(".")
-        for part in parts[:-1]:
+        if not sep or not all(parts):
+            raise RecipeError(f"--set {item!r}: expected KEY.PATH=VALUE")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or "not valid YAML"
+            raise RecipeError(f"--set {key}: the value {raw!r} is not valid YAML ({problem})") from None
+        node: Any = data
+        for depth, part in enumerate(parts):
+            where = ".".join(parts[:depth]) or "the recipe"
+            last = depth == len(parts) - 1
             if isinstance(node, list):
-                node = node[int(part)]
+                if not re.fullmatch(r"\d+", part):
+                    raise RecipeError(f"--set {key}: {where} is a list; {part!r} is not an index")
+                if int(part) >= len(node):
+                    raise RecipeError(
+                        f"--set {key}: {where} has {len(node)} entries, so index {part} does not exist"
+                    )
+                index: int | str = int(part)
+            elif isinstance(node, dict):
+                index = part
+                if not last:
+                    node.setdefault(part, {})
             else:
-                node = node.setdefault(part, {})
-        last = parts[-1]
-        value = yaml.safe_load(raw)
-        if isinstance(node, list):
-            node[int(last)] = value
-        else:
-            node[last] = value
+                raise RecipeError(
+                    f"--set {key}: {where} is a {type(node).__name__} ({node!r}), not a mapping or list"
+                )
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
     return data
 
 

@@ -6,6 +6,7 @@ names the culprit, or is handled correctly; nothing the user had is lost or sile
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import torch
@@ -294,3 +295,46 @@ def test_yaml_numbers_without_a_dot_are_floats_and_sections_are_type_checked(tmp
             recipe = load_recipe(path, [override])
             metis_config_from_recipe(recipe, tmp_path / "o")
             lora_config_from_recipe(recipe)
+
+
+# --- 6. --set paths and values ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("tasks.5.name=x", "--set tasks.5.name: tasks has 2 entries, so index 5 does not exist"),
+        ("seed.x=1", r"--set seed.x: seed is a int \(1\), not a mapping or list"),
+        ("tasks.0.name.x=1", r"--set tasks.0.name.x: tasks.0.name is a str \('chain_sum'\), not a mapping"),
+        ("tasks.x.name=foo", "--set tasks.x.name: tasks is a list; 'x' is not an index"),
+        ("tasks=[1", r"--set tasks: the value '\[1' is not valid YAML"),
+        ("training..lr=1", "expected KEY.PATH=VALUE"),
+        ("=3", "expected KEY.PATH=VALUE"),
+    ],
+)
+def test_set_overrides_name_the_path(tmp_path, tiny_tokenizer, capsys, override, message):
+    from metis_hf.cli import main
+    from tests.conftest import write_tiny_recipe
+
+    path = write_tiny_recipe(tmp_path, tiny_tokenizer)
+    capsys.readouterr()
+    assert main(["train", str(path), "--output-dir", str(tmp_path / "o"), "--set", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_set_overrides_still_create_and_replace_keys():
+    from metis_hf.recipe import apply_overrides
+
+    data = {"tasks": [{"name": "a"}], "training": {}}
+    out = apply_overrides(
+        data, ["tasks.0.name=b", "training.lr=1e-4", "compare.seeds=[0, 1]", "new.deep.key=x"]
+    )
+    assert out == {
+        "tasks": [{"name": "b"}],
+        "training": {"lr": "1e-4"},
+        "compare": {"seeds": [0, 1]},
+        "new": {"deep": {"key": "x"}},
+    }
+    assert data == {"tasks": [{"name": "a"}], "training": {}}
