@@ -29,7 +29,7 @@ def test_overrides_parse_yaml_values():
         {"tasks": [{"name": "a"}], "seed": 0}, ["seed=3", "tasks.0.train_size=7", "lora.r=8"]
     )
     assert data == {"tasks": [{"name": "a", "train_size": 7}], "seed": 3, "lora": {"r": 8}}
-    with pytest.raises(RecipeError, match="KEY=VALUE"):
+    with pytest.raises(RecipeError, match="KEY.PATH=VALUE"):
         apply_overrides({}, ["seed"])
 
 
