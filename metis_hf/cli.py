@@ -13,7 +13,9 @@ from huggingface_hub.errors import HfHubHTTPError
 def _cmd_train(args: argparse.Namespace) -> int:
     from metis_hf.run import run_training
 
-    run_training(args.recipe, args.output_dir, overrides=args.set, evaluate=not args.no_eval)
+    run_training(
+        args.recipe, args.output_dir, overrides=args.set, evaluate=not args.no_eval, overwrite=args.overwrite
+    )
     return 0
 
 
@@ -99,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="Override a recipe key."
     )
-    demo.set_defaults(func=_cmd_train, recipe=None, no_eval=False)
+    demo.set_defaults(func=_cmd_train, recipe=None, no_eval=False, overwrite=True)  # a demo reruns
 
     train = sub.add_parser("train", help="Train a recipe with MetisTrainer; score base and merged models.")
     train.add_argument("recipe", help="Recipe YAML (see recipes/).")
@@ -114,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Override a recipe key, e.g. --set training.num_rounds=3 (repeatable).",
     )
     train.add_argument("--no-eval", action="store_true", help="Skip the generation scores.")
+    train.add_argument(
+        "--overwrite", action="store_true", help="Replace an earlier run's outputs in --output-dir."
+    )
     train.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("eval", help="Score a model, checkpoint or adapter on tasks (and harness tasks).")

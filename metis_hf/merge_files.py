@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from metis_hf.files import replace_dir
 from metis_hf.merging import get_merge_method
 from metis_hf.merging.checks import check_task_vectors
 from metis_hf.merging.task_vectors import (
@@ -250,18 +251,6 @@ def _atomic_output(output_dir: Path, overwrite: bool):
     return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
 
 
-def _move_into_place(tmp: Path, output_dir: Path) -> None:
-    os.chmod(tmp, 0o755)
-    if output_dir.exists():
-        old = output_dir.with_name(f".{output_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(output_dir, old)
-        os.replace(tmp, output_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, output_dir)
-
-
 # --- the merge ---------------------------------------------------------------------------------
 
 
@@ -296,7 +285,7 @@ def run_merge(
         else:
             summary = _merge_checkpoints(config, folders, params, tmp, progress)
         _write_card(tmp, config, summary, config_text)
-        _move_into_place(tmp, output_dir)
+        replace_dir(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

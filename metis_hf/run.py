@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import time
 import typing
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 from metis_hf.data import build_tasks
 from metis_hf.evaluation import TaskScore, format_score_table, score_tasks
-from metis_hf.files import write_json
+from metis_hf.files import replace_dir, write_json
 from metis_hf.hub import card_info_for, write_card
 from metis_hf.models import load_model_and_tokenizer
 from metis_hf.recipe import Recipe, RecipeError, check_type, default_recipe_path, load_recipe
@@ -81,14 +82,23 @@ def run_training(
     output_dir: str | os.PathLike,
     overrides: list[str] | None = None,
     evaluate: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train a recipe, save the merged adapter to ``output_dir/merged``, and (by default) score the
-    base and the merged model on every task's test split. Returns (and writes) ``results.json``."""
+    base and the merged model on every task's test split. Returns (and writes) ``results.json``.
+    An earlier run's outputs in ``output_dir`` are replaced only with ``overwrite``, once the new
+    merged adapter is complete."""
     from metis_hf.training import MetisTrainer
-    from metis_hf.training.trainer import check_merge_settings
+    from metis_hf.training.trainer import ROUNDS_FILE, check_merge_settings
 
     recipe = load_recipe(recipe_path, overrides)
     output_dir = Path(output_dir)
+    earlier = [n for n in ("merged", "results.json", ROUNDS_FILE) if (output_dir / n).exists()]
+    if earlier and not overwrite:
+        raise FileExistsError(
+            f"{output_dir} holds an earlier run ({', '.join(earlier)}); pass --overwrite to replace it "
+            "or choose another --output-dir."
+        )
     args = metis_config_from_recipe(recipe, output_dir)
     lora = lora_config_from_recipe(recipe)
     try:
@@ -121,7 +131,9 @@ def run_training(
     trained_at = time.time()
     trainer.train()
     results["train_seconds"] = time.time() - trained_at
-    trainer.save_model(str(output_dir / "merged"))
+    staged = tempfile.mkdtemp(prefix=".merged-", dir=output_dir)
+    trainer.save_model(staged)
+    replace_dir(staged, output_dir / "merged")
     results["rounds"] = trainer.round_records
     if evaluate:
         tables["merged"] = _scores(trainer.peft_model, tokenizer, tasks, recipe)

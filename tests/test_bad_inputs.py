@@ -338,3 +338,37 @@ def test_set_overrides_still_create_and_replace_keys():
         "new": {"deep": {"key": "x"}},
     }
     assert data == {"tasks": [{"name": "a"}], "training": {}}
+
+
+# --- 7. training over an earlier run -----------------------------------------------------------
+
+
+def test_train_refuses_an_earlier_run_without_overwrite_and_replaces_it_with(
+    tmp_path, tiny_tokenizer, capsys
+):
+    from safetensors.torch import load_file
+
+    from metis_hf.cli import main
+    from tests.conftest import write_tiny_recipe
+
+    path = write_tiny_recipe(tmp_path, tiny_tokenizer)
+    out = tmp_path / "out"
+    command = ["train", str(path), "--output-dir", str(out), "--no-eval"]
+    assert main([*command, "--set", "training.merge_method=task_arithmetic"]) == 0
+    first = load_file(str(out / "merged" / "adapter_model.safetensors"))
+    assert len((out / "rounds.jsonl").read_text().splitlines()) == 2
+    capsys.readouterr()
+    assert main([*command, "--set", "training.num_rounds=1"]) == 2
+    assert (
+        "holds an earlier run (merged, results.json, rounds.jsonl); pass --overwrite"
+        in capsys.readouterr().err
+    )
+    assert all(
+        torch.equal(first[k], v)
+        for k, v in load_file(str(out / "merged" / "adapter_model.safetensors")).items()
+    )
+    assert main([*command, "--overwrite", "--set", "training.num_rounds=1"]) == 0
+    assert len((out / "rounds.jsonl").read_text().splitlines()) == 1  # replaced, not appended
+    second = load_file(str(out / "merged" / "adapter_model.safetensors"))
+    assert any(not torch.equal(first[k], v) for k, v in second.items())
+    assert sorted(p.name for p in out.iterdir()) == ["merged", "results.json", "rounds.jsonl"]

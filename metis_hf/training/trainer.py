@@ -34,6 +34,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
 from metis_hf.evaluation.loss import per_example_losses_on
+from metis_hf.files import write_text_atomic
 from metis_hf.merging import get_merge_method, loss_gap_weights, robust_weights
 from metis_hf.merging.task_vectors import (
     load_lora_state,
@@ -267,6 +268,7 @@ class MetisTrainer(SFTTrainer):
             self._merged_val_losses = state["merged_val_losses"]
             self._merged_gap_losses = state.get("merged_gap_losses")
             self.round_records = state["round_records"]
+        self._reset_rounds_file(keep=len(self.round_records) if path else 0)
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         self._activate(MERGED)
         return output
@@ -488,6 +490,17 @@ class MetisTrainer(SFTTrainer):
             os.makedirs(self.args.output_dir, exist_ok=True)
             with open(os.path.join(self.args.output_dir, ROUNDS_FILE), "a") as handle:
                 handle.write(json.dumps({"step": self.state.global_step, **record}) + "\n")
+
+    def _reset_rounds_file(self, keep: int) -> None:
+        """``rounds.jsonl`` holds this run's rounds only: a fresh run starts it anew, a resumed run
+        keeps the rounds its checkpoint had finished (later lines would be logged again)."""
+        path = os.path.join(self.args.output_dir, ROUNDS_FILE)
+        if not self.is_world_process_zero() or not os.path.exists(path):
+            return
+        lines = open(path).read().splitlines(keepends=True)[:keep]
+        if not keep:
+            logger.warning("%s: replacing the rounds of an earlier run in this output_dir.", path)
+        write_text_atomic(path, "".join(lines))
 
     def _save_round_state(self, checkpoint_dir: str) -> None:
         state = {
