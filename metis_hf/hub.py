@@ -309,11 +309,14 @@ def push_folder(
     if revision is not None and not revision.strip():
         raise ValueError("--revision must not be empty.")
     keep = dry_run or stage_dir is not None
+    if stage_dir is not None and Path(stage_dir).exists() and any(Path(stage_dir).iterdir()):
+        raise FileExistsError(f"Stage folder {str(stage_dir)!r} is not empty.")
+    created = stage_dir is None or not Path(stage_dir).exists()
     staged = Path(stage_dir) if stage_dir is not None else Path(tempfile.mkdtemp(prefix="metis-hf-push-"))
-    if stage_dir is not None and staged.exists() and any(staged.iterdir()):
-        raise FileExistsError(f"Stage folder {str(staged)!r} is not empty.")
+    staging = True
     try:
         files = stage_folder(folder, staged, repo_id, allow_pickle)
+        staging = False
         result = PushResult(repo_id, staged, files, dry_run)
         if dry_run:
             return result
@@ -338,7 +341,8 @@ def push_folder(
         result.url = str(url)
         return result
     finally:
-        if not keep:
+        # A stage that failed half-way is never kept, and a folder made for it is removed.
+        if not keep or (staging and created):
             shutil.rmtree(staged, ignore_errors=True)
 
 

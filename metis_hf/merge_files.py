@@ -171,14 +171,24 @@ class TensorSource:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self._handles = [safe_open(str(f), framework="pt") for f in safetensors_files(folder)]
-        self.where = {key: h for h in self._handles for key in h.keys()}
+        self.where: dict[str, Any] = {}
+        self.file_of: dict[str, Path] = {}
+        for path in safetensors_files(folder):
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as err:  # safetensors' own errors do not name the file
+                raise ValueError(f"{path}: not a readable safetensors file ({err}).") from err
+            for key in handle.keys():
+                self.where[key], self.file_of[key] = handle, path
 
     def keys(self) -> list[str]:
         return list(self.where)
 
     def get(self, key: str) -> torch.Tensor:
-        return self.where[key].get_tensor(key)
+        try:
+            return self.where[key].get_tensor(key)
+        except Exception as err:
+            raise ValueError(f"{self.file_of[key]}: tensor {key!r} cannot be read ({err}).") from err
 
 
 # --- writing ----------------------------------------------------------------------------------
@@ -244,11 +254,39 @@ def check_output_dir(output_dir: Path, inputs: list[Path]) -> None:
             )
 
 
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}).") from err
+
+
+OWNER_FILE = ".metis-hf-owner"  # the pid of the merge writing a temporary output folder
+
+
 def _atomic_output(output_dir: Path, overwrite: bool):
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} exists; pass --overwrite to replace it.")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
+    _remove_stale_outputs(output_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
+    (tmp / OWNER_FILE).write_text(str(os.getpid()))
+    return tmp
+
+
+def _remove_stale_outputs(output_dir: Path) -> None:
+    """Temporary folders of earlier merges into ``output_dir`` whose process is gone (killed before
+    it could clean up) are removed; a running merge's folder is left alone."""
+    for folder in output_dir.parent.glob(f".{output_dir.name}-*"):
+        owner = folder / OWNER_FILE
+        if not owner.is_file():
+            continue
+        try:
+            os.kill(int(owner.read_text()), 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 # --- the merge ---------------------------------------------------------------------------------
@@ -285,6 +323,7 @@ def run_merge(
         else:
             summary = _merge_checkpoints(config, folders, params, tmp, progress)
         _write_card(tmp, config, summary, config_text)
+        (tmp / OWNER_FILE).unlink()
         replace_dir(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -294,7 +333,7 @@ def run_merge(
 
 
 def _adapter_configs(folders: list[Path]) -> list[dict[str, Any]]:
-    configs = [json.loads((f / "adapter_config.json").read_text()) for f in folders]
+    configs = [read_json(f / "adapter_config.json") for f in folders]
     for folder, cfg in zip(folders[1:], configs[1:]):
         for key in ("peft_type", "r", "lora_alpha", "target_modules", "use_rslora"):
             a, b = configs[0].get(key), cfg.get(key)

@@ -372,3 +372,75 @@ def test_train_refuses_an_earlier_run_without_overwrite_and_replaces_it_with(
     second = load_file(str(out / "merged" / "adapter_model.safetensors"))
     assert any(not torch.equal(first[k], v) for k, v in second.items())
     assert sorted(p.name for p in out.iterdir()) == ["merged", "results.json", "rounds.jsonl"]
+
+
+# --- 8. errors name the file; nothing half-written stays behind --------------------------------
+
+
+def _merge_yaml(tmp_path, folders, method="task_arithmetic"):
+    return _write_yaml(
+        tmp_path / "m.yaml", {"merge_method": method, "models": [{"model": f} for f in folders]}
+    )
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "adapter_model.safetensors: "),
+        (lambda p: p.write_bytes(b"garbage"), "adapter_model.safetensors: not a readable safetensors file"),
+        (
+            lambda p: (p.parent / "adapter_config.json").write_text("{r: 4,"),
+            "adapter_config.json: not valid JSON",
+        ),
+    ],
+    ids=["truncated", "garbage", "bad-config"],
+)
+def test_broken_files_are_named(tmp_path, capsys, damage, message):
+    from metis_hf.cli import main
+
+    folders = _saved_adapters(tmp_path)
+    damage(tmp_path / "adapter1" / "adapter_model.safetensors")
+    assert main(["merge", _merge_yaml(tmp_path, folders), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "adapter1") in err and message in err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out-*"))
+
+
+def test_stale_temporary_outputs_of_killed_merges_are_removed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from metis_hf.cli import main
+    from metis_hf.merge_files import OWNER_FILE
+
+    folders = _saved_adapters(tmp_path)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale, running = tmp_path / ".out-killed", tmp_path / ".out-running"
+    for folder, pid in ((stale, dead.stdout.strip()), (running, str(os.getpid()))):
+        folder.mkdir()
+        (folder / OWNER_FILE).write_text(pid)
+        (folder / "model-part00000.safetensors").write_bytes(b"partial")
+    assert main(["merge", _merge_yaml(tmp_path, folders), str(tmp_path / "out")]) == 0
+    assert not stale.exists() and running.exists()
+    assert not (tmp_path / "out" / OWNER_FILE).exists()
+
+
+def test_a_failed_dry_run_push_leaves_no_stage_folder(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    from metis_hf.cli import main
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "pytorch_model.bin").write_bytes(b"pickle")
+    (folder / "config.json").write_text("{}")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert main(["push", str(folder), "me/x", "--dry-run"]) == 2
+    assert "pickle" in capsys.readouterr().err
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert main(["push", str(folder), "me/x", "--dry-run", "--stage-dir", str(tmp_path / "stage")]) == 2
+    assert not (tmp_path / "stage").exists()
