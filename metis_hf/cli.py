@@ -45,12 +45,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_mergekit_yaml(args: argparse.Namespace) -> int:
-    from mergekit.scripts.run_yaml import main as mergekit_yaml
+    from metis_hf.merging.mergekit_bridge import run_mergekit_yaml
 
-    from metis_hf.merging.mergekit_bridge import register_with_mergekit
-
-    register_with_mergekit()
-    mergekit_yaml.main(args=[args.config, args.output_dir, *args.mergekit_args], standalone_mode=False)
+    run_mergekit_yaml(args.config, args.output_dir, args.mergekit_args)
     return 0
 
 

@@ -21,6 +21,7 @@ failed merge leaves no output directory behind.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -45,6 +46,8 @@ from metis_hf.merging.task_vectors import (
     merge_state_dicts,
 )
 from metis_hf.recipe import RecipeError, from_dict
+
+logger = logging.getLogger(__name__)
 
 # Per-model YAML parameters -> the list parameter of our methods.
 PER_MODEL_PARAMETERS = {"weight": "weights", "loss_gap": "loss_gaps", "alpha": "alphas", "seed": "seed"}
@@ -89,6 +92,8 @@ class MergeConfig:
             raise ValueError(f"dtype: {self.dtype!r} is not one of {sorted(DTYPES)}.")
         if self.space not in ("lora", "delta"):
             raise ValueError(f"space: {self.space!r} is not 'lora' or 'delta'.")
+        if self.granularity not in ("tensor", "global"):
+            raise ValueError(f"granularity: {self.granularity!r} is not 'tensor' or 'global'.")
         for i, entry in enumerate(self.models):
             unknown = sorted(set(entry.parameters) - set(PER_MODEL_PARAMETERS))
             if unknown:
@@ -347,6 +352,14 @@ def _adapter_configs(folders: list[Path]) -> list[dict[str, Any]]:
         raise ValueError(
             f"{folders[0]} is a {configs[0].get('peft_type')} adapter; only LoRA adapters can be merged."
         )
+    bases = {cfg.get("base_model_name_or_path") for cfg in configs}
+    if len(bases) > 1:
+        logger.warning(
+            "The adapters were trained on different base models (%s); their merge fits none of them exactly.",
+            ", ".join(
+                f"{folder}: {cfg.get('base_model_name_or_path')}" for folder, cfg in zip(folders, configs)
+            ),
+        )
     for folder, cfg in zip(folders, configs):
         if cfg.get("use_dora") or cfg.get("modules_to_save"):
             what = "use_dora" if cfg.get("use_dora") else f"modules_to_save={cfg['modules_to_save']}"
@@ -393,6 +406,11 @@ def _merge_checkpoints(config, folders, params, out: Path, progress: bool) -> Me
     if not config.base_model:
         raise ValueError(
             "base_model is required to merge full checkpoints (task vectors are fine-tuned - base)."
+        )
+    if config.granularity != "tensor":
+        raise ValueError(
+            f"granularity: {config.granularity!r} applies to adapters only; full checkpoints are merged "
+            "tensor by tensor while streaming (granularity: tensor)."
         )
     base_folder = resolve_folder(config.base_model)
     base = TensorSource(base_folder)

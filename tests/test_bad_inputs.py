@@ -444,3 +444,79 @@ def test_a_failed_dry_run_push_leaves_no_stage_folder(tmp_path, monkeypatch, cap
     assert list((tmp_path / "tmp").iterdir()) == []
     assert main(["push", str(folder), "me/x", "--dry-run", "--stage-dir", str(tmp_path / "stage")]) == 2
     assert not (tmp_path / "stage").exists()
+
+
+# --- 9. options are never silently ignored -----------------------------------------------------
+
+
+def test_granularity_is_checked_and_refused_for_checkpoints(tmp_path, capsys):
+    from metis_hf.cli import main
+    from tests.test_merge_files import _checkpoints
+
+    _checkpoints(tmp_path)
+    config = {
+        "merge_method": "ties",
+        "base_model": str(tmp_path / "base"),
+        "models": [{"model": str(tmp_path / f"ft{i}")} for i in range(2)],
+    }
+    for granularity, message in [
+        ("foo", "granularity: 'foo' is not 'tensor' or 'global'"),
+        ("global", "granularity: 'global' applies to adapters only"),
+    ]:
+        path = _write_yaml(tmp_path / "m.yaml", {**config, "granularity": granularity})
+        assert main(["merge", path, str(tmp_path / "out")]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(models_parameters=None), "loss_gap"),
+        (dict(parameters={"temprature": 1.0}), r"parameters.temprature: metis has no such parameter"),
+        (
+            dict(models_parameters={"loss_gap": 0.1, "weigth": 1}),
+            r"models\[0\].parameters.weigth: metis has no such",
+        ),
+        (dict(parameters={"k": 3}), r"k must be an integer in \[1, 2\]"),
+        (dict(merge_method="metiss"), "merge_method: unknown method 'metiss'"),
+    ],
+)
+def test_mergekit_yaml_refuses_what_mergekit_would_ignore(tmp_path, capsys, change, message):
+    from metis_hf.cli import main
+    from tests.test_merge_files import _checkpoints
+
+    _checkpoints(tmp_path)
+    per_model = change.get("models_parameters", {"loss_gap": 0.1})
+    config = {
+        "merge_method": change.get("merge_method", "metis"),
+        "base_model": str(tmp_path / "base"),
+        "models": [
+            {"model": str(tmp_path / f"ft{i}"), **({"parameters": per_model} if per_model else {})}
+            for i in range(2)
+        ],
+        "parameters": change.get("parameters", {}),
+        "dtype": "float32",
+    }
+    capsys.readouterr()
+    assert main(["mergekit-yaml", _write_yaml(tmp_path / "mk.yaml", config), str(tmp_path / "mk")]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "mk").exists()
+
+
+def test_adapters_of_different_base_models_are_warned_about(tmp_path, caplog):
+    import json
+
+    from metis_hf.merge_files import MergeConfig, ModelEntry, run_merge
+
+    folders = _saved_adapters(tmp_path)
+    for folder, base in zip(folders, ("org/model-a", "org/model-b")):
+        path = tmp_path / folder / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "base_model_name_or_path": base}))
+    with caplog.at_level(logging.WARNING, logger="metis_hf"):
+        run_merge(
+            MergeConfig("task_arithmetic", [ModelEntry(f) for f in folders]), tmp_path / "out", progress=False
+        )
+    assert any(
+        "different base models" in r.getMessage() and "org/model-b" in r.getMessage() for r in caplog.records
+    )

@@ -40,16 +40,16 @@ def _build_methods() -> list:
     contract = InputContract(base=BasePolicy.REQUIRED, min_non_base=1)
 
     def merge_group(group: TensorGroup, method: str, **params) -> torch.Tensor:
-        """Our ``method`` on the group's deltas to its base (k capped at the input count), plus the base."""
+        """Our ``method`` on the group's deltas to its base, plus the base. k above the input count
+        is an error (as in ``metis-hf merge``), not capped."""
         base = group.base.tensor
         task_vectors = [entry.tensor.float() - base.float() for entry in group.non_base]
-        params["k"] = min(params["k"], len(task_vectors))
         return (base.float() + merge(method, task_vectors, **params)).to(base.dtype)
 
     @merge_method(name="metis", pretty_name="METIS", reference_url=_PAPER_URL, contract=contract)
     def metis_kernel(
         group: TensorGroup,
-        loss_gap: PerNonBase[float] = 0.0,
+        loss_gap: PerNonBase[float],  # required: uniform weights are not METIS
         temperature: float = 2.0,
         delta: float = 0.3,
         k: int = 2,
@@ -73,7 +73,7 @@ def _build_methods() -> list:
     )
     def metis_robust_kernel(
         group: TensorGroup,
-        loss_gap: PerNonBase[float] = 0.0,
+        loss_gap: PerNonBase[float],
         reference_loss: PerNonBase[float] = 1.0,  # 1: the gaps are used as given
         gap_normalization: str = "relative",  # checked by robust_weights, which names it
         temperature: float = -1.0,  # negative: the normalization's default (0.1 relative, 1 standardized)
@@ -131,6 +131,39 @@ def register_with_mergekit() -> list[str]:
     return list(MERGEKIT_METHODS)
 
 
+def check_mergekit_config(data: Any) -> None:
+    """What mergekit's runner would ignore or report with a traceback, as one clear error: an
+    unknown method, and parameter names the method does not take (mergekit drops misspelt ones)."""
+    merge_methods = _import_mergekit()
+    if not isinstance(data, dict):
+        raise ValueError(f"a mergekit config is a mapping, got {type(data).__name__}.")
+    name = data.get("merge_method")
+    if name not in mergekit_method_names():
+        raise ValueError(
+            f"merge_method: unknown method {name!r}; mergekit has: {', '.join(mergekit_method_names())}."
+        )
+    known = {p.name for p in merge_methods.get(name).spec.parameters}
+    places = [("parameters", data.get("parameters"))]
+    for key in ("models", "slices"):
+        for i, entry in enumerate(data.get(key) or []):
+            places.append((f"{key}[{i}].parameters", (entry or {}).get("parameters")))
+            for j, source in enumerate((entry or {}).get("sources") or []):
+                places.append((f"{key}[{i}].sources[{j}].parameters", (source or {}).get("parameters")))
+    for where, params in places:
+        for param in params or {}:
+            if param not in known:
+                raise ValueError(
+                    f"{where}.{param}: {name} has no such parameter (it takes: {', '.join(sorted(known))})."
+                )
+    shared = data.get("parameters") or {}
+    for spec in merge_methods.get(name).spec.parameters:
+        if spec.required and spec.name not in shared:
+            per_model = [(w, p) for w, p in places if w.startswith("models[") or ".sources[" in w]
+            for where, params in per_model or [("parameters", shared)]:
+                if spec.name not in (params or {}):
+                    raise ValueError(f"{where}: {name} needs {spec.name!r} (for every model).")
+
+
 def mergekit_method_names() -> list[str]:
     return sorted(m.spec.name for m in _import_mergekit().registered_methods())
 
@@ -163,3 +196,28 @@ def mergekit_merge_method(name: str) -> MergeMethod:
 
     accepted = tuple(p for p in spec_params if p not in ("weight", "lambda")) + ("weights", "scale")
     return MergeMethod(f"mergekit:{name}", run, accepted, f"mergekit's {method.spec.pretty_name or name}")
+
+
+def run_mergekit_yaml(config_path: str, output_dir: str, mergekit_args: Sequence[str] = ()) -> None:
+    """mergekit's YAML runner with our methods registered, the config checked first, and no
+    output folder left behind by a failed run that created it."""
+    import os
+    import shutil
+
+    import yaml
+    from mergekit.scripts.run_yaml import main as mergekit_yaml
+
+    register_with_mergekit()
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{config_path}: not valid YAML: {err}") from err
+    check_mergekit_config(data)
+    existed = os.path.exists(output_dir)
+    try:
+        mergekit_yaml.main(args=[config_path, output_dir, *mergekit_args], standalone_mode=False)
+    except BaseException:
+        if not existed:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
