@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -75,6 +76,11 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     name = str(name_or_path)
     if name in BUILTIN_MODELS:
         return str(ensure_builtin_converted(name))
+    if not os.path.isdir(name) and not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name):
+        raise FileNotFoundError(
+            f"model {name!r}: no such folder, and not a Hub id (namespace/name) or a built-in name "
+            f"({', '.join(BUILTIN_MODELS)})."
+        )
     return name
 
 

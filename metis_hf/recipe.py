@@ -60,6 +60,10 @@ class EvaluationSpec:
     def __post_init__(self) -> None:
         if not self.generation and not self.harness:
             raise ValueError("generation: with generation off, list harness scores to evaluate.")
+        for name in ("batch_size", "max_new_tokens", "harness_batch_size", "limit", "harness_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}: must be >= 1, got {value}.")
 
 
 BASELINES = ["task_arithmetic", "ties", "dare_ties", "consensus_ta"]

@@ -520,3 +520,78 @@ def test_adapters_of_different_base_models_are_warned_about(tmp_path, caplog):
     assert any(
         "different base models" in r.getMessage() and "org/model-b" in r.getMessage() for r in caplog.records
     )
+
+
+# --- 10. the Python API ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method,vectors,params,message",
+    [
+        ("task_arithmetic", "mixed", {}, "Task vector 1 has dtype torch.bfloat16, task 0 has torch.float32"),
+        ("metis", "f32", {"alphas": [0.7, 0.5, -0.2]}, r"alphas must be >= 0 and sum to 1"),
+        ("metis", "f32", {"alphas": [0.2, 0.2, 0.2]}, r"alphas must be >= 0 and sum to 1"),
+        ("metis_robust", "f32", {"alphas": [0.5, 0.5, 0.5]}, r"alphas must be >= 0 and sum to 1"),
+        (
+            "metis",
+            "f32",
+            {"loss_gaps": 0.1},
+            r"loss_gaps must be a list of 3 numbers in task order, got float",
+        ),
+        ("dare_ties", "f32", {"seed": 1.5}, r"seed must be an integer or a list of 3 integers, got 1.5"),
+        ("dare_linear", "f32", {"seed": [1, 2]}, "seed has 2 entries for 3 task vectors"),
+        (
+            "task_arithmetic",
+            "f32",
+            {"weights": {"a": 1.0}},
+            r"weights must be a list of 3 numbers in task order, got dict",
+        ),
+        ("ties", "f32", {"weights": ["x", 1, 2]}, r"weights must be a list of 3 numbers"),
+    ],
+)
+def test_merge_api_bad_inputs(method, vectors, params, message):
+    from metis_hf.merging import merge
+
+    taus = [torch.randn(10, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    if vectors == "mixed":
+        taus[1] = taus[1].bfloat16()
+    with pytest.raises(ValueError, match=message):
+        merge(method, taus, **params)
+
+
+@pytest.mark.parametrize(
+    "train,message",
+    [
+        (
+            {"a": [{"prompt": "x", "completion": "y"}]},
+            r"train_dataset\['a'\] is a list, not a datasets.Dataset",
+        ),
+        ({"math/easy": None}, r"Task name 'math/easy' is not usable as an adapter and folder name"),
+        ({"..": None}, r"Task name '..' is not usable"),
+    ],
+)
+def test_trainer_api_bad_inputs(tmp_path, tiny_tokenizer, train, message):
+    args = MetisConfig(output_dir=str(tmp_path), use_cpu=True, merge_method="ties", local_steps=1)
+    with pytest.raises(ValueError, match=message):
+        MetisTrainer(make_tiny_model(len(tiny_tokenizer)), args, train, processing_class=tiny_tokenizer)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("evaluation.batch_size=0", "evaluation.batch_size: must be >= 1, got 0"),
+        ("evaluation.max_new_tokens=-1", "evaluation.max_new_tokens: must be >= 1, got -1"),
+        ("model=/nonexistent", "model '/nonexistent': no such folder, and not a Hub id"),
+    ],
+)
+def test_train_recipe_values_users_get_wrong(tmp_path, tiny_tokenizer, capsys, override, message):
+    from metis_hf.cli import main
+    from tests.conftest import write_tiny_recipe
+
+    path = write_tiny_recipe(tmp_path, tiny_tokenizer)
+    capsys.readouterr()
+    assert (
+        main(["train", str(path), "--output-dir", str(tmp_path / "o"), "--no-eval", "--set", override]) == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and len(err[-1]) < 300, err

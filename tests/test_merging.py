@@ -116,7 +116,8 @@ def test_metis_strict_and_consensus_ta_non_strict_differ_on_a_tie():
     # Exactly representable: task 0's entry 0.5 against the rest 1.0 at delta 0.5 is a tie, so
     # METIS (>) gives it no ownership and ConsensusTA (>=) does.
     vs = [torch.tensor([0.5]), torch.tensor([1.0])]
-    assert merge("metis", vs, alphas=[1.0, 1.0], delta=0.5, k=2).item() == 0.0
+    doubled = [2 * v for v in vs]  # METIS's alphas sum to 1: weighted by 0.5 these are vs again
+    assert merge("metis", doubled, alphas=[0.5, 0.5], delta=0.5, k=2).item() == 0.0
     assert merge("consensus_ta", vs, delta=0.5, k=2).item() == 1.5
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -25,6 +25,10 @@ def check_task_vectors(
             )
         if not v.is_floating_point():
             raise ValueError(f"Task vector {i}{where} has dtype {v.dtype}; merging needs floating point.")
+        if v.dtype != first.dtype:
+            raise ValueError(
+                f"Task vector {i}{where} has dtype {v.dtype}, task 0 has {first.dtype}; cast them to one dtype."
+            )
         if v.device != first.device:
             raise ValueError(f"Task vector {i}{where} is on {v.device}, task 0 on {first.device}.")
         if check_finite and not all_finite(v):
@@ -47,12 +51,41 @@ def check_weights(
 ) -> list[float]:
     if weights is None:
         return [1.0] * count
-    values = [float(w) for w in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]
+    if isinstance(weights, torch.Tensor):
+        weights = weights.tolist()
+    if isinstance(weights, Mapping) or not isinstance(weights, Sequence) or isinstance(weights, str):
+        raise ValueError(
+            f"{name} must be a list of {count} numbers in task order, got {type(weights).__name__} ({weights!r})."
+        )
+    try:
+        values = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a list of {count} numbers, got {weights!r}.") from None
     if len(values) != count:
         raise ValueError(f"{name} has {len(values)} entries for {count} task vectors.")
     if not all(math.isfinite(w) for w in values):
         raise ValueError(f"{name} must be finite, got {values}.")
     return values
+
+
+def check_convex_weights(weights: Sequence[float], name: str = "alphas") -> list[float]:
+    """Weights of a convex combination: none negative, summing to 1 (the merge keeps one adapter's
+    scale only then)."""
+    if any(w < 0 for w in weights) or not math.isclose(sum(weights), 1.0, abs_tol=1e-4):
+        raise ValueError(f"{name} must be >= 0 and sum to 1 (a convex combination), got {list(weights)}.")
+    return list(weights)
+
+
+def check_seed(seed, count: int):
+    """None, an integer, or one integer per task vector."""
+    if seed is None or (isinstance(seed, int) and not isinstance(seed, bool)):
+        return seed
+    if isinstance(seed, Sequence) and not isinstance(seed, str):
+        if all(isinstance(s, int) and not isinstance(s, bool) for s in seed):
+            if len(seed) != count:
+                raise ValueError(f"seed has {len(seed)} entries for {count} task vectors.")
+            return list(seed)
+    raise ValueError(f"seed must be an integer or a list of {count} integers, got {seed!r}.")
 
 
 def check_density(density: float) -> float:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from metis_hf.merging.checks import (
+    check_convex_weights,
     check_delta,
     check_finite_number,
     check_k,
@@ -91,7 +92,7 @@ def gap_weights(
         )
     if alphas is None:
         return from_gaps(check_weights(loss_gaps, count, "loss_gaps"))
-    return check_weights(alphas, count, "alphas")
+    return check_convex_weights(check_weights(alphas, count, "alphas"))
 
 
 @register_merge_method("metis")

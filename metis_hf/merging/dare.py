@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from metis_hf.merging.checks import check_density, check_finite_number, check_weights
+from metis_hf.merging.checks import check_density, check_finite_number, check_seed, check_weights
 from metis_hf.merging.chunks import CHUNK_ELEMENTS, as_column, chunked_merge
 from metis_hf.merging.registry import register_merge_method
 from metis_hf.merging.ties import elect_and_average
@@ -32,6 +32,7 @@ def keep_masks(
     """
     count = len(task_vectors)
     device = task_vectors[0].device
+    seed = check_seed(seed, count)
     if seed is None or isinstance(seed, int):
         shared = torch.Generator(device=device)
         if seed is None:
@@ -40,10 +41,7 @@ def keep_masks(
             shared.manual_seed(seed)
         generators = [shared] * count
     else:
-        seeds = [int(s) for s in seed]
-        if len(seeds) != count:
-            raise ValueError(f"seed has {len(seeds)} entries for {count} task vectors.")
-        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        generators = [torch.Generator(device=device).manual_seed(s) for s in seed]
     n = task_vectors[0].numel()
     starts = range(0, n, CHUNK_ELEMENTS)
     masks: list[list[torch.Tensor | None]] = [[None] * count for _ in starts]

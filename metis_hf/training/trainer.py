@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -610,18 +611,26 @@ def _check_tasks(
         raise ValueError("train_dataset must be a non-empty mapping of task name -> dataset.")
     names = list(train)
     for name in names:
-        if not isinstance(name, str) or not name or "." in name or name == MERGED:
+        # Task names become adapter names and folder names (task_adapters/<task>).
+        if not isinstance(name, str) or not re.fullmatch(r"[\w-]+", name) or name == MERGED:
             raise ValueError(
-                f"Task name {name!r} is not usable as an adapter name (no dots, not {MERGED!r})."
+                f"Task name {name!r} is not usable as an adapter and folder name (letters, digits, _ "
+                f"and - only; not {MERGED!r})."
             )
+        _check_dataset(train[name], f"train_dataset[{name!r}]")
         if len(train[name]) == 0:
             raise ValueError(f"Task {name!r} has no training data.")
     if validation is not None:
+        if not isinstance(validation, Mapping):
+            raise ValueError(
+                f"eval_dataset must be a mapping of task name -> dataset, got {type(validation).__name__}."
+            )
         if set(validation) != set(names):
             raise ValueError(
                 f"train and eval task names differ: train has {sorted(names)}, eval has {sorted(validation)}."
             )
         for name in names:
+            _check_dataset(validation[name], f"eval_dataset[{name!r}]")
             if len(validation[name]) == 0:
                 raise ValueError(f"Task {name!r} has an empty validation set.")
     elif args.merge_method in ("metis", "metis_robust"):
@@ -629,6 +638,14 @@ def _check_tasks(
             f"{args.merge_method} needs eval_dataset (a validation set per task) to measure its loss gaps."
         )
     return names
+
+
+def _check_dataset(dataset: Any, where: str) -> None:
+    if not isinstance(dataset, Dataset):
+        raise ValueError(
+            f"{where} is a {type(dataset).__name__}, not a datasets.Dataset; wrap rows with "
+            "datasets.Dataset.from_list(rows) (prompt and completion columns)."
+        )
 
 
 def _drop_untrained(tokenized: Dataset, name: str, completion_only: bool, max_length: int | None) -> Dataset:
