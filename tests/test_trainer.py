@@ -276,9 +276,13 @@ def test_round_rows_are_logged(tmp_path, tiny_tokenizer):
             "'empty' has no training data",
         ),
         (dict(val=None), "metis needs eval_dataset"),
-        (dict(train={"a.b": TRAIN["add1"]}, val={"a.b": VAL["add1"]}), "not usable as an adapter name"),
+        (
+            dict(train={"a.b": TRAIN["add1"]}, val={"a.b": VAL["add1"]}),
+            "not usable as an adapter and folder name",
+        ),
     ],
 )
+@pytest.mark.bad_input
 def test_bad_input_fails_before_training(tmp_path, tiny_tokenizer, change, message):
     with pytest.raises(ValueError, match=message):
         _trainer(tmp_path, tiny_tokenizer, **change)
@@ -296,11 +300,13 @@ def test_bad_input_fails_before_training(tmp_path, tiny_tokenizer, change, messa
         (dict(gap_tokens="prompt"), "gap_tokens must be one of"),
     ],
 )
+@pytest.mark.bad_input
 def test_bad_config(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         _config(tmp_path, **overrides)
 
 
+@pytest.mark.bad_input
 def test_non_lora_peft_config_is_refused(tmp_path, tiny_tokenizer):
     from peft import PrefixTuningConfig
 
@@ -438,6 +444,7 @@ def test_parallel_schedule_gives_the_same_merge(tmp_path, tiny_tokenizer):
         )
 
 
+@pytest.mark.bad_input
 def test_parallel_needs_a_batch_divisible_by_the_tasks(tmp_path, tiny_tokenizer):
     with pytest.raises(ValueError, match="multiple of the number of tasks"):
         _trainer(tmp_path, tiny_tokenizer, per_device_train_batch_size=4, task_schedule="parallel")
