@@ -8,9 +8,11 @@ import torch
 from metis_hf import models
 
 
-def test_non_builtin_names_pass_through():
+def test_non_builtin_names_pass_through(tmp_path):
     assert models.resolve_model_path("meta-llama/Llama-3.2-3B") == "meta-llama/Llama-3.2-3B"
-    assert models.resolve_model_path("./some/local/dir") == "./some/local/dir"
+    assert models.resolve_model_path(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="'./some/local/dir': no such folder"):
+        models.resolve_model_path("./some/local/dir")  # not a Hub id either: named, not sent to the Hub
 
 
 def test_cache_dir_follows_environment(monkeypatch, tmp_path):
