@@ -50,7 +50,12 @@ def typed_fields(cls: type, values: dict[str, Any], section: str) -> dict[str, A
     unknown = sorted(set(values) - allowed)
     if unknown:
         raise RecipeError(f"{section}.{unknown[0]}: unknown {cls.__name__} field")
-    return {key: check_type(value, hints[key], f"{section}.{key}") for key, value in values.items()}
+    checked = {}
+    for key, value in values.items():
+        if typing.get_origin(hints[key]) is list and not isinstance(value, list):
+            value = [value]  # one value for a list field is a list of one, as on the command line
+        checked[key] = check_type(value, hints[key], f"{section}.{key}")
+    return checked
 
 
 def _scores(model, tokenizer, tasks, recipe: Recipe) -> dict[str, TaskScore]:

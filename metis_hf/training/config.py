@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,17 +52,21 @@ class MetisConfig(SFTConfig):
     merge_method: str = field(
         default="metis", metadata={"help": "Any registered method, or 'mergekit:<name>'."}
     )
-    merge_params: dict[str, Any] = field(
-        default_factory=dict,
-        metadata={"help": "Extra parameters for the merge method (e.g. density, scale)."},
+    # `dict | str | None`, as TrainingArguments' dict fields: HfArgumentParser then reads a JSON string.
+    merge_params: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Extra parameters for the merge method (e.g. density, scale); JSON on the command line."},
     )
-    temperature: float | list[float] = field(
-        default=2.0, metadata={"help": "METIS softmax temperature lambda: one number, or one per round."}
+    # Lists (HfArgumentParser: `--temperature 2.0` or `--temperature 4 3 3 2 1`); a number is accepted too.
+    temperature: list[float] = field(
+        default_factory=lambda: [2.0],
+        metadata={"help": "METIS softmax temperature lambda: one number (every round), or one per round."},
     )
     delta: float = field(default=0.3, metadata={"help": "METIS mask threshold delta."})
     k: int = field(default=2, metadata={"help": "METIS consensus count k (capped at the number of tasks)."})
-    beta: float | list[float] = field(
-        default=1.0, metadata={"help": "METIS final scale beta: one number, or one per round."}
+    beta: list[float] = field(
+        default_factory=lambda: [1.0],
+        metadata={"help": "METIS final scale beta: one number (every round), or one per round."},
     )
     merge_space: str = field(
         default="lora",
@@ -137,9 +142,18 @@ class MetisConfig(SFTConfig):
     save_strategy: str = field(
         default="no", metadata={"help": "Checkpoint strategy ('steps' to resume runs)."}
     )
-    report_to: str | list[str] | None = field(default="none", metadata={"help": "Logging integrations."})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "Logging integrations."})
 
     def __post_init__(self) -> None:
+        if self.merge_params is None:
+            self.merge_params = {}
+        elif isinstance(self.merge_params, str):
+            try:
+                self.merge_params = json.loads(self.merge_params)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"merge_params: {self.merge_params!r} is not a JSON object ({err}).") from None
+        if not isinstance(self.merge_params, dict):
+            raise ValueError(f"merge_params must be a mapping, got {self.merge_params!r}.")
         if self.bf16 is None and not self.fp16:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
         if self.protocol not in PROTOCOLS:
@@ -177,8 +191,15 @@ class MetisConfig(SFTConfig):
             )
         for name in ("temperature", "beta"):
             value = getattr(self, name)
-            if isinstance(value, list) and len(value) != self.num_rounds:
-                raise ValueError(f"{name} has {len(value)} values for {self.num_rounds} rounds.")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = [value]
+            if not isinstance(value, (list, tuple)) or not value:
+                raise ValueError(f"{name} must be a number or a list of numbers, got {value!r}.")
+            if len(value) not in (1, self.num_rounds):
+                raise ValueError(
+                    f"{name} has {len(value)} values for {self.num_rounds} rounds (give one, or one per round)."
+                )
+            setattr(self, name, [float(v) for v in value])
         for round_index in range(self.num_rounds):
             check_positive(self.per_round("temperature", round_index), "temperature")
             check_finite_number(self.per_round("beta", round_index), "beta")
@@ -195,5 +216,6 @@ class MetisConfig(SFTConfig):
         super().__post_init__()
 
     def per_round(self, name: str, round_index: int) -> float:
-        value = getattr(self, name)
-        return float(value[round_index]) if isinstance(value, list) else float(value)
+        """The value of the per-round list ``name`` (temperature, beta) in round ``round_index``."""
+        values = getattr(self, name)
+        return values[0] if len(values) == 1 else values[round_index]

@@ -36,6 +36,7 @@ from trl import SFTTrainer
 
 from metis_hf.evaluation.loss import per_example_losses_on
 from metis_hf.files import write_text_atomic
+from metis_hf.hub import CITATION
 from metis_hf.merging import get_merge_method, loss_gap_weights, robust_weights
 from metis_hf.merging.task_vectors import (
     load_lora_state,
@@ -98,6 +99,15 @@ class MetisTrainer(SFTTrainer):
         processing_class: the tokenizer (loaded from ``model`` when omitted).
         peft_config: a ``LoraConfig`` (default: the reference's r=16 on q/k/v/o).
     """
+
+    # Read by TRL's model-card code (tags and citation of cards that TRL writes).
+    _tag_names = ["trl", "sft", "metis", "model-merging"]
+    _name = "METIS"
+    _paper = {
+        "title": "Post-Hoc Merging is Not Enough: Many-Shot Model Merging with Loss-Gap Balancing",
+        "id": "2606.16501",
+        "citation": CITATION,
+    }
 
     def __init__(
         self,
