@@ -106,3 +106,31 @@ def test_trls_model_card_code_tags_and_cites_metis(tmp_path, tiny_tokenizer):
     card = (tmp_path / "README.md").read_text()
     assert "metis" in card.split("---")[1] and "model-merging" in card.split("---")[1]
     assert "2606.16501" in card and "@inproceedings{im2026metis" in card and "METIS" in card
+
+
+def test_round_metrics_reach_a_real_tracker(tmp_path, tiny_tokenizer, monkeypatch):
+    """report_to="tensorboard" (an offline tracker): every round's merge metrics are in the event
+    files, read back with TensorBoard's own reader, equal to the trainer's round records."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = MetisConfig(
+        output_dir=str(tmp_path / "run"), use_cpu=True, num_rounds=2, local_steps=2, max_length=64,
+        per_device_train_batch_size=2, gradient_accumulation_steps=1, report_to="tensorboard",
+        logging_steps=1, disable_tqdm=True,
+    )  # fmt: skip
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    trainer = MetisTrainer(
+        make_tiny_model(len(tiny_tokenizer)), args, TRAIN, VAL, processing_class=tiny_tokenizer,
+        peft_config=LoraConfig(**LORA),
+    )  # fmt: skip
+    trainer.train()
+    trainer.end()  # flushes the trackers
+    (events,) = {p.parent for p in (tmp_path / "tb").rglob("events.out.tfevents.*")}
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    for name in ("merge/mask_density", "merge/multitask_loss", "merge/alpha/add1", "merge/loss_gap/add3"):
+        logged = [event.value for event in accumulator.Scalars(f"train/{name}")]
+        expected = [record[name] for record in trainer.round_records]
+        assert logged == pytest.approx(expected, rel=1e-6), (name, tags)
+    assert len(accumulator.Scalars("train/round")) == 2
