@@ -83,6 +83,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         commit_message=args.commit_message,
         stage_dir=args.stage_dir,
+        include_checkpoints=args.include_checkpoints,
     )
     print(describe_push(result, args.folder))
     return 0
@@ -178,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--commit-message", help="Commit message (default: 'Upload with metis-hf').")
     push.add_argument(
         "--allow-pickle", action="store_true", help="Push pickle weights (*.bin) when no safetensors exist."
+    )
+    push.add_argument(
+        "--include-checkpoints",
+        action="store_true",
+        help="Also push checkpoint-N/ folders (their safetensors and configs; never optimizer pickles).",
     )
     push.set_defaults(func=_cmd_push)
 

@@ -8,17 +8,24 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from metis_hf.redact import redact_data, redact_known, redact_text
+
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary sibling, so a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write ``text``, tokens redacted (``metis_hf.redact``), to ``path`` via a temporary sibling,
+    so a reader never sees half a file."""
+    _write_atomic(Path(path), redact_text(text))
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+    """Write ``data`` as JSON, secret-named keys' values and known tokens redacted."""
+    _write_atomic(Path(path), redact_known(json.dumps(redact_data(data), indent=2) + "\n"))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -25,6 +27,9 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from metis_hf.files import write_json, write_text_atomic
 from metis_hf.models import hub_identity
+from metis_hf.redact import hide_local_paths, redact_data, redact_known, redact_text, register_secret
+
+logger = logging.getLogger(__name__)
 
 CARD_INFO_FILE = "metis_card.json"
 TEMPLATES = {
@@ -37,7 +42,23 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # Above this size (or file count) pushes use huggingface_hub's resumable large-folder upload.
 LARGE_FOLDER_BYTES = 5 * 1024**3
 LARGE_FOLDER_FILES = 500
-SKIPPED_DIRS = {"checkpoints", "trainer", "runs"}  # and every hidden folder
+SKIPPED_DIRS = {"checkpoints", "trainer", "runs"}  # and every hidden folder and checkpoint-N/
+# What a push uploads: weights as safetensors, configs, tokenizer files, cards, results and plots.
+# Never pickles (optimizer.pt, training_args.bin...) except weights with allow_pickle.
+UPLOADED_SUFFIXES = (
+    ".safetensors",
+    ".json",
+    ".jsonl",
+    ".md",
+    ".txt",
+    ".model",
+    ".jinja",
+    ".png",
+    ".csv",
+    ".yaml",
+)
+PICKLED_WEIGHTS = re.compile(r"(pytorch_model|adapter_model|model)(-\d+-of-\d+)?\.(bin|pt|pth)$")
+TEXT_SUFFIXES = (".json", ".jsonl", ".md", ".txt", ".csv", ".yaml")
 
 CITATION = """@inproceedings{im2026metis,
   title     = {Post-Hoc Merging is Not Enough: Many-Shot Model Merging with Loss-Gap Balancing},
@@ -226,26 +247,31 @@ def check_repo_id(repo_id: str) -> None:
         raise ValueError(f"Invalid repository id {repo_id!r}: expected 'name' or 'namespace/name'.")
 
 
-def _uploadable(folder: Path) -> list[Path]:
+def _uploadable(folder: Path, include_checkpoints: bool = False) -> list[Path]:
     files = []
     for path in sorted(folder.rglob("*")):
         parts = path.relative_to(folder).parts
         if not path.is_file() or any(p.startswith(".") or p in SKIPPED_DIRS for p in parts):
             continue
+        if not include_checkpoints and any(p.startswith("checkpoint-") for p in parts[:-1]):
+            continue
         if path.name.endswith((".tmp", ".lock")) or ".tmp" in "".join(parts[:-1]):
             continue
-        files.append(path)
+        if path.suffix in UPLOADED_SUFFIXES or PICKLED_WEIGHTS.search(path.name):
+            files.append(path)
     return files
 
 
-def check_push_folder(folder: str | os.PathLike, allow_pickle: bool = False) -> tuple[Path, list[Path]]:
+def check_push_folder(
+    folder: str | os.PathLike, allow_pickle: bool = False, include_checkpoints: bool = False
+) -> tuple[Path, list[Path]]:
     """The folder to upload and its files. A training output's ``merged/`` folder is taken when the
     folder itself holds no weights. Refuses a missing folder, a folder without weights (a compare
     report excepted) and pickle-only weights unless ``allow_pickle``."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"Folder {str(folder)!r} does not exist.")
-    files = _uploadable(folder)
+    files = _uploadable(folder, include_checkpoints)
     info = read_card_info(folder)
     safe = [f for f in files if f.suffix in WEIGHT_SUFFIXES]
     pickled = [f for f in files if f.suffix in PICKLE_SUFFIXES]
@@ -253,7 +279,7 @@ def check_push_folder(folder: str | os.PathLike, allow_pickle: bool = False) -> 
         return folder, files
     top_level_weights = [f for f in safe + pickled if f.parent == folder]
     if not top_level_weights and (folder / "merged" / "adapter_config.json").is_file():
-        return check_push_folder(folder / "merged", allow_pickle)  # a `metis-hf train` output
+        return check_push_folder(folder / "merged", allow_pickle, include_checkpoints)  # a `train` output
     if not safe and not pickled:
         raise ValueError(f"{folder} holds no model weights (*.safetensors); nothing to push.")
     if pickled and not safe and not allow_pickle:
@@ -261,15 +287,22 @@ def check_push_folder(folder: str | os.PathLike, allow_pickle: bool = False) -> 
             f"{folder} holds pickle weights only ({pickled[0].name}): loading them can run code. "
             "Convert them to safetensors, or pass --allow-pickle to push them anyway."
         )
+    if not allow_pickle:
+        files = [f for f in files if f.suffix not in PICKLE_SUFFIXES]
     return folder, files
 
 
 def stage_folder(
-    folder: str | os.PathLike, stage_dir: str | os.PathLike, repo_id: str | None, allow_pickle: bool = False
+    folder: str | os.PathLike,
+    stage_dir: str | os.PathLike,
+    repo_id: str | None,
+    allow_pickle: bool = False,
+    include_checkpoints: bool = False,
 ) -> list[str]:
-    """Copy (hard-link where possible) what would be uploaded into ``stage_dir``; re-render the card
-    for ``repo_id`` and name the base model by its Hub id in an adapter's config."""
-    source, files = check_push_folder(folder, allow_pickle)
+    """Copy (hard-link where possible) what would be uploaded into ``stage_dir``: re-render the card
+    for ``repo_id``, name the base model by its Hub id in an adapter's config (never by a local
+    path), and redact tokens and this machine's absolute paths from every text file."""
+    source, files = check_push_folder(folder, allow_pickle, include_checkpoints)
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     for path in files:
@@ -281,15 +314,46 @@ def stage_folder(
             shutil.copy2(path, target)
     info = read_card_info(source)
     if info is not None:
-        (stage_dir / "README.md").unlink(missing_ok=True)
-        write_text_atomic(stage_dir / "README.md", str(render_card(info, repo_id)))
-        adapter_config = stage_dir / "adapter_config.json"
-        if info.base_model and adapter_config.is_file():
-            config = json.loads(adapter_config.read_text())
-            config["base_model_name_or_path"] = info.base_model
-            adapter_config.unlink()  # a hard link: do not write through to the source
-            write_json(adapter_config, config)
+        _replace(stage_dir / "README.md", str(render_card(info, repo_id)))
+    for config_path in stage_dir.rglob("adapter_config.json"):
+        config = json.loads(config_path.read_text())
+        base = config.get("base_model_name_or_path")
+        hub_id = info.base_model if info is not None and info.base_model else hub_identity(base)[0]
+        if hub_id != base and (hub_id or base):
+            if hub_id is None:
+                logger.warning(
+                    "%s: the base model %r is a local folder; it is uploaded as null. Load the adapter "
+                    "on its base explicitly, or merge from a Hub id.",
+                    config_path.relative_to(stage_dir),
+                    base,
+                )
+            config["base_model_name_or_path"] = hub_id
+            _replace(config_path, json.dumps(config, indent=2) + "\n")
+    for path in stage_dir.rglob("*"):
+        if path.is_file() and path.suffix in TEXT_SUFFIXES:
+            text = path.read_text(errors="replace")
+            if path.suffix == ".json":  # structured: keys by name, then values
+                try:
+                    data = json.loads(text)
+                except json.JSONDecodeError:
+                    clean = redact_known(text)
+                else:
+                    clean = (
+                        text if redact_data(data) == data else json.dumps(redact_data(data), indent=2) + "\n"
+                    )
+                    clean = redact_known(hide_local_paths(clean))
+            else:
+                clean = redact_text(hide_local_paths(text))
+            if clean != text:
+                path.unlink()  # a hard link to the source, which must stay as it is
+                path.write_text(clean)
     return sorted(str(p.relative_to(stage_dir)) for p in stage_dir.rglob("*") if p.is_file())
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write a staged file anew: it may be a hard link to the source, which must stay as it is."""
+    path.unlink(missing_ok=True)
+    write_text_atomic(path, text)
 
 
 def push_folder(
@@ -302,9 +366,12 @@ def push_folder(
     commit_message: str | None = None,
     stage_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
+    include_checkpoints: bool = False,
 ) -> PushResult:
     """Stage ``folder`` and upload it to ``repo_id`` (created if missing). ``dry_run`` stages and
     lists only. Everything is checked before the first network call."""
+    if isinstance(token, str):
+        register_secret(token)
     check_repo_id(repo_id)
     if revision is not None and not revision.strip():
         raise ValueError("--revision must not be empty.")
@@ -315,7 +382,7 @@ def push_folder(
     staged = Path(stage_dir) if stage_dir is not None else Path(tempfile.mkdtemp(prefix="metis-hf-push-"))
     staging = True
     try:
-        files = stage_folder(folder, staged, repo_id, allow_pickle)
+        files = stage_folder(folder, staged, repo_id, allow_pickle, include_checkpoints)
         staging = False
         result = PushResult(repo_id, staged, files, dry_run)
         if dry_run:

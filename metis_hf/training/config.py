@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +12,7 @@ from trl import SFTConfig
 
 from metis_hf.merging import get_merge_method
 from metis_hf.merging.checks import check_delta, check_finite_number, check_positive
+from metis_hf.redact import register_secret
 
 PROTOCOLS = ("many_shot", "post_hoc")
 TASK_SCHEDULES = ("sequential", "interleaved", "parallel")
@@ -55,7 +57,9 @@ class MetisConfig(SFTConfig):
     # `dict | str | None`, as TrainingArguments' dict fields: HfArgumentParser then reads a JSON string.
     merge_params: dict[str, Any] | str | None = field(
         default=None,
-        metadata={"help": "Extra parameters for the merge method (e.g. density, scale); JSON on the command line."},
+        metadata={
+            "help": "Extra parameters for the merge method (e.g. density, scale); JSON on the command line."
+        },
     )
     # Lists (HfArgumentParser: `--temperature 2.0` or `--temperature 4 3 3 2 1`); a number is accepted too.
     temperature: list[float] = field(
@@ -145,13 +149,16 @@ class MetisConfig(SFTConfig):
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Logging integrations."})
 
     def __post_init__(self) -> None:
+        register_secret(self.hub_token)
         if self.merge_params is None:
             self.merge_params = {}
         elif isinstance(self.merge_params, str):
             try:
                 self.merge_params = json.loads(self.merge_params)
             except json.JSONDecodeError as err:
-                raise ValueError(f"merge_params: {self.merge_params!r} is not a JSON object ({err}).") from None
+                raise ValueError(
+                    f"merge_params: {self.merge_params!r} is not a JSON object ({err})."
+                ) from None
         if not isinstance(self.merge_params, dict):
             raise ValueError(f"merge_params must be a mapping, got {self.merge_params!r}.")
         if self.bf16 is None and not self.fp16:
@@ -214,6 +221,16 @@ class MetisConfig(SFTConfig):
                 "seeded order, so the dataset's rows must stay in place."
             )
         super().__post_init__()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A pickled config (the Trainer's training_args.bin in every checkpoint) never holds the token.
+        return {**self.__dict__, "hub_token": None}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> MetisConfig:
+        copied = object.__new__(type(self))  # copies in memory keep it (the Trainer pushes with it)
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return copied
 
     def per_round(self, name: str, round_index: int) -> float:
         """The value of the per-round list ``name`` (temperature, beta) in round ``round_index``."""

@@ -1,0 +1,123 @@
+"""No token, from any source, in any written or staged file or log line; pushes upload an
+allow-list, never pickles or checkpoints unless asked, and no local absolute paths (issue 18.4)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import yaml
+from peft import LoraConfig
+
+from metis_hf import MetisConfig, MetisTrainer
+from metis_hf.cli import main
+from tests.conftest import make_tiny_model, write_tiny_recipe
+from tests.test_hub import RecordingApi
+from tests.test_trainer import LORA, TRAIN, VAL
+
+TOKENS = {
+    "argument": "hf_ARGUMENTtoken1111111111",
+    "config": "hf_CONFIGtoken22222222222",
+    "recipe": "hf_RECIPEtoken3333333333",
+    "override": "hf_OVERRIDEtoken44444444",
+    "environment": "hf_ENVIRONMENTtoken555555",
+    "stored login": "hf_STOREDtoken66666666666",
+}
+
+
+@pytest.fixture
+def planted(monkeypatch, tmp_path):
+    """The environment's and the stored login's tokens, as huggingface_hub would find them."""
+    monkeypatch.setenv("HF_TOKEN", TOKENS["environment"])
+    token_file = tmp_path / "stored_token"
+    token_file.write_text(TOKENS["stored login"])
+    monkeypatch.setenv("HF_TOKEN_PATH", str(token_file))
+    RecordingApi.calls = []
+    monkeypatch.setattr("metis_hf.hub.HfApi", RecordingApi)
+    return TOKENS
+
+
+def _leaks(folders, texts=()):
+    """(where, token source) for every token found in any file under ``folders`` or in ``texts``."""
+    found = []
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                found += [(str(path), source) for source, t in TOKENS.items() if t.encode() in data]
+    for i, text in enumerate(texts):
+        found += [(f"text {i}", source) for source, t in TOKENS.items() if t in text]
+    return found
+
+
+def test_train_merge_and_push_never_write_a_token(tmp_path, tiny_tokenizer, planted, capsys, caplog):
+    caplog.set_level(logging.DEBUG)
+    recipe = write_tiny_recipe(
+        tmp_path,
+        tiny_tokenizer,
+        training={"hub_token": TOKENS["recipe"], "save_strategy": "steps", "save_steps": 2},
+    )
+    out, stage = tmp_path / "out", tmp_path / "stage"
+    override = f"training.hub_token={TOKENS['override']}"
+    assert main(["train", str(recipe), "--output-dir", str(out), "--no-eval", "--set", override]) == 0
+    assert list(out.rglob("training_args.bin"))  # checkpoints were written: the pickle is checked too
+    assert "# --set training.hub_token=<redacted>" in (out / "merged" / "README.md").read_text()
+    assert yaml.safe_load(recipe.read_text())["training"]["hub_token"] == TOKENS["recipe"]  # input untouched
+    assert main(["push", str(out), "me/x", "--dry-run", "--stage-dir", str(stage)]) == 0
+    assert main(["push", str(out / "merged"), "me/x"]) == 0
+    uploaded = next(kw for name, kw in RecordingApi.calls if name == "upload_folder")["files"]
+    leaks = _leaks([out, stage], [capsys.readouterr().out, capsys.readouterr().err, caplog.text])
+    leaks += [
+        (f"uploaded {name}", s)
+        for name, data in uploaded.items()
+        for s, t in TOKENS.items()
+        if t.encode() in data
+    ]
+    assert leaks == []
+    # no local path leaves the machine: the tiny base model is a local folder
+    for name in ("README.md", "metis_card.json", "adapter_config.json"):
+        assert (
+            str(tmp_path) not in (stage / name).read_text() and str(tmp_path).encode() not in uploaded[name]
+        )
+    assert "is a local folder; it is uploaded as null" in caplog.text
+
+
+def test_python_api_checkpoints_and_push_never_hold_the_token(tmp_path, tiny_tokenizer, planted, caplog):
+    caplog.set_level(logging.DEBUG)
+    model = make_tiny_model(len(tiny_tokenizer))
+    model.config._name_or_path = "org/tiny"
+    args = MetisConfig(
+        output_dir=str(tmp_path / "run"), use_cpu=True, num_rounds=2, local_steps=1, max_length=64,
+        hub_token=TOKENS["config"], hub_model_id="me/tiny", save_strategy="steps", save_steps=2,
+        disable_tqdm=True,
+    )  # fmt: skip
+    trainer = MetisTrainer(
+        model, args, TRAIN, VAL, processing_class=tiny_tokenizer, peft_config=LoraConfig(**LORA)
+    )
+    trainer.train()
+    trainer.save_model()
+    trainer.push_to_hub(token=TOKENS["argument"])
+    assert trainer.args.hub_token == TOKENS["config"]  # kept in memory for the Trainer's own pushes
+    uploaded = next(kw for name, kw in RecordingApi.calls if name == "upload_folder")["files"]
+    leaks = _leaks([tmp_path / "run"], [caplog.text])
+    leaks += [
+        (f"uploaded {name}", s)
+        for name, data in uploaded.items()
+        for s, t in TOKENS.items()
+        if t.encode() in data
+    ]
+    assert leaks == []
+    # `metis-hf push` of this Python-API output_dir: an allow-list, no checkpoint-N/, no pickle
+    stage = tmp_path / "stage"
+    assert main(["push", str(tmp_path / "run"), "me/tiny", "--dry-run", "--stage-dir", str(stage)]) == 0
+    staged = sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if p.is_file())
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= set(staged)
+    assert not [f for f in staged if f.startswith("checkpoint-") or f.endswith((".bin", ".pt", ".pth"))], (
+        staged
+    )
+    with_checkpoints = tmp_path / "stage2"
+    assert main(["push", str(tmp_path / "run"), "me/tiny", "--dry-run", "--include-checkpoints",
+                 "--stage-dir", str(with_checkpoints)]) == 0  # fmt: skip
+    staged = sorted(str(p.relative_to(with_checkpoints)) for p in with_checkpoints.rglob("*") if p.is_file())
+    assert any(f.startswith("checkpoint-2/") and f.endswith(".safetensors") for f in staged)
+    assert not [f for f in staged if f.endswith((".bin", ".pt", ".pth"))], staged
