@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -512,3 +513,67 @@ def test_gaps_on_completion_tokens_under_all_token_training(tmp_path, tiny_token
     all_tokens = _example_mean_loss(trainer.peft_model, tiny_tokenizer, list(VAL["add3"]))
     assert record["merge/val_loss_local/add3"] == pytest.approx(all_tokens, abs=1e-4)
     assert abs(all_tokens - local[2]) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The output folder of one uninterrupted child run per schedule, shared by the resume cases."""
+    runs: dict[str, Path] = {}
+
+    def run(schedule: str) -> Path:
+        if schedule not in runs:
+            folder = tmp_path_factory.mktemp(f"whole-{schedule}")
+            result = _child(folder, "--schedule", schedule)
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[schedule] = folder
+        return runs[schedule]
+
+    return run
+
+
+@pytest.mark.parametrize(
+    "schedule,save_steps,kill_at,resumes_from",
+    [
+        ("sequential", 4, 11, 8),  # round 1 ends at step 9: the merge is replayed
+        ("sequential", 4, 15, 12),  # after the merge: round 2's steps 13-15 are replayed
+        ("parallel", 2, 3, 2),  # round 1 ends at step 3, killed right after its merge
+        ("parallel", 2, 5, 4),
+    ],
+)
+def test_run_killed_after_a_merge_replays_and_ends_with_the_same_merge(
+    tmp_path, uninterrupted, schedule, save_steps, kill_at, resumes_from
+):
+    """Killed without a checkpoint at the kill step, so the resumed run replays steps (and, in two
+    cases, the first merge) from an earlier checkpoint; each round is logged exactly once."""
+    from safetensors.torch import load_file
+
+    schedule_args = ["--schedule", schedule]
+    whole = uninterrupted(schedule)
+    command = [*schedule_args, "--checkpoints", "--save-steps", str(save_steps)]
+    killed = _child(tmp_path / "broken", *command, "--kill-at-step", str(kill_at), "--no-save-at-kill")
+    assert killed.returncode == -9
+    checkpoints = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "broken").glob("checkpoint-*"))
+    assert checkpoints[-1] == resumes_from
+    state = json.loads((tmp_path / "broken" / f"checkpoint-{resumes_from}" / "metis_state.json").read_text())
+    first_merge = 3 if schedule == "parallel" else 9  # the step after which round 1 merges
+    assert len(state["round_records"]) == (1 if resumes_from >= first_merge else 0)
+    assert kill_at >= first_merge  # every case kills after the first merge (callbacks: ours first)
+    resumed = _child(tmp_path / "broken", *command, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = load_file(str(whole / "final" / "adapter_model.safetensors"))
+    got = load_file(str(tmp_path / "broken" / "final" / "adapter_model.safetensors"))
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0)
+    rounds = [json.loads(x) for x in (tmp_path / "broken" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    whole_rounds = [json.loads(x) for x in (whole / "rounds.jsonl").read_text().splitlines()]
+    for mine, theirs in zip(rounds, whole_rounds):
+        assert mine == pytest.approx(theirs, abs=1e-6)
+    history = json.loads((tmp_path / "broken" / "final" / "log_history.json").read_text())
+    assert [entry["round"] for entry in history if "round" in entry] == [1, 2]
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, tiny_tokenizer):
+    trainer = _trainer(tmp_path, tiny_tokenizer)
+    with pytest.raises(ValueError, match="No checkpoint found in .* to resume from"):
+        trainer.train(resume_from_checkpoint=True)

@@ -1,15 +1,17 @@
 """A training run in a child process, for the kill-and-resume test.
 
-    python -m tests.train_child OUTPUT_DIR [--kill-at-step N] [--resume] [--accum N]
+    python -m tests.train_child OUTPUT_DIR [--kill-at-step N [--no-save-at-kill]] [--resume] [--accum N]
+        [--checkpoints --save-steps N] [--schedule sequential|interleaved|parallel]
     torchrun --nproc-per-node 2 -m tests.train_child OUTPUT_DIR --accum 1
 
-Writes the final merged adapter to OUTPUT_DIR/final. With --kill-at-step, the process SIGKILLs
+Writes the final merged adapter and the Trainer's log history to OUTPUT_DIR/final. With --kill-at-step, the process SIGKILLs
 itself at the end of that optimizer step (after any checkpoint of that step was written).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 
@@ -20,11 +22,16 @@ from tests.test_trainer import LORA, TRAIN, VAL
 
 
 class KillAt(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
+    """SIGKILL at the end of optimizer step ``step``: after writing its checkpoint, or (``save``
+    off) right away, so that a resume replays the steps since the last scheduled checkpoint."""
+
+    def __init__(self, step: int, save: bool = True):
+        self.step, self.save = step, save
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
+            if not self.save:
+                os.kill(os.getpid(), signal.SIGKILL)
             control.should_save = True  # let the Trainer write this step's checkpoint first
 
     def on_save(self, args, state, control, **kwargs):
@@ -42,21 +49,26 @@ def main() -> None:
     parser.add_argument("--kill-at-step", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--accum", type=int, default=2, help="Gradient accumulation steps.")
-    parser.add_argument("--checkpoints", action="store_true", help="Save a checkpoint every 4 steps.")
+    parser.add_argument("--checkpoints", action="store_true", help="Save a checkpoint every --save-steps.")
+    parser.add_argument("--save-steps", type=int, default=4)
+    parser.add_argument("--no-save-at-kill", action="store_true", help="Kill without a checkpoint.")
+    parser.add_argument("--schedule", default="sequential", help="task_schedule.")
     args = parser.parse_args()
+    parallel = args.schedule == "parallel"
     tokenizer = make_tokenizer()
     config = MetisConfig(
         output_dir=args.output_dir,
         num_rounds=2,
         local_steps=3,
-        per_device_train_batch_size=2,
+        per_device_train_batch_size=2 * len(TRAIN) if parallel else 2,
         gradient_accumulation_steps=args.accum,
+        task_schedule=args.schedule,
         max_length=64,
         use_cpu=True,
         seed=3,
         disable_tqdm=True,
         save_strategy="steps" if args.checkpoints or args.kill_at_step or args.resume else "no",
-        save_steps=4,
+        save_steps=args.save_steps,
     )
     trainer = MetisTrainer(
         model=make_tiny_model(len(tokenizer), seed=0),
@@ -65,10 +77,12 @@ def main() -> None:
         eval_dataset=VAL,
         processing_class=tokenizer,
         peft_config=LoraConfig(**LORA),
-        callbacks=[KillAt(args.kill_at_step)] if args.kill_at_step else None,
+        callbacks=[KillAt(args.kill_at_step, save=not args.no_save_at_kill)] if args.kill_at_step else None,
     )
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     trainer.save_model(os.path.join(args.output_dir, "final"))
+    with open(os.path.join(args.output_dir, "final", "log_history.json"), "w") as handle:
+        json.dump(trainer.state.log_history, handle)
 
 
 if __name__ == "__main__":
