@@ -161,11 +161,15 @@ def test_one_sequential_round_equals_the_transcription(tmp_path, tiny_tokenizer)
 
 
 def test_interleaved_and_sequential_give_the_same_merge(tmp_path, tiny_tokenizer):
-    results = []
+    results, orders = [], []
     for schedule in ("sequential", "interleaved"):
         trainer = _trainer(tmp_path / schedule, tiny_tokenizer, task_schedule=schedule)
+        orders.append([s.task for s in trainer.plan.steps])
         trainer.train()
         results.append(lora_state(trainer.peft_model, "default"))
+    # the two runs really train the tasks in another order: 0 0 0 1 1 1 ... against 0 1 2 0 1 2 ...
+    assert orders[0][:6] == [0, 0, 0, 1, 1, 1] and orders[1][:6] == [0, 1, 2, 0, 1, 2]
+    assert sorted(orders[0]) == sorted(orders[1])
     for key in results[0]:
         torch.testing.assert_close(results[0][key], results[1][key], atol=1e-5, rtol=0)
 

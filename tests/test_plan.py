@@ -1,0 +1,105 @@
+"""RoundPlan on its own: step counts, orders, learning-rate factors and the rows each task reads."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from metis_hf.training.config import MetisConfig
+from metis_hf.training.plan import ALL_TASKS, RoundPlan
+from metis_hf.training.trainer import _make_plan
+
+
+def test_sequential_and_interleaved_orders_and_round_ends():
+    sequential = RoundPlan(["a", "b", "c"], [2, 3, 1], rounds=2)
+    assert [s.task for s in sequential.steps] == [0, 0, 1, 1, 1, 2] * 2
+    assert sequential.round_ends == [6, 12] and sequential.total_steps == 12
+    interleaved = RoundPlan(["a", "b", "c"], [2, 3, 1], rounds=2, schedule="interleaved")
+    # one step per task in turn, finished tasks skipped
+    assert [s.task for s in interleaved.steps] == [0, 1, 2, 0, 1, 1] * 2
+    assert [(s.round, s.local_index) for s in interleaved.steps[:6]] == [
+        (0, 0),
+        (0, 0),
+        (0, 0),
+        (0, 1),
+        (0, 1),
+        (0, 2),
+    ]
+    assert interleaved.round_ends == [6, 12]
+
+
+def test_parallel_steps_train_every_task_and_need_equal_steps():
+    plan = RoundPlan(["a", "b"], [3, 3], rounds=2, schedule="parallel")
+    assert [s.task for s in plan.steps] == [ALL_TASKS] * 6 and plan.round_ends == [3, 6]
+    with pytest.raises(ValueError, match="tasks need equal steps per round"):
+        RoundPlan(["a", "b"], [3, 2], rounds=1, schedule="parallel")
+
+
+def test_learning_rate_decays_to_zero_within_each_tasks_round():
+    plan = RoundPlan(["a", "b"], [4, 2], rounds=2)
+    factors = [plan.lr_factor(step, "linear") for step in range(plan.total_steps)]
+    assert factors == [1.0, 0.75, 0.5, 0.25, 1.0, 0.5] * 2
+    assert {plan.lr_factor(step, "constant") for step in range(plan.total_steps)} == {1.0}
+
+
+def test_each_task_reads_only_its_rows_in_a_fresh_seeded_permutation_each_round():
+    ranges = [range(0, 5), range(5, 12)]
+    plan = RoundPlan(["a", "b"], [3, 2], rounds=2)
+    order = plan.example_order(ranges, rows=2, micro_batches=1, seed=7)
+    assert len(order) == 2 * (3 + 2) * 2  # rounds x steps x rows
+    per_step = [order[i : i + 2] for i in range(0, len(order), 2)]
+    for step, rows in zip(plan.steps, per_step):
+        assert set(rows) <= set(ranges[step.task])
+    a_round_1, a_round_2 = order[0:6], order[10:16]
+    # 6 rows from 5 examples: one whole permutation, then the next one starts
+    assert sorted(a_round_1[:5]) == list(range(5)) and a_round_1[5] in ranges[0]
+    assert a_round_1 != a_round_2  # another permutation in the next round
+    assert plan.example_order(ranges, 2, 1, seed=7) == order
+    assert plan.example_order(ranges, 2, 1, seed=8) != order
+
+
+def test_parallel_micro_batches_hold_every_tasks_rows_in_task_blocks():
+    ranges = [range(0, 8), range(8, 16)]
+    sequential = RoundPlan(["a", "b"], [2, 2], rounds=1).example_order(
+        ranges, rows=2, micro_batches=2, seed=1
+    )
+    parallel = RoundPlan(["a", "b"], [2, 2], rounds=1, schedule="parallel").example_order(
+        ranges, rows=2, micro_batches=2, seed=1
+    )
+    # a parallel micro-batch: task a's 2 rows then task b's 2 rows, the same rows the other schedule gives
+    first = parallel[0:4]
+    assert set(first[:2]) <= set(ranges[0]) and set(first[2:]) <= set(ranges[1])
+    a_rows = [i for i in parallel if i in ranges[0]]
+    b_rows = [i for i in parallel if i in ranges[1]]
+    assert a_rows == sequential[:8] and b_rows == sequential[8:]
+
+
+@pytest.mark.parametrize(
+    "fields,sizes,expected",
+    [
+        (dict(local_steps=3), [10, 50], [3, 3]),
+        (dict(local_epochs=1.0), [10, 50], [math.ceil(10 / 8), math.ceil(50 / 8)]),  # 2 rows x 4 accumulation
+        (dict(local_epochs=0.5), [10, 50], [1, math.ceil(25 / 8)]),
+        (dict(local_epochs=2.0, protocol="post_hoc", num_rounds=3), [16, 8], [3 * 4, 3 * 2]),
+    ],
+)
+def test_step_counts_from_local_steps_and_local_epochs(tmp_path, fields, sizes, expected):
+    args = MetisConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        **fields,
+    )
+    plan = _make_plan(args, ["a", "b"], sizes, rows_per_task=2)
+    assert plan.steps_per_task == expected
+    assert plan.rounds == (1 if args.protocol == "post_hoc" else args.num_rounds)
+
+
+def test_per_round_lists(tmp_path):
+    args = MetisConfig(
+        output_dir=str(tmp_path), use_cpu=True, num_rounds=3, temperature=[4.0, 3.0, 1.0], beta=1.5
+    )
+    assert [args.per_round("temperature", r) for r in range(3)] == [4.0, 3.0, 1.0]
+    assert [args.per_round("beta", r) for r in range(3)] == [1.5, 1.5, 1.5]
