@@ -50,6 +50,88 @@ def test_ties_equals_peft(weights, density):
     )
 
 
+def _ties_by_hand(vs, weights, density):
+    """TIES transcribed entry by entry: every entry whose magnitude ties the k-th largest is kept
+    (our convention), signs elected on the unweighted trimmed entries (sum >= 0 elects +), the
+    weighted agreeing entries summed and divided by their count."""
+    rows = [v.float().reshape(-1).tolist() for v in vs]
+    n = len(rows[0])
+    k = int(density * n)
+    kept = []
+    for row in rows:
+        threshold = sorted((abs(x) for x in row), reverse=True)[k - 1]
+        kept.append([x if abs(x) >= threshold else 0.0 for x in row])
+    out = []
+    for i in range(n):
+        column = [kept[t][i] for t in range(len(rows))]
+        positive = sum(column) >= 0
+        agree = [(w, x) for w, x in zip(weights, column) if (x > 0 if positive else x < 0)]
+        out.append(sum(w * x for w, x in agree) / max(len(agree), 1))
+    return torch.tensor(out).reshape(vs[0].shape), [sum(x != 0 for x in row) for row in kept]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ties_keeps_every_entry_tied_at_the_threshold(dtype):
+    """Magnitudes from a few levels, so the k-th largest is tied: we keep all the ties (more than
+    k entries, independent of the entries' order); PEFT's and mergekit's top-k keep exactly k,
+    choosing among the ties by position."""
+    from peft.utils import merge_utils
+
+    g = torch.Generator().manual_seed(5)
+    levels = torch.tensor([0.5, 1.0, 1.5, 2.0])
+    vs = [(levels[torch.randint(0, 4, (60,), generator=g)] * (torch.randint(0, 2, (60,), generator=g) * 2 - 1)).to(dtype) for _ in range(3)]  # fmt: skip
+    weights, density = [1.0, 0.5, 2.0], 0.25  # k = 15
+    expected, kept_counts = _ties_by_hand(vs, weights, density)
+    assert all(count > 15 for count in kept_counts)  # the threshold really is tied
+    got = merge("ties", vs, weights=weights, density=density)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, expected.to(dtype), atol=0, rtol=0)
+    peft_kept = [int((merge_utils.prune(v.float(), density, "magnitude") != 0).sum()) for v in vs]
+    assert peft_kept == [15, 15, 15]
+
+
+def test_ties_equals_peft_on_the_sampled_threshold_path_across_a_chunk_boundary():
+    """Past 4 x 2^15 entries the threshold is bracketed by a sample; past 2^18 the merge runs in
+    two chunks. Continuous values (no ties): PEFT's exact top-k and ours agree."""
+    from metis_hf.merging.chunks import CHUNK_ELEMENTS
+    from metis_hf.merging.ties import _SAMPLE
+
+    n = CHUNK_ELEMENTS + 37_003
+    assert n > 4 * _SAMPLE
+    vs, weights = vectors(3, n, seed=11), [1.0, -0.5, 2.0]
+    expected = merge_utils_ties(vs, weights, 0.2)
+    torch.testing.assert_close(merge("ties", vs, weights=weights, density=0.2), expected, atol=ATOL, rtol=0)
+
+
+def test_ties_with_ties_at_the_threshold_on_the_sampled_path():
+    from metis_hf.merging.chunks import CHUNK_ELEMENTS
+
+    n = CHUNK_ELEMENTS + 10_001
+    vs = [((torch.arange(n, dtype=torch.float32) * (t + 3)) % 101 - 50.0) / 8 for t in range(3)]
+    weights, density = [1.0, 1.0, 0.5], 0.3
+    k = int(density * n)
+    expected = []
+    trimmed = []
+    for v in vs:
+        threshold = float(v.abs().kthvalue(n - k + 1).values)
+        trimmed.append(torch.where(v.abs() >= threshold, v, 0.0))
+        assert int((v.abs() >= threshold).sum()) > k  # tied
+    stacked = torch.stack(trimmed)
+    positive = stacked.sum(0) >= 0
+    agree = torch.where(positive, stacked > 0, stacked < 0)
+    w = torch.tensor(weights).unsqueeze(1)
+    expected = (stacked * agree * w).sum(0) / agree.sum(0).clamp(min=1)
+    torch.testing.assert_close(
+        merge("ties", vs, weights=weights, density=density), expected, atol=ATOL, rtol=0
+    )
+
+
+def merge_utils_ties(vs, weights, density):
+    from peft.utils import merge_utils
+
+    return merge_utils.ties(vs, torch.tensor(weights), density=density)
+
+
 def test_task_arithmetic_equals_peft():
     from peft.utils import merge_utils
 

@@ -5,6 +5,11 @@ largest magnitudes; the sign is elected on the *unweighted* trimmed vectors (sum
 the merged entry is the sum of the *weighted* entries that agree with the elected sign, divided by
 how many agree (at least 1), times ``scale``. mergekit elects on the weighted entries and divides
 by the summed weights of the agreeing inputs: with unit weights all three agree exactly.
+
+Ties at the threshold: every entry whose magnitude equals the k-th largest is kept, so a task may
+keep more than k entries; PEFT's and mergekit's ``topk`` keep exactly k and choose among the tied
+entries by position. Keeping all ties makes the result independent of the entries' order (and
+exact in bfloat16, where ties are common); without ties the three agree.
 """
 
 from __future__ import annotations
