@@ -155,11 +155,21 @@ def _reference_loss(model, tokenizer, rows) -> float:
     return sum(losses) / len(losses)
 
 
-def test_eval_scores_losses_and_normalizes(tmp_path, model_dir, tiny_tokenizer):
+def test_eval_scores_losses_and_normalizes(tmp_path, model_dir, tiny_tokenizer, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from metis_hf.data import TaskSpec, build_task
 
+    # A random tiny model answers nothing right, and 0 / 0.5 = 0 would pass any normalization: the
+    # answers are the right ones for the first 3 of 4 chain_sum items and the first 1 of 4 gcd items.
+    right = {}
+    for name, count in (("chain_sum", 3), ("gcd", 1)):
+        test = build_task(TaskSpec(name=name, validation_size=3, test_size=4)).test
+        right.update({row["prompt"]: row["answer"] if i < count else "wrong" for i, row in enumerate(test)})
+    monkeypatch.setattr(
+        "metis_hf.evaluation.generation.generate_answers",
+        lambda model, tokenizer, prompts, *args, **kwargs: [right[p] for p in prompts],
+    )
     experts = tmp_path / "experts.json"
     experts.write_text(json.dumps({"chain_sum": 0.5, "gcd": {"score": 0.25, "exact_match": 0.5}}))
     out = tmp_path / "eval.json"
@@ -173,9 +183,9 @@ def test_eval_scores_losses_and_normalizes(tmp_path, model_dir, tiny_tokenizer):
         _reference_loss(model, tiny_tokenizer, validation), rel=1e-4
     )
     exact = {t: result["tasks"][t]["exact_match"] for t in ("chain_sum", "gcd")}
-    assert result["summary"]["normalized"] == pytest.approx(
-        {"chain_sum": exact["chain_sum"] / 0.5, "gcd": exact["gcd"] / 0.5}
-    )
+    assert exact == {"chain_sum": 0.75, "gcd": 0.25}
+    # by hand: exact match over the experts' (chain_sum's bare number is its exact match too)
+    assert result["summary"]["normalized"] == pytest.approx({"chain_sum": 0.75 / 0.5, "gcd": 0.25 / 0.5})
 
 
 def test_eval_loads_an_adapter_on_its_recorded_base(tmp_path, model_dir, tiny_tokenizer):
