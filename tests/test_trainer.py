@@ -396,7 +396,11 @@ def test_save_model_writes_merged_adapter_full_model_and_task_adapters(tmp_path,
         torch.testing.assert_close(full(ids).logits, loaded(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
 
 
-def test_two_cpu_processes_match_one_at_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("schedule", ["sequential", "parallel"])
+def test_two_cpu_processes_match_one_at_the_same_global_batch(tmp_path, schedule):
+    """Plain SGD, so a wrong gradient scale across processes (AdamW normalises it away) changes
+    the merge; both the per-task schedule and the parallel one (per-task token counts reduced
+    across processes)."""
     import shutil
     import socket
     import sys
@@ -416,9 +420,10 @@ def test_two_cpu_processes_match_one_at_the_same_global_batch(tmp_path):
         str(port),
     ]
     assert shutil.which(sys.executable)
-    single = _child(tmp_path / "one", "--accum", "4")  # micro-batch 2 x 4 = 8 per step
+    common = ["--sgd", "--schedule", schedule]
+    single = _child(tmp_path / "one", *common, "--accum", "4")  # micro-batch rows x 4 per step
     assert single.returncode == 0, single.stderr[-3000:]
-    double = _child(tmp_path / "two", "--accum", "2", launcher=torchrun)  # 2 x 2 x 2 ranks = 8
+    double = _child(tmp_path / "two", *common, "--accum", "2", launcher=torchrun)  # rows x 2 x 2 ranks
     assert double.returncode == 0, double.stderr[-3000:]
     one, two = _final_adapter(tmp_path / "one"), _final_adapter(tmp_path / "two")
     for key in one:

@@ -53,6 +53,9 @@ def main() -> None:
     parser.add_argument("--save-steps", type=int, default=4)
     parser.add_argument("--no-save-at-kill", action="store_true", help="Kill without a checkpoint.")
     parser.add_argument("--schedule", default="sequential", help="task_schedule.")
+    parser.add_argument(
+        "--sgd", action="store_true", help="Plain SGD (lr 0.5): gradients reach the update 1:1."
+    )
     args = parser.parse_args()
     parallel = args.schedule == "parallel"
     tokenizer = make_tokenizer()
@@ -63,6 +66,7 @@ def main() -> None:
         per_device_train_batch_size=2 * len(TRAIN) if parallel else 2,
         gradient_accumulation_steps=args.accum,
         task_schedule=args.schedule,
+        **(dict(optim="sgd", learning_rate=0.5) if args.sgd else {}),
         max_length=64,
         use_cpu=True,
         seed=3,
@@ -81,8 +85,9 @@ def main() -> None:
     )
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     trainer.save_model(os.path.join(args.output_dir, "final"))
-    with open(os.path.join(args.output_dir, "final", "log_history.json"), "w") as handle:
-        json.dump(trainer.state.log_history, handle)
+    if trainer.is_world_process_zero():
+        with open(os.path.join(args.output_dir, "final", "log_history.json"), "w") as handle:
+            json.dump(trainer.state.log_history, handle)
 
 
 if __name__ == "__main__":
