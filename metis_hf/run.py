@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import tempfile
 import time
 import typing
@@ -137,8 +138,12 @@ def run_training(
     trainer.train()
     results["train_seconds"] = time.time() - trained_at
     staged = tempfile.mkdtemp(prefix=".merged-", dir=output_dir)
-    trainer.save_model(staged)
-    replace_dir(staged, output_dir / "merged")
+    try:
+        trainer.save_model(staged)
+        replace_dir(staged, output_dir / "merged")
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     results["rounds"] = trainer.round_records
     if evaluate:
         tables["merged"] = _scores(trainer.peft_model, tokenizer, tasks, recipe)

@@ -37,17 +37,18 @@ def planted(monkeypatch, tmp_path):
     return TOKENS
 
 
-def _leaks(folders, texts=()):
-    """(where, token source) for every token found in any file under ``folders`` or in ``texts``."""
-    found = []
-    for folder in folders:
-        for path in folder.rglob("*"):
-            if path.is_file():
-                data = path.read_bytes()
-                found += [(str(path), source) for source, t in TOKENS.items() if t.encode() in data]
-    for i, text in enumerate(texts):
-        found += [(f"text {i}", source) for source, t in TOKENS.items() if t in text]
-    return found
+def _leaks(folders, texts=(), uploaded=None):
+    """(where, token source) for every token found in any file under ``folders``, in ``texts`` or
+    in the files an upload held."""
+    contents = {str(p): p.read_bytes() for folder in folders for p in folder.rglob("*") if p.is_file()}
+    contents.update({f"text {i}": text.encode() for i, text in enumerate(texts)})
+    contents.update({f"uploaded {name}": data for name, data in (uploaded or {}).items()})
+    return [
+        (where, source)
+        for where, data in contents.items()
+        for source, t in TOKENS.items()
+        if t.encode() in data
+    ]
 
 
 def test_train_merge_and_push_never_write_a_token(tmp_path, tiny_tokenizer, planted, capsys, caplog):
@@ -66,14 +67,8 @@ def test_train_merge_and_push_never_write_a_token(tmp_path, tiny_tokenizer, plan
     assert main(["push", str(out), "me/x", "--dry-run", "--stage-dir", str(stage)]) == 0
     assert main(["push", str(out / "merged"), "me/x"]) == 0
     uploaded = next(kw for name, kw in RecordingApi.calls if name == "upload_folder")["files"]
-    leaks = _leaks([out, stage], [capsys.readouterr().out, capsys.readouterr().err, caplog.text])
-    leaks += [
-        (f"uploaded {name}", s)
-        for name, data in uploaded.items()
-        for s, t in TOKENS.items()
-        if t.encode() in data
-    ]
-    assert leaks == []
+    captured = capsys.readouterr()
+    assert _leaks([out, stage], [captured.out, captured.err, caplog.text], uploaded) == []
     # no local path leaves the machine: the tiny base model is a local folder
     for name in ("README.md", "metis_card.json", "adapter_config.json"):
         assert (
@@ -99,14 +94,7 @@ def test_python_api_checkpoints_and_push_never_hold_the_token(tmp_path, tiny_tok
     trainer.push_to_hub(token=TOKENS["argument"])
     assert trainer.args.hub_token == TOKENS["config"]  # kept in memory for the Trainer's own pushes
     uploaded = next(kw for name, kw in RecordingApi.calls if name == "upload_folder")["files"]
-    leaks = _leaks([tmp_path / "run"], [caplog.text])
-    leaks += [
-        (f"uploaded {name}", s)
-        for name, data in uploaded.items()
-        for s, t in TOKENS.items()
-        if t.encode() in data
-    ]
-    assert leaks == []
+    assert _leaks([tmp_path / "run"], [caplog.text], uploaded) == []
     # `metis-hf push` of this Python-API output_dir: an allow-list, no checkpoint-N/, no pickle
     stage = tmp_path / "stage"
     assert main(["push", str(tmp_path / "run"), "me/tiny", "--dry-run", "--stage-dir", str(stage)]) == 0
