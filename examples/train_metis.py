@@ -71,7 +71,13 @@ def task_specs(script_args: MetisScriptArguments) -> list[TaskSpec]:
 
 def main(script_args: MetisScriptArguments, training_args: MetisConfig, model_args: ModelConfig) -> None:
     tasks = [build_task(spec) for spec in task_specs(script_args)]
-    model = load_model(model_args.model_name_or_path)
+    # ModelConfig's dtype and revision as TRL's sft.py passes them; float32 unless asked otherwise.
+    model = load_model(
+        model_args.model_name_or_path,
+        dtype=model_args.dtype if model_args.dtype not in (None, "auto") else "float32",
+        revision=model_args.model_revision,
+        attn_implementation=model_args.attn_implementation,
+    )
     trainer = MetisTrainer(
         model=model,
         args=training_args,
