@@ -204,7 +204,7 @@ def test_metis_strict_and_consensus_ta_non_strict_differ_on_a_tie():
 
 
 def _transcribe(vs, weights, delta, k, scale, strict):
-    """A direct, coordinate-by-coordinate transcription of ../shared/METIS.md §3 and §4."""
+    """A direct, coordinate-by-coordinate transcription of docs/method.md §3 and §4."""
     out = []
     for i in range(vs[0].numel()):
         entries = [w * float(v.reshape(-1)[i]) for v, w in zip(vs, weights)]

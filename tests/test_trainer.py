@@ -63,7 +63,7 @@ def _trainer(tmp_path, tokenizer, model=None, train=TRAIN, val=VAL, **overrides)
     )
 
 
-# --- a direct transcription of ../shared/METIS.md §2-3 ------------------------------------------
+# --- a direct transcription of docs/method.md §2-3 ------------------------------------------
 
 
 def _batch(tokenizer, rows):

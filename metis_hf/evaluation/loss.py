@@ -1,4 +1,4 @@
-"""Per-task validation loss: the loss METIS's gaps are made of (../shared/METIS.md §3 step 1).
+"""Per-task validation loss: the loss METIS's gaps are made of (docs/method.md §3 step 1).
 
 Causal-LM cross-entropy over the trained tokens of each example (all tokens, or completion tokens
 only), averaged per example, then averaged over the examples. Batched, padding masked.

@@ -1,4 +1,4 @@
-"""ConsensusTA (TALL masks, Wang et al. 2024) and METIS (Im et al. 2026), ../shared/METIS.md §3-4.
+"""ConsensusTA (TALL masks, Wang et al. 2024) and METIS (Im et al. 2026), docs/method.md §3-4.
 
 Both weight the task vectors, sum them (V), give each task a mask of the coordinates it "owns"
 (its weighted entry is large against the rest of the sum), and keep only coordinates owned by at

@@ -1,6 +1,6 @@
 """``metis_robust``: METIS with weights and masks that hold for any task count and loss scale.
 
-The paper's METIS (``metis``, kept exact) fails in three measured ways (../shared/METIS.md §7,
+The paper's METIS (``metis``, kept exact) fails in three measured ways (docs/method.md §7,
 docs/merging.md "metis_robust"): raw loss gaps depend on the loss's scale, one large gap at
 temperature 2 hands one task nearly all the weight, and the mask compares *weighted* entries, so
 where tasks agree it keeps task t only while alpha_t > delta / (1 + delta): with five or more tasks

@@ -20,7 +20,7 @@ ROUND_LR_SCHEDULES = ("linear", "constant")
 MERGE_SPACES = ("lora", "delta")
 GAP_TOKENS = ("trained", "completion")
 # Methods whose output is a sum over tasks: in LoRA-parameter space, merging every round with
-# scale 1 multiplies the adapter by about T each round (../shared/METIS.md §7), so their default
+# scale 1 multiplies the adapter by about T each round (docs/method.md §7), so their default
 # scale is 1/T. TIES and DARE-TIES end in a disjoint *mean* and METIS in a convex combination:
 # they keep one adapter's scale, and their default stays 1.
 SUM_METHODS = ("task_arithmetic", "dare_linear", "consensus_ta")
@@ -30,7 +30,7 @@ SUM_METHODS = ("task_arithmetic", "dare_linear", "consensus_ta")
 class MetisConfig(SFTConfig):
     r"""Configuration for :class:`MetisTrainer`: every ``SFTConfig`` field plus many-shot merging.
 
-    Defaults follow the METIS reference code (../shared/METIS.md §2): lr 3e-4, no warm-up, linear
+    Defaults follow the METIS reference code (docs/method.md §2): lr 3e-4, no warm-up, linear
     decay to 0 within each round, micro-batch 2 x 4 accumulation, sequences cut at 512 tokens,
     loss on all tokens, a fresh optimizer every round. ``bf16`` defaults to on only where a GPU
     supports it, and activation checkpointing is off.
