@@ -189,7 +189,7 @@ class Comparison:
     def run_post_hoc(self, run: Run, folder: Path) -> dict[str, Any]:
         from safetensors.torch import load_file, save_file
 
-        from metis_hf.merging.task_vectors import merge_lora_states
+        from metis_hf.merging.task_vectors import lora_scaling, merge_lora_states
         from metis_hf.training.trainer import merge_parameters
 
         experts_dir = self.output_dir / "runs" / Run("experts", run.seed).folder / "adapter" / "task_adapters"
@@ -202,8 +202,8 @@ class Comparison:
         method = args.merge_method  # a variant's registered method
         params, weights = merge_parameters(args, method, self.task_names, 0, gaps, base)
         adapter_config = json.loads((experts_dir / self.task_names[0] / "adapter_config.json").read_text())
-        rank, alpha = adapter_config["r"], adapter_config["lora_alpha"]
-        scaling = alpha / (rank**0.5 if adapter_config.get("use_rslora") else rank)
+        rank = adapter_config["r"]
+        scaling = lora_scaling(rank, adapter_config["lora_alpha"], adapter_config.get("use_rslora", False))
         merged, truncation = merge_lora_states(
             method, states, args.merge_space, rank, scaling, names=self.task_names, **params
         )

@@ -41,9 +41,9 @@ from metis_hf.merging.checks import check_task_vectors
 from metis_hf.merging.task_vectors import (
     check_lora_factors,
     check_same_keys,
-    dense_to_lora,
-    lora_to_dense,
-    merge_state_dicts,
+    key_seed,
+    lora_scaling,
+    merge_lora_states,
 )
 from metis_hf.recipe import RecipeError, from_dict
 
@@ -379,21 +379,17 @@ def _merge_adapters(config, folders, params, out: Path, progress: bool) -> Merge
     names = [str(f) for f in folders]
     check_lora_factors(states, names)
     dtype = DTYPES.get(config.dtype) if config.dtype else states[0][next(iter(states[0]))].dtype
-    truncation = None
-    if config.space == "lora":
-        merged = merge_state_dicts(
-            config.merge_method, states, granularity=config.granularity, names=names, **params
-        )
-    else:
-        check_same_keys(states, names)
-        rank, alpha = configs[0]["r"], configs[0]["lora_alpha"]
-        scaling = alpha / (rank**0.5 if configs[0].get("use_rslora") else rank)
-        dense = [lora_to_dense(s, scaling) for s in states]
-        merged_dense = merge_state_dicts(
-            config.merge_method, dense, granularity=config.granularity, names=names, **params
-        )
-        merged, report = dense_to_lora(merged_dense, rank, scaling)
-        truncation = report.overall
+    merged, truncation = merge_lora_states(
+        config.merge_method,
+        states,
+        space=config.space,
+        rank=configs[0]["r"],
+        scaling=lora_scaling(configs[0]["r"], configs[0]["lora_alpha"], configs[0].get("use_rslora", False)),
+        names=names,
+        granularity=config.granularity,
+        dtype=torch.float32,  # the factors are cast to the output dtype when written
+        **params,
+    )
     writer = ShardWriter(out, "adapter_model", config.max_shard_size_mb << 20)
     for key in tqdm(sorted(merged), desc="writing", disable=not progress):
         writer.add(key, merged[key].to(dtype))
@@ -428,10 +424,8 @@ def _merge_checkpoints(config, folders, params, out: Path, progress: bool) -> Me
             writer.add(key, base_tensor)
             continue
         vectors = check_task_vectors([s.get(key).float() - base_tensor.float() for s in sources], name=key)
-        key_params = dict(params)
-        if seed is not None:
-            key_params["seed"] = seed + index if isinstance(seed, int) else [s + index for s in seed]
-        writer.add(key, (base_tensor.float() + method(vectors, **key_params)).to(dtype))
+        merged = method(vectors, **params, **key_seed(seed, index))
+        writer.add(key, (base_tensor.float() + merged).to(dtype))
     writer.close()
     for name in _COPIED_FILES:
         if (base_folder / name).is_file():

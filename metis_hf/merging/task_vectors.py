@@ -15,6 +15,7 @@ This module touches models only through their parameters and state dicts: no Tra
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -133,11 +134,21 @@ def merge_state_dicts(
     out = {}
     seed = params.pop("seed", None)
     for index, key in enumerate(keys):
-        key_params = dict(params)
-        if seed is not None:
-            key_params["seed"] = seed + index if isinstance(seed, int) else [s + index for s in seed]
-        out[key] = merge_fn([s[key] for s in states], **key_params)
+        out[key] = merge_fn([s[key] for s in states], **params, **key_seed(seed, index))
     return out
+
+
+def key_seed(seed: int | Sequence[int] | None, index: int) -> dict[str, Any]:
+    """The ``seed`` parameter for the ``index``-th tensor of a key-by-key merge: offset by the key's
+    index, so that every tensor draws its own DARE mask reproducibly (none when unseeded)."""
+    if seed is None:
+        return {}
+    return {"seed": seed + index if isinstance(seed, int) else [s + index for s in seed]}
+
+
+def lora_scaling(rank: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """PEFT's LoRA scaling: the dense delta is ``scaling * B @ A``."""
+    return lora_alpha / (math.sqrt(rank) if use_rslora else rank)
 
 
 # --- dense delta space -----------------------------------------------------------------------
@@ -222,21 +233,24 @@ def merge_lora_states(
     rank: int | None = None,
     scaling: float = 1.0,
     names: Sequence[str] | None = None,
+    granularity: str = "tensor",
+    dtype: torch.dtype | None = None,
     **params: Any,
 ) -> tuple[StateDict, float | None]:
     """Merge LoRA adapters' states with ``method``: in LoRA-parameter space (A and B merged apart,
     the reference code's way), or in the dense delta space ``scaling * B @ A`` and back to rank
-    ``rank`` by SVD. Returns the merged LoRA state and, for the dense space, the relative
-    truncation error."""
+    ``rank`` by SVD (factors in ``dtype``, default the states'). Returns the merged LoRA state and,
+    for the dense space, the relative truncation error."""
     check_lora_factors(states, names)
     if space == "lora":
-        return merge_state_dicts(method, states, names=names, **params), None
+        return merge_state_dicts(method, states, granularity=granularity, names=names, **params), None
     if space != "delta":
         raise ValueError(f"merge space must be 'lora' or 'delta', got {space!r}.")
     if rank is None:
         raise ValueError("merging in the delta space needs the adapters' rank.")
+    check_same_keys(states, names)
     dense = [lora_to_dense(s, scaling) for s in states]
-    merged_dense = merge_state_dicts(method, dense, names=names, **params)
-    dtype = next(iter(states[0].values())).dtype
+    merged_dense = merge_state_dicts(method, dense, granularity=granularity, names=names, **params)
+    dtype = dtype or next(iter(states[0].values())).dtype
     merged, report = dense_to_lora(merged_dense, rank, scaling, dtype=dtype)
     return merged, report.overall

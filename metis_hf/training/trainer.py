@@ -41,6 +41,7 @@ from metis_hf.merging import get_merge_method, loss_gap_weights, robust_weights
 from metis_hf.merging.task_vectors import (
     load_lora_state,
     lora_parameters,
+    lora_scaling,
     merge_lora_states,
 )
 from metis_hf.models import load_model, load_tokenizer
@@ -464,7 +465,7 @@ class MetisTrainer(SFTTrainer):
             states,
             space=self.args.merge_space,
             rank=config.r,
-            scaling=config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r),
+            scaling=lora_scaling(config.r, config.lora_alpha, config.use_rslora),
             names=tasks,
             **params,
         )
