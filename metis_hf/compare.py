@@ -30,6 +30,7 @@ from metis_hf.evaluation.report import run_losses
 from metis_hf.evaluation.suite import evaluate_model, load_for_evaluation
 from metis_hf.files import write_json
 from metis_hf.hub import card_info_for, check_repo_id, write_card
+from metis_hf.merging import get_merge_method
 from metis_hf.models import load_model_and_tokenizer
 from metis_hf.recipe import Recipe, RecipeError, load_recipe
 from metis_hf.run import lora_config_from_recipe, metis_config_from_recipe, recipe_datasets, recipe_text
@@ -218,7 +219,7 @@ class Comparison:
         return {
             **self._evaluate(model, tokenizer),
             "weights": dict(zip(self.task_names, weights)),
-            "loss_gaps": gaps if method.startswith("metis") else None,
+            "loss_gaps": gaps if get_merge_method(method).uses_loss_gaps else None,
             "truncation_error": truncation,
         }
 

@@ -69,19 +69,6 @@ CITATION = """@inproceedings{im2026metis,
   archivePrefix = {arXiv}
 }"""
 
-METHODS = {
-    "metis": "METIS (loss-gap balancing): each round, every task's weight is a softmax of its loss gap "
-    "(the merged model's validation loss minus the task adapter's) over a temperature, and only "
-    "coordinates that at least k tasks own (TALL-style masks with threshold delta) are kept.",
-    "consensus_ta": "ConsensusTA (TALL masks): task arithmetic restricted to the coordinates that at least "
-    "k tasks own.",
-    "task_arithmetic": "Task Arithmetic: a scaled sum of the task vectors.",
-    "ties": "TIES: each task vector trimmed to its largest entries, a sign elected per coordinate, and "
-    "the agreeing entries averaged.",
-    "dare_ties": "DARE + TIES: entries dropped at random and the survivors rescaled, then TIES's sign "
-    "election and disjoint mean.",
-    "dare_linear": "DARE: entries dropped at random and the survivors rescaled, then summed.",
-}
 PROTOCOLS = {
     "many_shot": "many-shot merging: each task's LoRA adapter trained locally from the previous merge, "
     "then all merged, every round",
@@ -159,6 +146,16 @@ def round_table(rounds: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> st
     return "\n".join(lines)
 
 
+def _method_text(name: str) -> str:
+    """The registry's sentence on a method, for cards (names outside it, e.g. a compare, get a stub)."""
+    from metis_hf.merging import get_merge_method
+
+    try:
+        return get_merge_method(name).description
+    except ValueError:
+        return f"The `{name}` merge method."
+
+
 def render_card(info: CardInfo, repo_id: str | None = None) -> ModelCard:
     """The card of ``info`` from its template; code snippets load from ``repo_id`` when given."""
     tags = ["metis", "merge", "many-shot-merging", "trl", "sft", "lora", info.method.replace("_", "-")]
@@ -180,7 +177,7 @@ def render_card(info: CardInfo, repo_id: str | None = None) -> ModelCard:
         license=info.license,
     )
     template = resources.files("metis_hf") / "model_cards" / TEMPLATES[info.kind]
-    method_text = METHODS.get(info.method, f"The `{info.method}` merge method.")
+    method_text = _method_text(info.method)
     how = PROTOCOLS[info.protocol] + (f", with `{info.method}`." if info.protocol != "compare" else ".")
     title = {
         "adapter": f"{info.method} merged LoRA adapter",

@@ -49,8 +49,6 @@ from metis_hf.recipe import RecipeError, from_dict
 
 logger = logging.getLogger(__name__)
 
-# Per-model YAML parameters -> the list parameter of our methods.
-PER_MODEL_PARAMETERS = {"weight": "weights", "loss_gap": "loss_gaps", "alpha": "alphas", "seed": "seed"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _COPIED_FILES = (
     "config.json",
@@ -95,16 +93,21 @@ class MergeConfig:
         if self.granularity not in ("tensor", "global"):
             raise ValueError(f"granularity: {self.granularity!r} is not 'tensor' or 'global'.")
         for i, entry in enumerate(self.models):
-            unknown = sorted(set(entry.parameters) - set(PER_MODEL_PARAMETERS))
+            unknown = sorted(set(entry.parameters) - set(self.per_model_keys))
             if unknown:
                 raise ValueError(
                     f"models[{i}].parameters.{unknown[0]}: unknown per-model parameter "
-                    f"(allowed: {', '.join(PER_MODEL_PARAMETERS)})."
+                    f"(allowed for {self.merge_method}: {', '.join(self.per_model_keys) or 'none'})."
                 )
+
+    @property
+    def per_model_keys(self) -> list[str]:
+        """Per-model YAML keys: the singular of each per-task parameter the method takes."""
+        return list(get_merge_method(self.merge_method).per_task.values())
 
     def method_params(self) -> dict[str, Any]:
         params = dict(self.parameters)
-        for yaml_name, param in PER_MODEL_PARAMETERS.items():
+        for param, yaml_name in get_merge_method(self.merge_method).per_task.items():
             values = [entry.parameters.get(yaml_name) for entry in self.models]
             if any(v is not None for v in values):
                 if any(v is None for v in values):

@@ -47,7 +47,15 @@ def consensus_merge(
     return chunked_merge(task_vectors, kernel)
 
 
-@register_merge_method("consensus_ta")
+@register_merge_method(
+    "consensus_ta",
+    pretty_name="Consensus Task Arithmetic (TALL masks)",
+    reference_url="https://arxiv.org/abs/2405.07813",
+    description="ConsensusTA (TALL masks): task arithmetic restricted to the coordinates that at least "
+    "k tasks own.",
+    sums_tasks=True,
+    run_settings=("delta", "k"),
+)
 def consensus_ta(
     task_vectors: Sequence[torch.Tensor],
     *,
@@ -95,7 +103,22 @@ def gap_weights(
     return check_convex_weights(check_weights(alphas, count, "alphas"))
 
 
-@register_merge_method("metis")
+def _metis_weights(params: dict, count: int) -> list[float]:
+    if params.get("alphas") is not None:
+        return [float(a) for a in params["alphas"]]
+    return loss_gap_weights(params["loss_gaps"], params.get("temperature", 2.0))
+
+
+@register_merge_method(
+    "metis",
+    pretty_name="METIS",
+    reference_url="https://arxiv.org/abs/2606.16501",
+    description="METIS (loss-gap balancing): each round, every task's weight is a softmax of its loss gap "
+    "(the merged model's validation loss minus the task adapter's) over a temperature, and only "
+    "coordinates that at least k tasks own (TALL-style masks with threshold delta) are kept.",
+    run_settings=("temperature", "delta", "k", "beta"),
+    task_weights=_metis_weights,
+)
 def metis(
     task_vectors: Sequence[torch.Tensor],
     *,

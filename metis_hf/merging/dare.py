@@ -76,7 +76,13 @@ def _dare(
     return chunked_merge(task_vectors, kernel)
 
 
-@register_merge_method("dare_linear")
+@register_merge_method(
+    "dare_linear",
+    pretty_name="DARE (linear)",
+    reference_url="https://arxiv.org/abs/2311.03099",
+    description="DARE: entries dropped at random and the survivors rescaled, then summed.",
+    sums_tasks=True,
+)
 def dare_linear(
     task_vectors: Sequence[torch.Tensor],
     *,
@@ -89,7 +95,13 @@ def dare_linear(
     return _dare(task_vectors, weights, density, scale, seed, lambda dropped, w: (w.T @ dropped).squeeze(0))
 
 
-@register_merge_method("dare_ties")
+@register_merge_method(
+    "dare_ties",
+    pretty_name="DARE + TIES",
+    reference_url="https://arxiv.org/abs/2311.03099",
+    description="DARE + TIES: entries dropped at random and the survivors rescaled, then TIES's sign "
+    "election and disjoint mean.",
+)
 def dare_ties(
     task_vectors: Sequence[torch.Tensor],
     *,

@@ -21,7 +21,13 @@ def weighted_sum(task_vectors: Sequence[torch.Tensor], coefficients: Sequence[fl
     return out.to(first.dtype)
 
 
-@register_merge_method("task_arithmetic")
+@register_merge_method(
+    "task_arithmetic",
+    pretty_name="Task Arithmetic",
+    reference_url="https://arxiv.org/abs/2212.04089",
+    description="Task Arithmetic: a scaled sum of the task vectors.",
+    sums_tasks=True,
+)
 def task_arithmetic(
     task_vectors: Sequence[torch.Tensor], *, weights: Sequence[float] | None = None, scale: float = 1.0
 ) -> torch.Tensor:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -18,12 +19,66 @@ from metis_hf.merging.checks import check_task_vectors
 MergeFunction = Callable[..., torch.Tensor]
 
 
+# Parameters with one value per task, and the per-model key of each in merge YAML files.
+PER_TASK_PARAMETERS = {
+    "weights": "weight",
+    "loss_gaps": "loss_gap",
+    "alphas": "alpha",
+    "reference_losses": "reference_loss",
+    "seed": "seed",  # one integer for all tasks, or one per task
+}
+# Training-run settings (MetisConfig's top-level fields) that fill a method's parameter of the
+# same name when ``merge_params`` leaves it out.
+RUN_SETTINGS = ("temperature", "delta", "k", "beta")
+
+
 @dataclass(frozen=True)
 class MergeMethod:
+    """A registered merge method and what callers need to know about it.
+
+    ``sums_tasks``: the output is a sum over tasks, so a many-shot run defaults ``scale`` to 1/T
+    (in LoRA space a sum multiplies the adapter by about T every round). ``run_settings``: which
+    of MetisConfig's temperature, delta, k and beta feed this method. ``task_weights``: the
+    per-task weights a merge with given parameters applies (logged as alpha). Whether it uses loss
+    gaps, reference losses or a seed follows from its parameters.
+    """
+
     name: str
     function: MergeFunction
     parameters: tuple[str, ...]
     summary: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+    pretty_name: str = ""
+    reference_url: str | None = None
+    description: str = ""  # a sentence for model cards
+    sums_tasks: bool = False
+    run_settings: tuple[str, ...] = ()
+    task_weights: Callable[[dict[str, Any], int], list[float]] | None = None
+
+    @property
+    def uses_loss_gaps(self) -> bool:
+        return "loss_gaps" in self.parameters
+
+    @property
+    def uses_reference_losses(self) -> bool:
+        return "reference_losses" in self.parameters
+
+    @property
+    def seeded(self) -> bool:
+        return "seed" in self.parameters
+
+    @property
+    def per_task(self) -> dict[str, str]:
+        """Per-task parameter -> its per-model key in merge YAML files."""
+        return {p: key for p, key in PER_TASK_PARAMETERS.items() if p in self.parameters}
+
+    def weights_of(self, params: dict[str, Any], count: int) -> list[float]:
+        """The per-task weights a merge with ``params`` applies: the method's own rule, else
+        ``scale * weights``."""
+        if self.task_weights is not None:
+            return self.task_weights(params, count)
+        scale = float(params.get("scale", self.defaults.get("scale", 1.0)))
+        return [scale * float(w) for w in (params.get("weights") or [1.0] * count)]
 
     def __call__(self, task_vectors: Sequence[torch.Tensor], **params) -> torch.Tensor:
         unknown = sorted(set(params) - set(self.parameters))
@@ -45,13 +100,30 @@ class MergeMethod:
 _METHODS: dict[str, MergeMethod] = {}
 
 
-def register_merge_method(name: str, *, overwrite: bool = False) -> Callable[[MergeFunction], MergeFunction]:
-    """Decorator that registers ``fn`` under ``name``::
+def register_merge_method(
+    name: str,
+    *,
+    pretty_name: str | None = None,
+    reference_url: str | None = None,
+    description: str | None = None,
+    sums_tasks: bool = False,
+    run_settings: tuple[str, ...] = (),
+    task_weights: Callable[[dict[str, Any], int], list[float]] | None = None,
+    overwrite: bool = False,
+) -> Callable[[MergeFunction], MergeFunction]:
+    """Decorator that registers ``fn`` under ``name``, with what callers need to know (see
+    :class:`MergeMethod`)::
 
-    @register_merge_method("my_mean")
+    @register_merge_method("my_mean", pretty_name="Mean", sums_tasks=False)
     def my_mean(task_vectors, *, scale: float = 1.0):
         return scale * torch.stack(task_vectors).mean(0)
+
+    Its keyword-only parameters and their defaults are read from the signature; one whose name is a
+    per-task parameter (weights, loss_gaps, alphas, reference_losses, seed) takes one value per task.
     """
+    unknown = sorted(set(run_settings) - set(RUN_SETTINGS))
+    if unknown:
+        raise ValueError(f"run_settings: {unknown[0]!r} is not one of {RUN_SETTINGS}.")
 
     def decorate(fn: MergeFunction) -> MergeFunction:
         if name in _METHODS and not overwrite:
@@ -63,9 +135,25 @@ def register_merge_method(name: str, *, overwrite: bool = False) -> Callable[[Me
                 "The 'mergekit:' prefix is reserved for methods looked up in mergekit's registry."
             )
         signature = inspect.signature(fn)
-        params = tuple(p.name for p in list(signature.parameters.values())[1:] if p.kind is p.KEYWORD_ONLY)
+        keyword = [p for p in list(signature.parameters.values())[1:] if p.kind is p.KEYWORD_ONLY]
+        params = tuple(p.name for p in keyword)
+        missing = sorted(set(run_settings) - set(params))
+        if missing:
+            raise ValueError(f"run_settings: {name!r} has no parameter {missing[0]!r}.")
         summary = (inspect.getdoc(fn) or "").split("\n")[0]
-        _METHODS[name] = MergeMethod(name, fn, params, summary)
+        _METHODS[name] = MergeMethod(
+            name,
+            fn,
+            params,
+            summary,
+            defaults={p.name: p.default for p in keyword if p.default is not p.empty},
+            pretty_name=pretty_name or name,
+            reference_url=reference_url,
+            description=description or summary,
+            sums_tasks=sums_tasks,
+            run_settings=tuple(run_settings),
+            task_weights=task_weights,
+        )
         return fn
 
     return decorate

@@ -75,7 +75,13 @@ def elect_and_average(values: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     return (weights.T @ kept).squeeze(0) / count
 
 
-@register_merge_method("ties")
+@register_merge_method(
+    "ties",
+    pretty_name="TIES",
+    reference_url="https://arxiv.org/abs/2306.01708",
+    description="TIES: each task vector trimmed to its largest entries, a sign elected per coordinate, and "
+    "the agreeing entries averaged.",
+)
 def ties(
     task_vectors: Sequence[torch.Tensor],
     *,

@@ -19,11 +19,6 @@ TASK_SCHEDULES = ("sequential", "interleaved", "parallel")
 ROUND_LR_SCHEDULES = ("linear", "constant")
 MERGE_SPACES = ("lora", "delta")
 GAP_TOKENS = ("trained", "completion")
-# Methods whose output is a sum over tasks: in LoRA-parameter space, merging every round with
-# scale 1 multiplies the adapter by about T each round (docs/method.md §7), so their default
-# scale is 1/T. TIES and DARE-TIES end in a disjoint *mean* and METIS in a convex combination:
-# they keep one adapter's scale, and their default stays 1.
-SUM_METHODS = ("task_arithmetic", "dare_linear", "consensus_ta")
 
 
 @dataclass
@@ -186,8 +181,8 @@ class MetisConfig(SFTConfig):
         if self.gap_tokens not in GAP_TOKENS:
             raise ValueError(f"gap_tokens must be one of {GAP_TOKENS}, got {self.gap_tokens!r}.")
         method = get_merge_method(self.merge_method)  # unknown method: fails here
-        gap_methods = ("metis", "metis_robust")  # their gaps come from training, not from the user
-        reserved = {"loss_gaps", "alphas", "reference_losses"} if self.merge_method in gap_methods else set()
+        # a loss-gap method's gaps (and the weights they give) come from training, not from the user
+        reserved = {"loss_gaps", "alphas", "reference_losses"} if method.uses_loss_gaps else set()
         unknown = sorted(
             set(self.merge_params) - set(method.parameters) | (set(self.merge_params) & reserved)
         )

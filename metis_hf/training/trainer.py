@@ -37,7 +37,7 @@ from trl import SFTTrainer
 from metis_hf.evaluation.loss import per_example_losses_on
 from metis_hf.files import write_text_atomic
 from metis_hf.hub import CITATION
-from metis_hf.merging import get_merge_method, loss_gap_weights, robust_weights
+from metis_hf.merging import get_merge_method
 from metis_hf.merging.task_vectors import (
     load_lora_state,
     lora_parameters,
@@ -46,7 +46,7 @@ from metis_hf.merging.task_vectors import (
 )
 from metis_hf.models import load_model, load_tokenizer
 from metis_hf.tokenization import tokenize_dataset
-from metis_hf.training.config import SUM_METHODS, MetisConfig
+from metis_hf.training.config import MetisConfig
 from metis_hf.training.plan import FixedOrderSampler, RoundPlan
 
 logger = logging.getLogger(__name__)
@@ -560,42 +560,30 @@ def merge_parameters(
     gaps: Mapping[str, float] | None,
     reference_losses: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, Any], list[float]]:
-    """The parameters of ``method`` for round ``round_index`` under ``args`` (METIS's temperature,
-    delta, k and beta; 1/T for summing methods; a per-round DARE seed), and the per-task weights
-    the merge gives (logged as alpha)."""
+    """The parameters of ``method`` for round ``round_index`` under ``args``, read from the method's
+    registry entry: ``merge_params`` first, then the run settings it takes (temperature and beta per
+    round, delta, k capped at T), 1/T for methods that sum tasks, a per-round seed for seeded ones,
+    and the loss gaps (and reference losses) for those that use them. Also returns the per-task
+    weights the merge applies (logged as alpha)."""
+    spec = get_merge_method(method)
     count = len(task_names)
     params = dict(args.merge_params) if method == args.merge_method else {}
-    if method == "metis":
-        if gaps is None:
-            raise ValueError("metis needs loss gaps: pass eval_dataset (a validation split per task).")
-        params.setdefault("temperature", args.per_round("temperature", round_index))
-        params.setdefault("delta", args.delta)
-        params.setdefault("k", min(args.k, count))
-        params.setdefault("beta", args.per_round("beta", round_index))
-        params["loss_gaps"] = [gaps[t] for t in task_names]
-        return params, loss_gap_weights(params["loss_gaps"], params["temperature"])
-    if method == "metis_robust":  # its own temperature scale (relative gaps): only merge_params set it
-        if gaps is None:
-            raise ValueError("metis_robust needs loss gaps: pass eval_dataset (a validation split per task).")
-        params.setdefault("delta", args.delta)
-        params.setdefault("k", min(args.k, count))
-        params.setdefault("beta", args.per_round("beta", round_index))
-        params["loss_gaps"] = [gaps[t] for t in task_names]
-        if reference_losses is not None:
-            params["reference_losses"] = [reference_losses[t] for t in task_names]
-        # robust_weights owns the defaults: pass only what merge_params set
-        options = {key: params[key] for key in ("temperature", "floor", "gap_normalization") if key in params}
-        return params, robust_weights(params["loss_gaps"], params.get("reference_losses"), **options)
-    if method in SUM_METHODS:
+    for name in spec.run_settings:
+        if name in ("temperature", "beta"):
+            params.setdefault(name, args.per_round(name, round_index))
+        else:
+            params.setdefault(name, min(args.k, count) if name == "k" else getattr(args, name))
+    if spec.sums_tasks and "scale" in spec.parameters:
         params.setdefault("scale", 1.0 / count)
-    if method == "consensus_ta":
-        params.setdefault("delta", args.delta)
-        params.setdefault("k", min(args.k, count))
-    if "seed" not in params and method.startswith("dare"):
+    if spec.seeded and "seed" not in params:
         params["seed"] = args.seed * 1000 + round_index
-    scale = float(params.get("scale", 1.0))
-    weights = params.get("weights") or [1.0] * count
-    return params, [scale * float(w) for w in weights]
+    if spec.uses_loss_gaps:
+        if gaps is None:
+            raise ValueError(f"{method} needs loss gaps: pass eval_dataset (a validation split per task).")
+        params["loss_gaps"] = [gaps[t] for t in task_names]
+        if spec.uses_reference_losses and reference_losses is not None:
+            params["reference_losses"] = [reference_losses[t] for t in task_names]
+    return params, spec.weights_of(params, count)
 
 
 def check_merge_settings(args: MetisConfig, task_names: list[str]) -> None:
@@ -644,7 +632,7 @@ def _check_tasks(
             _check_dataset(validation[name], f"eval_dataset[{name!r}]")
             if len(validation[name]) == 0:
                 raise ValueError(f"Task {name!r} has an empty validation set.")
-    elif args.merge_method in ("metis", "metis_robust"):
+    elif get_merge_method(args.merge_method).uses_loss_gaps:
         raise ValueError(
             f"{args.merge_method} needs eval_dataset (a validation set per task) to measure its loss gaps."
         )
