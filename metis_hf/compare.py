@@ -23,7 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from metis_hf.data import build_tasks
 from metis_hf.evaluation.report import run_losses
@@ -36,11 +36,12 @@ from metis_hf.recipe import Recipe, RecipeError, load_recipe
 from metis_hf.run import lora_config_from_recipe, metis_config_from_recipe, recipe_datasets, recipe_text
 
 RESULT_FILE = "result.json"
+RunKind = Literal["base", "experts", "post_hoc", "many_shot"]
 
 
 @dataclass(frozen=True)
 class Run:
-    kind: str  # "base", "experts", "post_hoc" or "many_shot"
+    kind: RunKind
     seed: int | None = None
     method: str | None = None
 

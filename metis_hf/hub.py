@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
@@ -32,6 +32,7 @@ from metis_hf.redact import hide_local_paths, redact_data, redact_known, redact_
 logger = logging.getLogger(__name__)
 
 CARD_INFO_FILE = "metis_card.json"
+CardKind = Literal["adapter", "model", "comparison"]
 TEMPLATES = {
     "adapter": "merged_adapter.md.j2",
     "model": "merged_model.md.j2",
@@ -82,7 +83,7 @@ PROTOCOLS = {
 class CardInfo:
     """What a card says; stored as ``metis_card.json`` next to the README it renders."""
 
-    kind: str  # "adapter", "model" or "comparison"
+    kind: CardKind
     method: str
     protocol: str  # a key of PROTOCOLS
     base_model: str | None = None  # a Hub id where one is known
@@ -104,7 +105,9 @@ class CardInfo:
             raise ValueError(f"Card protocol must be one of {sorted(PROTOCOLS)}, got {self.protocol!r}.")
 
 
-def card_info_for(kind: str, method: str, protocol: str, base_model: str | None, **fields: Any) -> CardInfo:
+def card_info_for(
+    kind: CardKind, method: str, protocol: str, base_model: str | None, **fields: Any
+) -> CardInfo:
     """A CardInfo whose base model (a built-in name, its cached folder, or a Hub id) is named by
     its Hub id, with the base's license where metis-hf knows it."""
     hub_id, license_name = hub_identity(base_model)

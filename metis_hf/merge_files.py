@@ -11,7 +11,7 @@ The YAML follows mergekit's shape::
         parameters: {loss_gap: 0.12}
     parameters: {temperature: 2.0, delta: 0.3, k: 2}   # shared
     dtype: bfloat16       # output dtype (default: the inputs')
-    space: lora           # adapters: "lora" (the paper's) or "delta" (scaling * B @ A, SVD back to rank r)
+    space: lora           # adapters: "lora" (the paper's) or "dense" (scaling * B @ A, SVD back to rank r)
 
 Only safetensors are read (pickle weights are refused). Tensors are merged one key at a time, the
 output is written as sharded safetensors into a temporary folder that is renamed into place, so a
@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -41,6 +41,7 @@ from metis_hf.merging.checks import check_task_vectors
 from metis_hf.merging.task_vectors import (
     check_lora_factors,
     check_same_keys,
+    check_space,
     key_seed,
     lora_scaling,
     merge_lora_states,
@@ -88,8 +89,10 @@ class MergeConfig:
             raise ValueError("models: at least one model is needed.")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not one of {sorted(DTYPES)}.")
-        if self.space not in ("lora", "delta"):
-            raise ValueError(f"space: {self.space!r} is not 'lora' or 'delta'.")
+        try:
+            self.space = check_space(self.space)
+        except ValueError as err:
+            raise ValueError(f"space: {err}") from None
         if self.granularity not in ("tensor", "global"):
             raise ValueError(f"granularity: {self.granularity!r} is not 'tensor' or 'global'.")
         for i, entry in enumerate(self.models):
@@ -302,7 +305,7 @@ def _remove_stale_outputs(output_dir: Path) -> None:
 
 @dataclass
 class MergeSummary:
-    kind: str  # "adapter" or "checkpoint"
+    kind: Literal["adapter", "checkpoint"]
     tensors: int
     output_dir: Path
     truncation_error: float | None = None  # delta space only

@@ -252,3 +252,24 @@ def test_loss_gaps_of_finished_adapters(tiny_tokenizer):
     assert gaps["one"] == pytest.approx(base["one"] - task_loss(model, tiny_tokenizer, data["one"]), abs=1e-6)
     with pytest.raises(ValueError, match="Tasks differ"):
         compute_loss_gaps(model, tiny_tokenizer, data, {"one": "default"})
+
+
+def test_the_dense_space_is_named_dense_and_delta_still_works(adapter_dirs, tmp_path):
+    """'delta' read as METIS's mask threshold: the space is 'dense' now; the old name warns and
+    gives the same merge."""
+    from metis_hf import MetisConfig
+    from metis_hf.merge_files import MergeConfig, ModelEntry, run_merge
+
+    with pytest.warns(FutureWarning, match="'delta' is now called 'dense'"):
+        assert MetisConfig(output_dir=str(tmp_path), use_cpu=True, merge_space="delta").merge_space == "dense"
+    with pytest.raises(ValueError, match=r"merge_space: merge space must be one of \('lora', 'dense'\)"):
+        MetisConfig(output_dir=str(tmp_path), use_cpu=True, merge_space="svd")
+    _, dirs = adapter_dirs
+    models = [ModelEntry(str(d)) for d in dirs]
+    run_merge(MergeConfig("ties", models, space="dense"), tmp_path / "dense", progress=False)
+    with pytest.warns(FutureWarning):
+        old_name = MergeConfig("ties", models, space="delta")
+    run_merge(old_name, tmp_path / "delta", progress=False)
+    assert (tmp_path / "dense" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "delta" / "adapter_model.safetensors"
+    ).read_bytes()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -226,6 +227,20 @@ def apply_dense_deltas(model: torch.nn.Module, deltas: Mapping[str, torch.Tensor
         params[name].add_(delta.to(params[name].dtype))
 
 
+MERGE_SPACES = ("lora", "dense")
+
+
+def check_space(space: str) -> str:
+    """``lora`` or ``dense``; ``delta``, the dense space's former name (easily read as METIS's mask
+    threshold), is accepted with a FutureWarning."""
+    if space == "delta":
+        warnings.warn("merge space 'delta' is now called 'dense'.", FutureWarning, stacklevel=3)
+        return "dense"
+    if space not in MERGE_SPACES:
+        raise ValueError(f"merge space must be one of {MERGE_SPACES}, got {space!r}.")
+    return space
+
+
 def merge_lora_states(
     method: str,
     states: Sequence[Mapping[str, torch.Tensor]],
@@ -239,15 +254,13 @@ def merge_lora_states(
 ) -> tuple[StateDict, float | None]:
     """Merge LoRA adapters' states with ``method``: in LoRA-parameter space (A and B merged apart,
     the reference code's way), or in the dense delta space ``scaling * B @ A`` and back to rank
-    ``rank`` by SVD (factors in ``dtype``, default the states'). Returns the merged LoRA state and,
+    ``rank`` by SVD (``space="dense"``; factors in ``dtype``, default the states'). Returns the merged LoRA state and,
     for the dense space, the relative truncation error."""
     check_lora_factors(states, names)
-    if space == "lora":
+    if check_space(space) == "lora":
         return merge_state_dicts(method, states, granularity=granularity, names=names, **params), None
-    if space != "delta":
-        raise ValueError(f"merge space must be 'lora' or 'delta', got {space!r}.")
     if rank is None:
-        raise ValueError("merging in the delta space needs the adapters' rank.")
+        raise ValueError("merging in the dense space needs the adapters' rank.")
     check_same_keys(states, names)
     dense = [lora_to_dense(s, scaling) for s in states]
     merged_dense = merge_state_dicts(method, dense, granularity=granularity, names=names, **params)

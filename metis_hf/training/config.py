@@ -12,12 +12,12 @@ from trl import SFTConfig
 
 from metis_hf.merging import get_merge_method
 from metis_hf.merging.checks import check_delta, check_finite_number, check_positive
+from metis_hf.merging.task_vectors import check_space
 from metis_hf.redact import register_secret
 
 PROTOCOLS = ("many_shot", "post_hoc")
 TASK_SCHEDULES = ("sequential", "interleaved", "parallel")
 ROUND_LR_SCHEDULES = ("linear", "constant")
-MERGE_SPACES = ("lora", "delta")
 GAP_TOKENS = ("trained", "completion")
 
 
@@ -70,9 +70,8 @@ class MetisConfig(SFTConfig):
     merge_space: str = field(
         default="lora",
         metadata={
-            "help": "'lora': merge LoRA A and B entries (the paper); 'delta': merge scaling*B@A per "
-            "module and truncate back to rank r by SVD.",
-            "choices": list(MERGE_SPACES),
+            "help": "'lora': merge LoRA A and B entries (the paper); 'dense': merge scaling*B@A per "
+            "module and truncate back to rank r by SVD ('delta', its former name, still works).",
         },
     )
     reset_optimizer_each_round: bool = field(
@@ -166,8 +165,10 @@ class MetisConfig(SFTConfig):
             raise ValueError(
                 f"round_lr_schedule must be one of {ROUND_LR_SCHEDULES}, got {self.round_lr_schedule!r}."
             )
-        if self.merge_space not in MERGE_SPACES:
-            raise ValueError(f"merge_space must be one of {MERGE_SPACES}, got {self.merge_space!r}.")
+        try:
+            self.merge_space = check_space(self.merge_space)
+        except ValueError as err:
+            raise ValueError(f"merge_space: {err}") from None
         if isinstance(self.num_rounds, bool) or not isinstance(self.num_rounds, int) or self.num_rounds < 1:
             raise ValueError(f"num_rounds must be an integer >= 1, got {self.num_rounds!r}.")
         if self.local_steps is not None and self.local_steps < 1:
