@@ -39,7 +39,6 @@ from metis_hf.files import replace_dir
 from metis_hf.merging import get_merge_method
 from metis_hf.merging.checks import check_task_vectors
 from metis_hf.merging.task_vectors import (
-    check_lora_factors,
     check_same_keys,
     check_space,
     key_seed,
@@ -383,7 +382,6 @@ def _merge_adapters(config, folders, params, out: Path, progress: bool) -> Merge
         source = TensorSource(folder)
         states.append({k: source.get(k) for k in sorted(source.keys())})
     names = [str(f) for f in folders]
-    check_lora_factors(states, names)
     dtype = DTYPES.get(config.dtype) if config.dtype else states[0][next(iter(states[0]))].dtype
     merged, truncation = merge_lora_states(
         config.merge_method,
