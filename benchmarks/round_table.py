@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from metis_hf.evaluation.report import multitask_loss
+from metis_hf.training.rounds import RoundRecord
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -40,12 +41,12 @@ def rows_for(output_dir: Path, method: str) -> tuple[list[str], list[float]]:
         if not result_file.exists():
             continue
         run = _read(result_file)
-        rounds = run["rounds"]
-        density = ", ".join(f"{r['merge/mask_density']:.2f}" for r in rounds)
-        losses = " -> ".join(f"{r['merge/multitask_loss']:.3f}" for r in rounds)
-        alphas = [v for k, v in rounds[-1].items() if k.startswith("merge/alpha/")]
+        rounds = [RoundRecord.from_log(row) for row in run["rounds"]]
+        density = ", ".join(f"{r.mask_density:.2f}" for r in rounds)
+        losses = " -> ".join(f"{r.multitask_loss:.3f}" for r in rounds)
+        alphas = list(rounds[-1].alphas.values())
         above = [t for t, s in run["scores"].items() if s["exact_match"] > base["scores"][t]["exact_match"]]
-        drops.append(base_loss - rounds[-1]["merge/multitask_loss"])
+        drops.append(base_loss - rounds[-1].multitask_loss)
         rows.append(
             f"| {len(run['scores'])} | {_seed_of(seed_dir)} | {density} | {base_loss:.3f} | {losses} "
             f"| {min(alphas):.2f}-{max(alphas):.2f} | {', '.join(above) or 'none'} |"

@@ -192,7 +192,7 @@ class Comparison:
         from safetensors.torch import load_file, save_file
 
         from metis_hf.merging.task_vectors import lora_scaling, merge_lora_states
-        from metis_hf.training.trainer import merge_parameters
+        from metis_hf.training.rounds import merge_parameters
 
         experts_dir = self.output_dir / "runs" / Run("experts", run.seed).folder / "adapter" / "task_adapters"
         states = [load_file(experts_dir / t / "adapter_model.safetensors") for t in self.task_names]

@@ -130,9 +130,12 @@ def framework_versions() -> dict[str, str]:
 def round_table(rounds: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> str:
     """Markdown: per round, each task's merge weight (alpha) and loss gap, the mask density and
     the merged adapter's multi-task validation loss."""
-    if not rounds:
+    from metis_hf.training.rounds import RoundRecord
+
+    records = [RoundRecord.from_log(row) for row in rounds]
+    if not records:
         return ""
-    has_gaps = any(f"merge/loss_gap/{t}" in rounds[0] for t in tasks)
+    has_gaps = records[0].loss_gaps is not None
     header = ["round", *[f"alpha {t}" for t in tasks]]
     header += [f"gap {t}" for t in tasks] if has_gaps else []
     header += ["mask density", "multi-task loss"]
@@ -141,10 +144,10 @@ def round_table(rounds: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> st
     def fmt(value: Any) -> str:
         return f"{value:.4g}" if isinstance(value, int | float) else "-"
 
-    for row in rounds:
-        cells = [str(row.get("round", "-")), *[fmt(row.get(f"merge/alpha/{t}")) for t in tasks]]
-        cells += [fmt(row.get(f"merge/loss_gap/{t}")) for t in tasks] if has_gaps else []
-        cells += [fmt(row.get("merge/mask_density")), fmt(row.get("merge/multitask_loss"))]
+    for record in records:
+        cells = [str(record.round), *[fmt(record.alphas.get(t)) for t in tasks]]
+        cells += [fmt((record.loss_gaps or {}).get(t)) for t in tasks] if has_gaps else []
+        cells += [fmt(record.mask_density), fmt(record.multitask_loss)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -95,7 +95,8 @@ def run_training(
     An earlier run's outputs in ``output_dir`` are replaced only with ``overwrite``, once the new
     merged adapter is complete."""
     from metis_hf.training import MetisTrainer
-    from metis_hf.training.trainer import ROUNDS_FILE, check_merge_settings
+    from metis_hf.training.rounds import check_merge_settings
+    from metis_hf.training.trainer import ROUNDS_FILE
 
     recipe = load_recipe(recipe_path, overrides)
     output_dir = Path(output_dir)

@@ -233,7 +233,8 @@ def test_merge_overwrite_refuses_outputs_that_would_delete_inputs(tmp_path, monk
 @pytest.mark.parametrize(
     "field,message",
     [
-        (dict(k=0), "k must be an integer >= 1"),
+        (dict(k=0), r"k must be an integer in \[1, 2\]"),
+        (dict(merge_params={"k": 3, "weights": [1, 1]}, merge_method="consensus_ta"), r"k must be an integer in \[1, 2\]"),
         (dict(delta=-1.0), "delta must be a finite number >= 0"),
         (dict(temperature=0.0), "temperature must be a finite number > 0"),
         (dict(temperature=[2.0, -1.0], num_rounds=2), "temperature must be a finite number > 0"),
@@ -259,12 +260,14 @@ def test_metis_config_checks_its_merge_fields(tmp_path, field, message):
         ("task_arithmetic", {"weights": [1.0, 2.0, 3.0]}, "weights has 3 entries for 2 task vectors"),
     ],
 )
-def test_merge_params_fail_when_the_trainer_is_built(tmp_path, tiny_tokenizer, method, params, message):
-    args = MetisConfig(
-        output_dir=str(tmp_path), use_cpu=True, merge_method=method, merge_params=params, local_steps=1
-    )
+def test_merge_params_fail_before_training(tmp_path, tiny_tokenizer, method, params, message):
+    """When the config is built where the parameters alone are wrong, else when the trainer is
+    (the task count is known there)."""
     data = _tasks()
     with pytest.raises(ValueError, match=message):
+        args = MetisConfig(
+            output_dir=str(tmp_path), use_cpu=True, merge_method=method, merge_params=params, local_steps=1
+        )
         MetisTrainer(
             "unused-because-the-check-comes-first",
             args,

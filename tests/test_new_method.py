@@ -121,3 +121,34 @@ def test_a_method_registered_here_merges_files_with_its_card(tmp_path, tiny_toke
         )
     )
     assert main(["merge", str(bad), str(tmp_path / "out2")]) == 2  # it takes no per-model weight
+
+
+def test_a_method_registered_here_runs_in_mergekits_yaml_runner(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_merge_files import _checkpoints
+
+    base, tuned = _checkpoints(tmp_path)
+    config = tmp_path / "mk.yaml"
+    models = [{"model": str(tmp_path / f"ft{i}")} for i in range(2)] + [{"model": str(tmp_path / "base")}]
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "test_median",
+                "base_model": str(tmp_path / "base"),
+                "models": models,
+                "parameters": {"scale": 3.0},
+                "dtype": "float32",
+            }
+        )
+    )
+    assert main(["mergekit-yaml", str(config), str(tmp_path / "mk")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "mk").state_dict()
+    before = base.state_dict()
+    for key in ("model.layers.1.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight"):
+        deltas = torch.stack([m.state_dict()[key] - before[key] for m in tuned])
+        # mergekit drops the base from its inputs, so the median is over the two tuned models.
+        expected = before[key] + 3.0 * deltas.median(0).values
+        torch.testing.assert_close(merged[key], expected)
+    config.write_text(config.read_text().replace("scale: 3.0", "scael: 3.0"))
+    assert main(["mergekit-yaml", str(config), str(tmp_path / "mk2")]) == 2  # misspelt: named, not dropped

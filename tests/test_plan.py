@@ -97,9 +97,48 @@ def test_step_counts_from_local_steps_and_local_epochs(tmp_path, fields, sizes, 
     assert plan.rounds == (1 if args.protocol == "post_hoc" else args.num_rounds)
 
 
+def _round_params(args, method, gaps, rounds):
+    from metis_hf.training.rounds import merge_parameters
+
+    return [merge_parameters(args, method, list(gaps), r, gaps, dict.fromkeys(gaps, 2.0)) for r in range(rounds)]
+
+
 def test_per_round_lists(tmp_path):
     args = MetisConfig(
-        output_dir=str(tmp_path), use_cpu=True, num_rounds=3, temperature=[4.0, 3.0, 1.0], beta=1.5
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        num_rounds=3,
+        temperature=[4.0, 3.0, 1.0],  # the alias field
+        beta=1.5,
+        merge_params={"delta": [0.1, 0.2, 0.3]},  # any one-value parameter may take a list per round
     )
-    assert [args.per_round("temperature", r) for r in range(3)] == [4.0, 3.0, 1.0]
-    assert [args.per_round("beta", r) for r in range(3)] == [1.5, 1.5, 1.5]
+    assert args.merge_params == {"delta": [0.1, 0.2, 0.3], "temperature": [4.0, 3.0, 1.0], "beta": 1.5}
+    gaps = {"a": 0.2, "b": 1.0}
+    rounds = _round_params(args, "metis", gaps, 3)
+    assert [p["temperature"] for p, _ in rounds] == [4.0, 3.0, 1.0]
+    assert [p["delta"] for p, _ in rounds] == [0.1, 0.2, 0.3]
+    assert [(p["beta"], p["k"], p["loss_gaps"]) for p, _ in rounds] == [(1.5, 2, [0.2, 1.0])] * 3
+    for (_, alphas), temperature in zip(rounds, [4.0, 3.0, 1.0]):  # softmax(gaps / temperature)
+        expected_b = 1 / (1 + math.exp(-0.8 / temperature))
+        assert alphas == pytest.approx([1 - expected_b, expected_b])
+
+
+def test_the_alias_fields_feed_every_method_that_takes_them(tmp_path):
+    from metis_hf.merging import robust_weights
+
+    # metis_robust's temperature is set the same way as metis's (the field was once ignored for it).
+    args = MetisConfig(output_dir=str(tmp_path), use_cpu=True, merge_method="metis_robust", temperature=0.05)
+    gaps = {"a": 0.1, "b": 0.3, "c": 0.2}
+    ((params, alphas),) = _round_params(args, "metis_robust", gaps, 1)
+    assert params["temperature"] == 0.05 and params["reference_losses"] == [2.0, 2.0, 2.0]
+    assert alphas == robust_weights([0.1, 0.3, 0.2], [2.0] * 3, temperature=0.05)
+    assert alphas != robust_weights([0.1, 0.3, 0.2], [2.0] * 3)  # the default (0.1) gives others
+    with pytest.raises(ValueError, match="temperature: 'ties' has no parameter 'temperature'"):
+        MetisConfig(output_dir=str(tmp_path), use_cpu=True, merge_method="ties", temperature=2.0)
+    with pytest.raises(ValueError, match="delta is set twice"):
+        MetisConfig(output_dir=str(tmp_path), use_cpu=True, delta=0.2, merge_params={"delta": 0.3})
+    with pytest.raises(ValueError, match="delta has 2 values for 3 rounds"):
+        MetisConfig(output_dir=str(tmp_path), use_cpu=True, num_rounds=3, merge_params={"delta": [0.1, 0.2]})
+    # A default k above the task count is capped; a k the user gives is not.
+    ((params, _),) = _round_params(MetisConfig(output_dir=str(tmp_path), use_cpu=True), "metis", {"a": 0.0}, 1)
+    assert params["k"] == 1

@@ -25,13 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_hf_argument_parser_reads_per_round_lists_and_json_merge_params(tmp_path):
     (config,) = HfArgumentParser(MetisConfig).parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--use_cpu", "--num_rounds", "3", "--temperature", "4", "3", "2"]
-        + ["--beta", "1.2", "--merge_method", "ties", "--merge_params", '{"density": 0.3}']
+        + ["--beta", "1.2", "--merge_params", '{"delta": [0.1, 0.2, 0.3]}']
     )
     assert config.temperature == [4.0, 3.0, 2.0] and config.beta == [1.2]
-    assert [config.per_round("temperature", r) for r in range(3)] == [4.0, 3.0, 2.0]
-    assert [config.per_round("beta", r) for r in range(3)] == [1.2, 1.2, 1.2]
-    assert config.merge_params == {"density": 0.3}
-    assert MetisConfig(output_dir=str(tmp_path), use_cpu=True, temperature=2.5).temperature == [2.5]
+    assert config.merge_params == {"delta": [0.1, 0.2, 0.3], "temperature": [4.0, 3.0, 2.0], "beta": 1.2}
+    (config,) = HfArgumentParser(MetisConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--merge_method", "ties", "--merge_params", '{"density": 0.3}']
+    )
+    assert config.merge_params == {"density": 0.3} and config.temperature is None
+    assert MetisConfig(output_dir=str(tmp_path), use_cpu=True, temperature=2.5).merge_params == {"temperature": 2.5}
     with pytest.raises(ValueError, match="merge_params: '\\{density' is not a JSON object"):
         MetisConfig(output_dir=str(tmp_path), use_cpu=True, merge_params="{density")
 
@@ -44,7 +46,6 @@ def test_trl_parser_takes_a_config_file_and_flags_override_it(tmp_path):
                 "output_dir": str(tmp_path / "o"),
                 "use_cpu": True,
                 "num_rounds": 2,
-                "temperature": 1.5,
                 "merge_method": "ties",
                 "merge_params": {"density": 0.5},
                 "learning_rate": 3e-4,
@@ -54,7 +55,7 @@ def test_trl_parser_takes_a_config_file_and_flags_override_it(tmp_path):
     config, model = TrlParser((MetisConfig, ModelConfig)).parse_args_and_config(
         ["--config", str(path), "--learning_rate", "1e-4", "--model_name_or_path", "org/model"]
     )
-    assert config.learning_rate == 1e-4 and config.temperature == [1.5] and config.num_rounds == 2
+    assert config.learning_rate == 1e-4 and config.num_rounds == 2
     assert config.merge_method == "ties" and config.merge_params == {"density": 0.5}
     assert model.model_name_or_path == "org/model"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,15 +109,17 @@ def round_summaries(by_seed: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict
     """Per round, over seeds: the mean mask density (the share of coordinates the merge kept; near
     0 means the merge collapsed), the mean multi-task validation loss, and the range of the merge
     weights alpha."""
+    from metis_hf.training.rounds import RoundRecord
+
     out = []
     for index in range(min(len(rounds) for rounds in by_seed)):
-        records = [rounds[index] for rounds in by_seed]
-        alphas = [v for r in records for k, v in r.items() if k.startswith("merge/alpha/")]
-        densities = [r["merge/mask_density"] for r in records if "merge/mask_density" in r]
-        losses = [r["merge/multitask_loss"] for r in records if "merge/multitask_loss" in r]
+        records = [RoundRecord.from_log(rounds[index]) for rounds in by_seed]
+        alphas = [a for r in records for a in r.alphas.values()]
+        densities = [r.mask_density for r in records]
+        losses = [r.multitask_loss for r in records if r.multitask_loss is not None]
         out.append(
             {
-                "round": records[0]["round"],
+                "round": records[0].round,
                 "mask_density": mean_sd(densities),
                 "multitask_loss": mean_sd(losses),
                 "alpha_min": min(alphas, default=math.nan),
@@ -289,22 +291,31 @@ def plot_round_curves(report: Mapping[str, Any], path: Path) -> bool:
         return False
     tasks = report["tasks"]
 
-    def mean_curve(rows: Sequence[Mapping[str, Any]], field: str) -> list[float]:
-        count = min(len(r["rounds"]) for r in rows)
-        return [statistics.fmean(r["rounds"][i].get(field, math.nan) for r in rows) for i in range(count)]
+    from metis_hf.training.rounds import RoundRecord
+
+    def mean_curve(rows: Sequence[Mapping[str, Any]], value: Callable[[RoundRecord], Any]) -> list[float]:
+        """The mean over seeds of ``value(record)`` per round (nan where a record lacks it)."""
+        records = [[RoundRecord.from_log(row) for row in r["rounds"]] for r in rows]
+        count = min(len(seed) for seed in records)
+
+        def number(record: RoundRecord) -> float:
+            found = value(record)
+            return math.nan if found is None else found
+
+        return [statistics.fmean(number(seed[i]) for seed in records) for i in range(count)]
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for method in sorted({r["method"] for r in runs}):
         rows = [r for r in runs if r["method"] == method]
-        curve = mean_curve(rows, "merge/multitask_loss")
+        curve = mean_curve(rows, lambda r: r.multitask_loss)
         axes[0].plot(range(1, len(curve) + 1), curve, marker="o", label=method)
     axes[0].set(title="multi-task validation loss (merged)", xlabel="round", ylabel="loss")
     axes[0].legend(fontsize=8)
     metis = [r for r in runs if r["method"] == "metis"] or [runs[0]]
     for task in tasks:
-        alpha = mean_curve(metis, f"merge/alpha/{task}")
+        alpha = mean_curve(metis, lambda r, t=task: r.alphas.get(t))
         axes[1].plot(range(1, len(alpha) + 1), alpha, marker="o", label=task)
-        loss = mean_curve(metis, f"merge/val_loss_merged/{task}")
+        loss = mean_curve(metis, lambda r, t=task: (r.val_loss_merged or {}).get(t))
         axes[2].plot(range(1, len(loss) + 1), loss, marker="o", label=task)
     axes[1].set(title=f"{metis[0]['method']}: merge weight per task", xlabel="round", ylabel="alpha")
     axes[2].set(title=f"{metis[0]['method']}: validation loss per task", xlabel="round", ylabel="loss")

@@ -54,7 +54,6 @@ def consensus_merge(
     description="ConsensusTA (TALL masks): task arithmetic restricted to the coordinates that at least "
     "k tasks own.",
     sums_tasks=True,
-    run_settings=("delta", "k"),
 )
 def consensus_ta(
     task_vectors: Sequence[torch.Tensor],
@@ -106,7 +105,7 @@ def gap_weights(
 def _metis_weights(params: dict, count: int) -> list[float]:
     if params.get("alphas") is not None:
         return [float(a) for a in params["alphas"]]
-    return loss_gap_weights(params["loss_gaps"], params.get("temperature", 2.0))
+    return loss_gap_weights(params["loss_gaps"], params["temperature"])
 
 
 @register_merge_method(
@@ -116,7 +115,6 @@ def _metis_weights(params: dict, count: int) -> list[float]:
     description="METIS (loss-gap balancing): each round, every task's weight is a softmax of its loss gap "
     "(the merged model's validation loss minus the task adapter's) over a temperature, and only "
     "coordinates that at least k tasks own (TALL-style masks with threshold delta) are kept.",
-    run_settings=("temperature", "delta", "k", "beta"),
     task_weights=_metis_weights,
 )
 def metis(

@@ -1,25 +1,24 @@
 """Both directions between our registry and mergekit's (mergekit >= 0.1.5, an optional extra).
 
-* ``register_with_mergekit()`` adds ``metis``, ``metis_robust`` and ``consensus_ta`` to mergekit's
-  registry, so its YAML configs can say ``merge_method: metis``. mergekit has no plugin discovery,
-  so this must run in the process that runs mergekit (``metis-hf mergekit-yaml`` does). Idempotent.
+* ``register_with_mergekit()`` adds every method of our registry that mergekit lacks (``metis``,
+  ``metis_robust``, ``consensus_ta``, and any registered later) to mergekit's registry, built from
+  its registry entry, so YAML configs can say ``merge_method: metis``. mergekit has no plugin
+  discovery, so this must run in the process that runs mergekit (``metis-hf mergekit-yaml`` does).
 * ``merge("mergekit:<name>", task_vectors, ...)`` runs any mergekit method on our task vectors
   (zero base, so each task vector is the input's delta).
 
 mergekit is LGPL-3.0: it is imported here, never copied.
 """
 
-# No `from __future__ import annotations`: mergekit reads these kernels' annotations at runtime.
+from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from metis_hf.merging.registry import MergeMethod, merge
-
-MERGEKIT_METHODS = ("metis", "metis_robust", "consensus_ta")
-_PAPER_URL = "https://arxiv.org/abs/2606.16501"
+from metis_hf.merging.registry import MergeMethod, available_methods, get_merge_method
 
 
 def _import_mergekit():
@@ -32,103 +31,74 @@ def _import_mergekit():
     return merge_methods
 
 
-def _build_methods() -> list:
-    merge_methods = _import_mergekit()
-    from mergekit.merge_methods.base import BasePolicy, InputContract, PerNonBase, TensorGroup
-    from mergekit.merge_methods.easy_define import merge_method
+def _mergekit_method(method: MergeMethod):
+    """``method`` as a mergekit group method: our merge of the group's deltas to its base, plus
+    the base. Per-task parameters become per-model ones under their merge-YAML key (``loss_gaps``
+    -> ``loss_gap``, required: mergekit has no validation data to measure gaps on); the others
+    keep their name, type and default."""
+    from mergekit.merge_methods.base import (
+        MISSING,
+        BasePolicy,
+        FunctionalGroupMergeMethod,
+        InputContract,
+        MergeMethodSpec,
+        ParameterScope,
+        ParameterSpec,
+    )
 
-    contract = InputContract(base=BasePolicy.REQUIRED, min_non_base=1)
+    hints = typing.get_type_hints(method.function)
+    per_model = {key: name for name, key in method.per_task.items() if name != "seed"}
+    specs = []
+    for name in method.parameters:
+        if name in method.per_task and name != "seed":
+            default = MISSING if name == "loss_gaps" else None
+            specs.append(ParameterSpec(method.per_task[name], float | None, ParameterScope.NON_BASE, default))
+        else:
+            default = method.defaults.get(name, MISSING)
+            specs.append(ParameterSpec(name, hints.get(name, Any), ParameterScope.SHARED, default))
 
-    def merge_group(group: TensorGroup, method: str, **params) -> torch.Tensor:
-        """Our ``method`` on the group's deltas to its base, plus the base. k above the input count
-        is an error (as in ``metis-hf merge``), not capped."""
+    def merge_group(group, **values: Any) -> torch.Tensor:
+        params = {}
+        for key, value in values.items():
+            if key not in per_model:
+                params[key] = value
+                continue
+            given = value.values_for(group.non_base)
+            if all(v is None for v in given):
+                continue  # no model sets it: the method's default
+            if any(v is None for v in given):
+                raise ValueError(f"{method.name}: {key!r} is set for some models but not all.")
+            params[per_model[key]] = given
         base = group.base.tensor
         task_vectors = [entry.tensor.float() - base.float() for entry in group.non_base]
-        return (base.float() + merge(method, task_vectors, **params)).to(base.dtype)
+        return (base.float() + method(task_vectors, **params)).to(base.dtype)
 
-    @merge_method(name="metis", pretty_name="METIS", reference_url=_PAPER_URL, contract=contract)
-    def metis_kernel(
-        group: TensorGroup,
-        loss_gap: PerNonBase[float],  # required: uniform weights are not METIS
-        temperature: float = 2.0,
-        delta: float = 0.3,
-        k: int = 2,
-        beta: float = 1.0,
-    ) -> torch.Tensor:
-        return merge_group(
-            group,
-            "metis",
-            loss_gaps=loss_gap.values_for(group.non_base),
-            temperature=temperature,
-            delta=delta,
-            k=k,
-            beta=beta,
-        )
-
-    @merge_method(
-        name="metis_robust",
-        pretty_name="METIS, robust weights and mask (metis-hf)",
-        reference_url=_PAPER_URL,
-        contract=contract,
+    merge_group.metis_hf_method = method.name
+    spec = MergeMethodSpec(
+        name=method.name,
+        parameters=tuple(specs),
+        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
+        pretty_name=method.pretty_name,
+        reference_url=method.reference_url,
     )
-    def metis_robust_kernel(
-        group: TensorGroup,
-        loss_gap: PerNonBase[float],
-        reference_loss: PerNonBase[float] = 1.0,  # 1: the gaps are used as given
-        gap_normalization: str = "relative",  # checked by robust_weights, which names it
-        temperature: float = -1.0,  # negative: the normalization's default (0.1 relative, 1 standardized)
-        floor: float = -1.0,  # negative: metis_robust's default, 0.5 / T
-        delta: float = 0.3,
-        k: int = 2,
-        beta: float = 1.0,
-    ) -> torch.Tensor:
-        return merge_group(
-            group,
-            "metis_robust",
-            loss_gaps=loss_gap.values_for(group.non_base),
-            reference_losses=reference_loss.values_for(group.non_base),
-            gap_normalization=gap_normalization,
-            temperature=None if temperature < 0 else temperature,
-            floor=None if floor < 0 else floor,
-            delta=delta,
-            k=k,
-            beta=beta,
-        )
-
-    @merge_method(
-        name="consensus_ta",
-        pretty_name="Consensus Task Arithmetic (TALL masks)",
-        reference_url="https://arxiv.org/abs/2405.07813",
-        contract=contract,
-    )
-    def consensus_kernel(
-        group: TensorGroup,
-        weight: PerNonBase[float] = 1.0,
-        delta: float = 0.3,
-        k: int = 2,
-        scale: float = 1.0,
-    ) -> torch.Tensor:
-        return merge_group(
-            group, "consensus_ta", weights=weight.values_for(group.non_base), delta=delta, k=k, scale=scale
-        )
-
-    del merge_methods
-    return [metis_kernel, metis_robust_kernel, consensus_kernel]
+    return FunctionalGroupMergeMethod(spec, merge_group)
 
 
 def register_with_mergekit() -> list[str]:
-    """Register our methods into mergekit's registry once per process; returns their names."""
+    """Register every method of our registry whose name mergekit does not use for its own into
+    mergekit's registry (once per process; a method registered later is added by the next call).
+    Returns the names that are ours there."""
     merge_methods = _import_mergekit()
     existing = {m.spec.name: m for m in merge_methods.registered_methods()}
-    for method in _build_methods():
-        name = method.spec.name
+    ours = []
+    for name in available_methods():
         if name in existing:
-            # Ours from an earlier call (same pretty name) is fine; someone else's is a clash.
-            if existing[name].spec.pretty_name != method.spec.pretty_name:
-                raise ValueError(f"mergekit already has a different method named {name!r}.")
-            continue
-        merge_methods.register(method)
-    return list(MERGEKIT_METHODS)
+            if getattr(getattr(existing[name], "implementation", None), "metis_hf_method", None) == name:
+                ours.append(name)
+            continue  # mergekit's own (task_arithmetic, ties, dare_*): its version runs
+        merge_methods.register(_mergekit_method(get_merge_method(name)))
+        ours.append(name)
+    return ours
 
 
 def check_mergekit_config(data: Any) -> None:

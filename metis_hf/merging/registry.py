@@ -27,9 +27,6 @@ PER_TASK_PARAMETERS = {
     "reference_losses": "reference_loss",
     "seed": "seed",  # one integer for all tasks, or one per task
 }
-# Training-run settings (MetisConfig's top-level fields) that fill a method's parameter of the
-# same name when ``merge_params`` leaves it out.
-RUN_SETTINGS = ("temperature", "delta", "k", "beta")
 
 
 @dataclass(frozen=True)
@@ -37,8 +34,7 @@ class MergeMethod:
     """A registered merge method and what callers need to know about it.
 
     ``sums_tasks``: the output is a sum over tasks, so a many-shot run defaults ``scale`` to 1/T
-    (in LoRA space a sum multiplies the adapter by about T every round). ``run_settings``: which
-    of MetisConfig's temperature, delta, k and beta feed this method. ``task_weights``: the
+    (in LoRA space a sum multiplies the adapter by about T every round). ``task_weights``: the
     per-task weights a merge with given parameters applies (logged as alpha). Whether it uses loss
     gaps, reference losses or a seed follows from its parameters.
     """
@@ -52,7 +48,6 @@ class MergeMethod:
     reference_url: str | None = None
     description: str = ""  # a sentence for model cards
     sums_tasks: bool = False
-    run_settings: tuple[str, ...] = ()
     task_weights: Callable[[dict[str, Any], int], list[float]] | None = None
 
     @property
@@ -73,12 +68,12 @@ class MergeMethod:
         return {p: key for p, key in PER_TASK_PARAMETERS.items() if p in self.parameters}
 
     def weights_of(self, params: dict[str, Any], count: int) -> list[float]:
-        """The per-task weights a merge with ``params`` applies: the method's own rule, else
-        ``scale * weights``."""
+        """The per-task weights a merge with ``params`` applies: the method's own rule (given
+        ``params`` over the method's defaults), else ``scale * weights``."""
+        params = {**self.defaults, **params}
         if self.task_weights is not None:
             return self.task_weights(params, count)
-        scale = float(params.get("scale", self.defaults.get("scale", 1.0)))
-        return [scale * float(w) for w in (params.get("weights") or [1.0] * count)]
+        return [float(params.get("scale", 1.0)) * float(w) for w in (params.get("weights") or [1.0] * count)]
 
     def __call__(self, task_vectors: Sequence[torch.Tensor], **params) -> torch.Tensor:
         unknown = sorted(set(params) - set(self.parameters))
@@ -107,7 +102,6 @@ def register_merge_method(
     reference_url: str | None = None,
     description: str | None = None,
     sums_tasks: bool = False,
-    run_settings: tuple[str, ...] = (),
     task_weights: Callable[[dict[str, Any], int], list[float]] | None = None,
     overwrite: bool = False,
 ) -> Callable[[MergeFunction], MergeFunction]:
@@ -121,9 +115,6 @@ def register_merge_method(
     Its keyword-only parameters and their defaults are read from the signature; one whose name is a
     per-task parameter (weights, loss_gaps, alphas, reference_losses, seed) takes one value per task.
     """
-    unknown = sorted(set(run_settings) - set(RUN_SETTINGS))
-    if unknown:
-        raise ValueError(f"run_settings: {unknown[0]!r} is not one of {RUN_SETTINGS}.")
 
     def decorate(fn: MergeFunction) -> MergeFunction:
         if name in _METHODS and not overwrite:
@@ -137,9 +128,6 @@ def register_merge_method(
         signature = inspect.signature(fn)
         keyword = [p for p in list(signature.parameters.values())[1:] if p.kind is p.KEYWORD_ONLY]
         params = tuple(p.name for p in keyword)
-        missing = sorted(set(run_settings) - set(params))
-        if missing:
-            raise ValueError(f"run_settings: {name!r} has no parameter {missing[0]!r}.")
         summary = (inspect.getdoc(fn) or "").split("\n")[0]
         _METHODS[name] = MergeMethod(
             name,
@@ -151,7 +139,6 @@ def register_merge_method(
             reference_url=reference_url,
             description=description or summary,
             sums_tasks=sums_tasks,
-            run_settings=tuple(run_settings),
             task_weights=task_weights,
         )
         return fn

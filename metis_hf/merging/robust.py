@@ -76,11 +76,10 @@ def robust_weights(
 def _robust_weights(params: dict, count: int) -> list[float]:
     if params.get("alphas") is not None:
         return [float(a) for a in params["alphas"]]
-    options = {key: params[key] for key in ("temperature", "floor", "gap_normalization") if key in params}
-    return robust_weights(params["loss_gaps"], params.get("reference_losses"), **options)
+    keys = ("loss_gaps", "reference_losses", "temperature", "floor", "gap_normalization")
+    return robust_weights(*(params[key] for key in keys))
 
 
-# Its temperature has its own scale (relative or standardized gaps): MetisConfig's does not feed it.
 @register_merge_method(
     "metis_robust",
     pretty_name="METIS, robust weights and mask (metis-hf)",
@@ -88,7 +87,6 @@ def _robust_weights(params: dict, count: int) -> list[float]:
     description="METIS with scale-free (relative or standardized) loss gaps, a floor on every task's "
     "weight, and a mask that asks whether each task's own vector agrees with the merge; only "
     "coordinates that at least k tasks agree on are kept.",
-    run_settings=("delta", "k", "beta"),
     task_weights=_robust_weights,
 )
 def metis_robust(

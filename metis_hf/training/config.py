@@ -11,14 +11,15 @@ import torch
 from trl import SFTConfig
 
 from metis_hf.merging import get_merge_method
-from metis_hf.merging.checks import check_delta, check_finite_number, check_positive
 from metis_hf.merging.task_vectors import check_space
 from metis_hf.redact import register_secret
+from metis_hf.training.rounds import check_merge_settings, is_per_round
 
 PROTOCOLS = ("many_shot", "post_hoc")
 TASK_SCHEDULES = ("sequential", "interleaved", "parallel")
 ROUND_LR_SCHEDULES = ("linear", "constant")
 GAP_TOKENS = ("trained", "completion")
+MERGE_PARAMETER_ALIASES = ("temperature", "delta", "k", "beta")
 
 
 @dataclass
@@ -53,19 +54,28 @@ class MetisConfig(SFTConfig):
     merge_params: dict[str, Any] | str | None = field(
         default=None,
         metadata={
-            "help": "Extra parameters for the merge method (e.g. density, scale); JSON on the command line."
+            "help": 'The merge method\'s parameters (e.g. {"density": 0.2}; JSON on the command line); '
+            "a list for a one-value parameter gives one value per round. Unset ones take the "
+            "method's defaults."
         },
     )
-    # Lists (HfArgumentParser: `--temperature 2.0` or `--temperature 4 3 3 2 1`); a number is accepted too.
-    temperature: list[float] = field(
-        default_factory=lambda: [2.0],
-        metadata={"help": "METIS softmax temperature lambda: one number (every round), or one per round."},
+    # Aliases of merge_params entries, for command lines (`--temperature 4 3 3 2 1`) and older
+    # scripts. None: unset (the method's own default applies). Lists: one value, or one per round.
+    temperature: list[float] | None = field(
+        default=None,
+        metadata={"help": "Alias of merge_params['temperature'] (METIS: 2.0): one number, or one per round."},
     )
-    delta: float = field(default=0.3, metadata={"help": "METIS mask threshold delta."})
-    k: int = field(default=2, metadata={"help": "METIS consensus count k (capped at the number of tasks)."})
-    beta: list[float] = field(
-        default_factory=lambda: [1.0],
-        metadata={"help": "METIS final scale beta: one number (every round), or one per round."},
+    delta: float | None = field(
+        default=None, metadata={"help": "Alias of merge_params['delta'] (the mask threshold; METIS: 0.3)."}
+    )
+    k: int | None = field(
+        default=None, metadata={"help": "Alias of merge_params['k'] (the consensus count; METIS: 2)."}
+    )
+    beta: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Alias of merge_params['beta'] (METIS's final scale: 1.0): one number, or one per round."
+        },
     )
     merge_space: str = field(
         default="lora",
@@ -181,34 +191,7 @@ class MetisConfig(SFTConfig):
             raise ValueError(f"gap_batch_size must be >= 1, got {self.gap_batch_size}.")
         if self.gap_tokens not in GAP_TOKENS:
             raise ValueError(f"gap_tokens must be one of {GAP_TOKENS}, got {self.gap_tokens!r}.")
-        method = get_merge_method(self.merge_method)  # unknown method: fails here
-        # a loss-gap method's gaps (and the weights they give) come from training, not from the user
-        reserved = {"loss_gaps", "alphas", "reference_losses"} if method.uses_loss_gaps else set()
-        unknown = sorted(
-            set(self.merge_params) - set(method.parameters) | (set(self.merge_params) & reserved)
-        )
-        if unknown:
-            raise ValueError(
-                f"merge_params has {unknown[0]!r}, which {self.merge_method!r} does not take here "
-                f"(it takes: {', '.join(p for p in method.parameters if p not in reserved)})."
-            )
-        for name in ("temperature", "beta"):
-            value = getattr(self, name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                value = [value]
-            if not isinstance(value, (list, tuple)) or not value:
-                raise ValueError(f"{name} must be a number or a list of numbers, got {value!r}.")
-            if len(value) not in (1, self.num_rounds):
-                raise ValueError(
-                    f"{name} has {len(value)} values for {self.num_rounds} rounds (give one, or one per round)."
-                )
-            setattr(self, name, [float(v) for v in value])
-        for round_index in range(self.num_rounds):
-            check_positive(self.per_round("temperature", round_index), "temperature")
-            check_finite_number(self.per_round("beta", round_index), "beta")
-        check_delta(self.delta)
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {self.k!r}.")
+        self._merge_params_from_aliases()
         if self.packing:
             raise ValueError("packing is not supported: each optimizer step must hold one task's examples.")
         if self.shuffle_dataset:
@@ -228,7 +211,49 @@ class MetisConfig(SFTConfig):
         copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
         return copied
 
-    def per_round(self, name: str, round_index: int) -> float:
-        """The value of the per-round list ``name`` (temperature, beta) in round ``round_index``."""
-        values = getattr(self, name)
-        return values[0] if len(values) == 1 else values[round_index]
+    def _merge_params_from_aliases(self) -> None:
+        """Move the alias fields into ``merge_params`` and check every round's parameters with the
+        method's own checks (on as many probe tasks as the parameters imply)."""
+        method = get_merge_method(self.merge_method)  # unknown method: fails here
+        for name in MERGE_PARAMETER_ALIASES:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if name in self.merge_params:
+                raise ValueError(f"{name} is set twice: as a field and in merge_params; keep one.")
+            if name not in method.parameters:
+                raise ValueError(
+                    f"{name}: {self.merge_method!r} has no parameter {name!r} (it takes: "
+                    f"{', '.join(method.parameters) or 'none'})."
+                )
+            if isinstance(value, (list, tuple)) and len(value) == 1:
+                value = value[0]
+            self.merge_params[name] = list(value) if isinstance(value, (list, tuple)) else value
+        # a loss-gap method's gaps (and the weights they give) come from training, not from the user
+        reserved = {"loss_gaps", "alphas", "reference_losses"} if method.uses_loss_gaps else set()
+        unknown = sorted(
+            set(self.merge_params) - set(method.parameters) | (set(self.merge_params) & reserved)
+        )
+        if unknown:
+            raise ValueError(
+                f"merge_params has {unknown[0]!r}, which {self.merge_method!r} does not take here "
+                f"(it takes: {', '.join(p for p in method.parameters if p not in reserved)})."
+            )
+        counts = {self.num_rounds, 1}
+        for name, value in self.merge_params.items():
+            if is_per_round(self.merge_method, name, value) and len(value) not in counts:
+                raise ValueError(
+                    f"{name} has {len(value)} values for {self.num_rounds} rounds (give one, or one per round)."
+                )
+        check_merge_settings(self, [f"task{i}" for i in range(self._probe_task_count())])
+
+    def _probe_task_count(self) -> int:
+        """A task count the merge parameters fit before the real tasks are known: that of a
+        per-task list, else enough for the largest k."""
+        method = get_merge_method(self.merge_method)
+        for name, value in self.merge_params.items():
+            if name in method.per_task and isinstance(value, (list, tuple)):
+                return len(value)
+        ks = self.merge_params.get("k", 2)
+        ks = ks if isinstance(ks, (list, tuple)) else [ks]
+        return max([2, *(v for v in ks if isinstance(v, int) and not isinstance(v, bool))])

@@ -48,6 +48,7 @@ from metis_hf.models import load_model, load_tokenizer
 from metis_hf.tokenization import tokenize_dataset
 from metis_hf.training.config import MetisConfig
 from metis_hf.training.plan import FixedOrderSampler, RoundPlan
+from metis_hf.training.rounds import RoundRecord, check_merge_settings, merge_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +65,6 @@ CARD_SETTINGS = (
     "local_epochs",
     "task_schedule",
     "merge_space",
-    "temperature",
-    "delta",
-    "k",
-    "beta",
     "learning_rate",
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
@@ -440,25 +437,62 @@ class MetisTrainer(SFTTrainer):
 
     @torch.no_grad()
     def _end_round(self, round_index: int) -> None:
-        tasks = self.task_names
+        """After a round's last step: measure the loss gaps, merge, record the round."""
         previous_adapter = self.peft_model.active_adapter
-        separate = self._separate_gap_tokens
-        gaps = gap_before = gap_local = local = None
-        if self.validation:
-            # Round 1: G_0, the shared initial adapter (or a checkpoint saved without gap losses).
-            if self._merged_val_losses is None or (separate and self._merged_gap_losses is None):
-                self._merged_val_losses, self._merged_gap_losses = self._val_losses(MERGED)
-            local, local_gap = self._val_losses(None)
-            gap_before, gap_local = self._merged_val_losses, local
-            if separate:
-                gap_before, gap_local = self._merged_gap_losses, local_gap
-            gaps = {t: gap_before[t] - gap_local[t] for t in tasks}
+        gaps = self._measure_gaps() if self.validation else None
         params, alphas = merge_parameters(
-            self.args, self.args.merge_method, tasks, round_index, gaps, gap_before
+            self.args,
+            self.args.merge_method,
+            self.task_names,
+            round_index,
+            gaps and gaps["gaps"],
+            gaps and gaps["before"],
         )
+        merged, truncation = self._merge(params, last_round=round_index == self.plan.rounds - 1)
+        total = sum(v.numel() for v in merged.values())
+        record = RoundRecord(
+            round=round_index + 1,
+            mask_density=sum(int(torch.count_nonzero(v)) for v in merged.values()) / total,
+            alphas=dict(zip(self.task_names, alphas)),
+            truncation_error=truncation,
+        )
+        if gaps is not None:
+            self._merged_val_losses, self._merged_gap_losses = self._val_losses(MERGED)
+            record.loss_gaps, record.val_loss_local = gaps["gaps"], gaps["local"]
+            record.val_loss_merged = self._merged_val_losses
+            record.multitask_loss = sum(self._merged_val_losses.values()) / len(self.task_names)
+            if self._separate_gap_tokens:
+                record.completion_loss_merged = self._merged_gap_losses
+                record.completion_loss_local = gaps["local_gap"]
+        self._activate(previous_adapter)
+        if self.args.reset_optimizer_each_round and self.optimizer is not None:
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            inner.state.clear()
+        self._record_round(record)
 
+    def _measure_gaps(self) -> dict[str, dict[str, float]]:
+        """Each task's loss gap: the merged adapter's validation loss (``before``) minus the task
+        adapter's (``local``; ``local_gap`` on the gap's tokens)."""
+        # Round 1: G_0, the shared initial adapter (or a checkpoint saved without gap losses).
+        separate = self._separate_gap_tokens
+        if self._merged_val_losses is None or (separate and self._merged_gap_losses is None):
+            self._merged_val_losses, self._merged_gap_losses = self._val_losses(MERGED)
+        local, local_gap = self._val_losses(None)
+        before, after = (self._merged_gap_losses, local_gap) if separate else (self._merged_val_losses, local)
+        return {
+            "gaps": {t: before[t] - after[t] for t in self.task_names},
+            "before": before,
+            "local": local,
+            "local_gap": local_gap,
+        }
+
+    def _merge(
+        self, params: dict[str, Any], last_round: bool
+    ) -> tuple[dict[str, torch.Tensor], float | None]:
+        """Merge the task adapters into G and write G into every adapter. After the last round
+        the task adapters keep their local results: for post-hoc runs these are the experts."""
         peft_model = self.peft_model
-        states = [{k: p.detach() for k, p in lora_parameters(peft_model, t).items()} for t in tasks]
+        states = [{k: p.detach() for k, p in lora_parameters(peft_model, t).items()} for t in self.task_names]
         config = peft_model.peft_config[MERGED]
         merged, truncation = merge_lora_states(
             self.args.merge_method,
@@ -466,42 +500,23 @@ class MetisTrainer(SFTTrainer):
             space=self.args.merge_space,
             rank=config.r,
             scaling=lora_scaling(config.r, config.lora_alpha, config.use_rslora),
-            names=tasks,
+            names=self.task_names,
             **params,
         )
-        # The merge starts every task's next round. After the last round the task adapters keep
-        # their local results: for post-hoc runs these are the individual experts.
-        last_round = round_index == self.plan.rounds - 1
-        for adapter in (MERGED,) if last_round else (MERGED, *tasks):
+        for adapter in (MERGED,) if last_round else (MERGED, *self.task_names):
             load_lora_state(peft_model, merged, adapter)
+        return merged, truncation
 
-        total = sum(v.numel() for v in merged.values())
-        nonzero = sum(int(torch.count_nonzero(v)) for v in merged.values())
-        record: dict[str, Any] = {"round": round_index + 1, "merge/mask_density": nonzero / total}
-        for t, a in zip(tasks, alphas):
-            record[f"merge/alpha/{t}"] = a
-        if self.validation:
-            self._merged_val_losses, self._merged_gap_losses = self._val_losses(MERGED)
-            for t in tasks:
-                record[f"merge/loss_gap/{t}"] = gaps[t]
-                record[f"merge/val_loss_merged/{t}"] = self._merged_val_losses[t]
-                record[f"merge/val_loss_local/{t}"] = local[t]
-                if separate:
-                    record[f"merge/completion_loss_merged/{t}"] = self._merged_gap_losses[t]
-                    record[f"merge/completion_loss_local/{t}"] = gap_local[t]
-            record["merge/multitask_loss"] = sum(self._merged_val_losses.values()) / len(tasks)
-        if truncation is not None:
-            record["merge/truncation_error"] = truncation
-        self._activate(previous_adapter)
-        if self.args.reset_optimizer_each_round and self.optimizer is not None:
-            inner = getattr(self.optimizer, "optimizer", self.optimizer)
-            inner.state.clear()
-        self.round_records.append(record)
-        self.log(dict(record))
+    def _record_round(self, record: RoundRecord) -> None:
+        """Keep the round (checkpoints and results read ``round_records``), log it to the trackers
+        and append it to ``rounds.jsonl``."""
+        row = record.to_log()
+        self.round_records.append(row)
+        self.log(dict(row))
         if self.is_world_process_zero():
             os.makedirs(self.args.output_dir, exist_ok=True)
             with open(os.path.join(self.args.output_dir, ROUNDS_FILE), "a") as handle:
-                handle.write(json.dumps({"step": self.state.global_step, **record}) + "\n")
+                handle.write(json.dumps({"step": self.state.global_step, **row}) + "\n")
 
     def _reset_rounds_file(self, keep: int) -> None:
         """``rounds.jsonl`` holds this run's rounds only: a fresh run starts it anew, a resumed run
@@ -550,57 +565,6 @@ class _RoundCallback(TrainerCallback):
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
                 self.trainer._save_round_state(folder)
-
-
-def merge_parameters(
-    args: MetisConfig,
-    method: str,
-    task_names: list[str],
-    round_index: int,
-    gaps: Mapping[str, float] | None,
-    reference_losses: Mapping[str, float] | None = None,
-) -> tuple[dict[str, Any], list[float]]:
-    """The parameters of ``method`` for round ``round_index`` under ``args``, read from the method's
-    registry entry: ``merge_params`` first, then the run settings it takes (temperature and beta per
-    round, delta, k capped at T), 1/T for methods that sum tasks, a per-round seed for seeded ones,
-    and the loss gaps (and reference losses) for those that use them. Also returns the per-task
-    weights the merge applies (logged as alpha)."""
-    spec = get_merge_method(method)
-    count = len(task_names)
-    params = dict(args.merge_params) if method == args.merge_method else {}
-    for name in spec.run_settings:
-        if name in ("temperature", "beta"):
-            params.setdefault(name, args.per_round(name, round_index))
-        else:
-            params.setdefault(name, min(args.k, count) if name == "k" else getattr(args, name))
-    if spec.sums_tasks and "scale" in spec.parameters:
-        params.setdefault("scale", 1.0 / count)
-    if spec.seeded and "seed" not in params:
-        params["seed"] = args.seed * 1000 + round_index
-    if spec.uses_loss_gaps:
-        if gaps is None:
-            raise ValueError(f"{method} needs loss gaps: pass eval_dataset (a validation split per task).")
-        params["loss_gaps"] = [gaps[t] for t in task_names]
-        if spec.uses_reference_losses and reference_losses is not None:
-            params["reference_losses"] = [reference_losses[t] for t in task_names]
-    return params, spec.weights_of(params, count)
-
-
-def check_merge_settings(args: MetisConfig, task_names: list[str]) -> None:
-    """Every round's merge parameters, checked by the method itself on probe vectors (zero gaps,
-    unit losses), so a bad value fails when the trainer is built, not after a round of training."""
-    method = get_merge_method(args.merge_method)
-    gaps = dict.fromkeys(task_names, 0.0)
-    losses = dict.fromkeys(task_names, 1.0)
-    rounds = args.num_rounds if args.protocol == "many_shot" else 1
-    for round_index in range(rounds):
-        params, _ = merge_parameters(args, args.merge_method, task_names, round_index, gaps, losses)
-        try:
-            method.check(len(task_names), **params)
-        except ValueError as err:
-            raise ValueError(
-                f"{args.merge_method} merge of {len(task_names)} tasks (round {round_index + 1}): {err}"
-            ) from err
 
 
 def _check_tasks(
