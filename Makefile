@@ -30,12 +30,12 @@ demo: $(STAMP)
 	$(VENV)/bin/metis-hf demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check metis_hf tests benchmarks examples
+	$(VENV)/bin/ruff check metis_hf tests benchmarks scripts examples
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check metis_hf tests benchmarks examples
-	$(VENV)/bin/ruff format --check metis_hf tests benchmarks examples
+	$(VENV)/bin/ruff check metis_hf tests benchmarks scripts examples
+	$(VENV)/bin/ruff format --check metis_hf tests benchmarks scripts examples
 
 bench: $(STAMP)
 	$(PY) benchmarks/merge_kernels.py

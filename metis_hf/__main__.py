@@ -1,4 +1,4 @@
-from metis_hf.cli import main
+from metis_hf.commands import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -163,7 +163,7 @@ def _saved_adapters(tmp_path, **lora_options):
     [(dict(modules_to_save=["lm_head"]), "modules_to_save"), (dict(use_dora=True), "use_dora")],
 )
 def test_merge_refuses_adapters_with_non_lora_tensors(tmp_path, capsys, options, culprit):
-    from metis_hf.cli import main
+    from metis_hf.commands import main
 
     folders = _saved_adapters(tmp_path, **options)
     config = _write_yaml(
@@ -181,7 +181,7 @@ def test_non_lora_tensors_are_refused_even_when_the_config_hides_them(tmp_path, 
     """An adapter_config.json edited by hand: the tensors themselves are checked too."""
     import json
 
-    from metis_hf.merge_files import MergeConfig, ModelEntry, run_merge
+    from metis_hf.workflows.merge import MergeConfig, ModelEntry, run_merge
 
     folders = _saved_adapters(tmp_path, **options)
     for folder in folders:
@@ -212,7 +212,7 @@ def test_trainer_refuses_lora_options_it_cannot_merge(tmp_path, tiny_tokenizer, 
 
 @pytest.mark.parametrize("out", ["adapters", "adapters/adapter0", ".", "file.txt", "m.yaml"])
 def test_merge_overwrite_refuses_outputs_that_would_delete_inputs(tmp_path, monkeypatch, capsys, out):
-    from metis_hf.cli import main
+    from metis_hf.commands import main
 
     folders = _saved_adapters(tmp_path / "adapters")
     config = _write_yaml(
@@ -234,7 +234,10 @@ def test_merge_overwrite_refuses_outputs_that_would_delete_inputs(tmp_path, monk
     "field,message",
     [
         (dict(k=0), r"k must be an integer in \[1, 2\]"),
-        (dict(merge_params={"k": 3, "weights": [1, 1]}, merge_method="consensus_ta"), r"k must be an integer in \[1, 2\]"),
+        (
+            dict(merge_params={"k": 3, "weights": [1, 1]}, merge_method="consensus_ta"),
+            r"k must be an integer in \[1, 2\]",
+        ),
         (dict(delta=-1.0), "delta must be a finite number >= 0"),
         (dict(temperature=0.0), "temperature must be a finite number > 0"),
         (dict(temperature=[2.0, -1.0], num_rounds=2), "temperature must be a finite number > 0"),
@@ -282,8 +285,7 @@ def test_merge_params_fail_before_training(tmp_path, tiny_tokenizer, method, par
 
 
 def test_yaml_numbers_without_a_dot_are_floats_and_sections_are_type_checked(tmp_path, tiny_tokenizer):
-    from metis_hf.recipe import RecipeError, load_recipe
-    from metis_hf.run import lora_config_from_recipe, metis_config_from_recipe
+    from metis_hf.recipe import RecipeError, load_recipe, lora_config_from_recipe, metis_config_from_recipe
     from tests.conftest import write_tiny_recipe
 
     path = write_tiny_recipe(tmp_path, tiny_tokenizer)
@@ -319,7 +321,7 @@ def test_yaml_numbers_without_a_dot_are_floats_and_sections_are_type_checked(tmp
     ],
 )
 def test_set_overrides_name_the_path(tmp_path, tiny_tokenizer, capsys, override, message):
-    from metis_hf.cli import main
+    from metis_hf.commands import main
     from tests.conftest import write_tiny_recipe
 
     path = write_tiny_recipe(tmp_path, tiny_tokenizer)
@@ -354,7 +356,7 @@ def test_train_refuses_an_earlier_run_without_overwrite_and_replaces_it_with(
 ):
     from safetensors.torch import load_file
 
-    from metis_hf.cli import main
+    from metis_hf.commands import main
     from tests.conftest import write_tiny_recipe
 
     path = write_tiny_recipe(tmp_path, tiny_tokenizer)
@@ -402,7 +404,7 @@ def _merge_yaml(tmp_path, folders, method="task_arithmetic"):
     ids=["truncated", "garbage", "bad-config"],
 )
 def test_broken_files_are_named(tmp_path, capsys, damage, message):
-    from metis_hf.cli import main
+    from metis_hf.commands import main
 
     folders = _saved_adapters(tmp_path)
     damage(tmp_path / "adapter1" / "adapter_model.safetensors")
@@ -417,8 +419,8 @@ def test_stale_temporary_outputs_of_killed_merges_are_removed(tmp_path):
     import subprocess
     import sys
 
-    from metis_hf.cli import main
-    from metis_hf.merge_files import OWNER_FILE
+    from metis_hf.commands import main
+    from metis_hf.workflows.merge import OWNER_FILE
 
     folders = _saved_adapters(tmp_path)
     dead = subprocess.run(
@@ -437,7 +439,7 @@ def test_stale_temporary_outputs_of_killed_merges_are_removed(tmp_path):
 def test_a_failed_dry_run_push_leaves_no_stage_folder(tmp_path, monkeypatch, capsys):
     import tempfile
 
-    from metis_hf.cli import main
+    from metis_hf.commands import main
 
     folder = tmp_path / "pickled"
     folder.mkdir()
@@ -456,7 +458,7 @@ def test_a_failed_dry_run_push_leaves_no_stage_folder(tmp_path, monkeypatch, cap
 
 
 def test_granularity_is_checked_and_refused_for_checkpoints(tmp_path, capsys):
-    from metis_hf.cli import main
+    from metis_hf.commands import main
     from tests.test_merge_files import _checkpoints
 
     _checkpoints(tmp_path)
@@ -489,7 +491,7 @@ def test_granularity_is_checked_and_refused_for_checkpoints(tmp_path, capsys):
     ],
 )
 def test_mergekit_yaml_refuses_what_mergekit_would_ignore(tmp_path, capsys, change, message):
-    from metis_hf.cli import main
+    from metis_hf.commands import main
     from tests.test_merge_files import _checkpoints
 
     _checkpoints(tmp_path)
@@ -513,7 +515,7 @@ def test_mergekit_yaml_refuses_what_mergekit_would_ignore(tmp_path, capsys, chan
 def test_adapters_of_different_base_models_are_warned_about(tmp_path, caplog):
     import json
 
-    from metis_hf.merge_files import MergeConfig, ModelEntry, run_merge
+    from metis_hf.workflows.merge import MergeConfig, ModelEntry, run_merge
 
     folders = _saved_adapters(tmp_path)
     for folder, base in zip(folders, ("org/model-a", "org/model-b")):
@@ -591,7 +593,7 @@ def test_trainer_api_bad_inputs(tmp_path, tiny_tokenizer, train, message):
     ],
 )
 def test_train_recipe_values_users_get_wrong(tmp_path, tiny_tokenizer, capsys, override, message):
-    from metis_hf.cli import main
+    from metis_hf.commands import main
     from tests.conftest import write_tiny_recipe
 
     path = write_tiny_recipe(tmp_path, tiny_tokenizer)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from metis_hf.cli import main
+from metis_hf.commands import main
 from tests.conftest import write_tiny_recipe
 
 

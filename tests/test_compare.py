@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from metis_hf.cli import main
-from metis_hf.compare import Comparison
+from metis_hf.commands import main
+from metis_hf.workflows.compare import Comparison
 from tests.conftest import write_tiny_recipe
 
 TASKS = ("chain_sum", "gcd", "letter_counting")

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metis_hf.cli import main
+from metis_hf.commands import main
 from metis_hf.evaluation.combine import load_metric, metric_path, summarize
 from metis_hf.evaluation.report import build_report, write_report
 from metis_hf.recipe import CompareSpec
@@ -298,9 +298,9 @@ def test_no_defined_score_gives_nan_not_an_error():
 
 
 def test_compare_scores_harness_columns_and_gives_experts_only_theirs(tmp_path, tiny_tokenizer):
-    from metis_hf.compare import Comparison
     from metis_hf.evaluation.harness import run_harness
     from metis_hf.recipe import load_recipe
+    from metis_hf.workflows.compare import Comparison
     from tests.conftest import write_tiny_recipe
 
     _, tasks_dir = _harness_task(tmp_path)

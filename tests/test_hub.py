@@ -16,7 +16,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 
 from metis_hf import MetisConfig, MetisTrainer
-from metis_hf.cli import main
+from metis_hf.commands import main
 from metis_hf.hub import card_info_for, push_folder, render_card, stage_folder
 from tests.conftest import make_tiny_model
 from tests.test_trainer import TRAIN, VAL

@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from metis_hf.cli import main
+from metis_hf.commands import main
 from metis_hf.merging import merge
 from metis_hf.merging.task_vectors import (
     dense_to_lora,
@@ -98,7 +98,7 @@ def test_mismatched_adapters_are_named(adapter_dirs, tmp_path):
     other.save_pretrained(tmp_path / "rank2")
     config = {"merge_method": "ties", "models": [{"model": str(dirs[0])}, {"model": str(tmp_path / "rank2")}]}
     with pytest.raises(ValueError, match=r"rank2 has r=2"):
-        from metis_hf.merge_files import load_merge_config, run_merge
+        from metis_hf.workflows.merge import load_merge_config, run_merge
 
         run_merge(load_merge_config(_write(root / "c.yaml", config))[0], root / "o2", progress=False)
     targets = _lora(make_tiny_model(VOCAB), targets=("q_proj", "k_proj"))
@@ -119,7 +119,7 @@ def test_bad_config_names_the_key(adapter_dirs):
 
 @pytest.mark.bad_input
 def test_pickle_only_folder_is_refused(tmp_path):
-    from metis_hf.merge_files import safetensors_files
+    from metis_hf.workflows.merge import safetensors_files
 
     torch.save({"w": torch.zeros(2)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="only pickle weights"):
@@ -258,7 +258,7 @@ def test_the_dense_space_is_named_dense_and_delta_still_works(adapter_dirs, tmp_
     """'delta' read as METIS's mask threshold: the space is 'dense' now; the old name warns and
     gives the same merge."""
     from metis_hf import MetisConfig
-    from metis_hf.merge_files import MergeConfig, ModelEntry, run_merge
+    from metis_hf.workflows.merge import MergeConfig, ModelEntry, run_merge
 
     with pytest.warns(FutureWarning, match="'delta' is now called 'dense'"):
         assert MetisConfig(output_dir=str(tmp_path), use_cpu=True, merge_space="delta").merge_space == "dense"

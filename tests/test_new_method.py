@@ -9,7 +9,7 @@ import yaml
 from peft import LoraConfig
 
 from metis_hf import MetisConfig, MetisTrainer
-from metis_hf.cli import main
+from metis_hf.commands import main
 from metis_hf.merging import register_merge_method
 from metis_hf.merging.task_vectors import lora_state
 from tests.conftest import make_tiny_model

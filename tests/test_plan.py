@@ -100,7 +100,9 @@ def test_step_counts_from_local_steps_and_local_epochs(tmp_path, fields, sizes, 
 def _round_params(args, method, gaps, rounds):
     from metis_hf.training.rounds import merge_parameters
 
-    return [merge_parameters(args, method, list(gaps), r, gaps, dict.fromkeys(gaps, 2.0)) for r in range(rounds)]
+    return [
+        merge_parameters(args, method, list(gaps), r, gaps, dict.fromkeys(gaps, 2.0)) for r in range(rounds)
+    ]
 
 
 def test_per_round_lists(tmp_path):
@@ -140,5 +142,7 @@ def test_the_alias_fields_feed_every_method_that_takes_them(tmp_path):
     with pytest.raises(ValueError, match="delta has 2 values for 3 rounds"):
         MetisConfig(output_dir=str(tmp_path), use_cpu=True, num_rounds=3, merge_params={"delta": [0.1, 0.2]})
     # A default k above the task count is capped; a k the user gives is not.
-    ((params, _),) = _round_params(MetisConfig(output_dir=str(tmp_path), use_cpu=True), "metis", {"a": 0.0}, 1)
+    ((params, _),) = _round_params(
+        MetisConfig(output_dir=str(tmp_path), use_cpu=True), "metis", {"a": 0.0}, 1
+    )
     assert params["k"] == 1

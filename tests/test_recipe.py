@@ -48,7 +48,7 @@ def test_broken_yaml_is_reported(tmp_path):
     "path", sorted((ROOT / "recipes").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT))
 )
 def test_every_recipe_validates(path, tmp_path):
-    from metis_hf.run import lora_config_from_recipe, metis_config_from_recipe
+    from metis_hf.recipe import lora_config_from_recipe, metis_config_from_recipe
 
     recipe = load_recipe(path)
     config = metis_config_from_recipe(recipe, tmp_path, use_cpu=True)

@@ -10,7 +10,7 @@ import yaml
 from peft import LoraConfig
 
 from metis_hf import MetisConfig, MetisTrainer
-from metis_hf.cli import main
+from metis_hf.commands import main
 from tests.conftest import make_tiny_model, write_tiny_recipe
 from tests.test_hub import RecordingApi
 from tests.test_trainer import LORA, TRAIN, VAL

@@ -33,7 +33,9 @@ def test_hf_argument_parser_reads_per_round_lists_and_json_merge_params(tmp_path
         ["--output_dir", str(tmp_path), "--merge_method", "ties", "--merge_params", '{"density": 0.3}']
     )
     assert config.merge_params == {"density": 0.3} and config.temperature is None
-    assert MetisConfig(output_dir=str(tmp_path), use_cpu=True, temperature=2.5).merge_params == {"temperature": 2.5}
+    assert MetisConfig(output_dir=str(tmp_path), use_cpu=True, temperature=2.5).merge_params == {
+        "temperature": 2.5
+    }
     with pytest.raises(ValueError, match="merge_params: '\\{density' is not a JSON object"):
         MetisConfig(output_dir=str(tmp_path), use_cpu=True, merge_params="{density")
 

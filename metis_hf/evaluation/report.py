@@ -17,7 +17,6 @@ from metis_hf.evaluation.combine import summarize
 from metis_hf.files import write_json, write_text_atomic
 
 BLOCKS = (("post_hoc", "Post-hoc"), ("many_shot", "Many-shot"))
-REFERENCES = (("many_shot", "metis_robust"), ("many_shot", "metis"))  # compared with every other run
 
 
 def mean_sd(values: Sequence[float]) -> dict[str, float]:
@@ -76,7 +75,7 @@ def build_report(results: Sequence[Mapping[str, Any]], tasks: Sequence[str], spe
         return out
 
     pairs = [(("many_shot", m), ("post_hoc", m)) for m in sorted({m for _, m in per_run})]
-    for reference in (r for r in REFERENCES if r in per_run):
+    for reference in reference_runs(per_run):
         pairs += [(reference, key) for key in sorted(per_run) if key != reference]
     unique_pairs, seen = [], set()
     for a, b in pairs:  # many-shot metis vs post-hoc metis can come twice; keep one order of a pair
@@ -103,6 +102,15 @@ def build_report(results: Sequence[Mapping[str, Any]], tasks: Sequence[str], spe
     }
     report["markdown"] = render_markdown(report, base, experts)
     return report
+
+
+def reference_runs(keys) -> list[tuple[str, str]]:
+    """The runs compared with every other run: many-shot runs of the registered loss-gap methods
+    (METIS and its kin)."""
+    from metis_hf.merging import available_methods, get_merge_method
+
+    gap_methods = [m for m in available_methods() if get_merge_method(m).uses_loss_gaps]
+    return [("many_shot", m) for m in gap_methods if ("many_shot", m) in keys]
 
 
 def round_summaries(by_seed: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:

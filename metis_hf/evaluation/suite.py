@@ -10,7 +10,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,57 +144,80 @@ def read_expert_scores(path: str | os.PathLike, metric: str) -> dict[str, float]
     return scores_by_task
 
 
-def run_eval(args) -> dict[str, Any]:
-    """``metis-hf eval``: see ``metis-hf eval --help``."""
+def run_eval(
+    model: str | os.PathLike,
+    *,
+    recipe: str | os.PathLike | None = None,
+    tasks: Sequence[str] = (),
+    tokenizer: str | None = None,
+    split: str | None = None,
+    limit: int | None = None,
+    test_size: int = 200,
+    validation_size: int = 100,
+    batch_size: int | None = None,
+    max_new_tokens: int | None = None,
+    loss: bool = True,
+    experts: str | os.PathLike | None = None,
+    metric: str = "exact_match",
+    harness: Sequence[str] = (),
+    harness_include: str | None = None,
+    harness_limit: int | None = None,
+    output: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Score ``model`` (built-in name, Hub id, folder or PEFT adapter) on the tasks of ``recipe`` or
+    on the reasoning-gym ``tasks`` (``test_size``/``validation_size`` items each), and on
+    lm-evaluation-harness ``harness`` tasks. Unset generation settings come from the recipe's
+    evaluation section (else its defaults). With ``experts`` (a JSON of per-task expert scores, or
+    an earlier eval output), adds normalized scores on ``metric``. Returns (and with ``output``
+    writes) the results."""
     from metis_hf.data import TaskSpec, build_tasks
     from metis_hf.evaluation.combine import summarize
     from metis_hf.recipe import EvaluationSpec, load_recipe
 
-    if args.recipe and args.tasks:
+    if recipe and tasks:
         raise ValueError("Give --recipe or --tasks, not both.")
-    if not (args.recipe or args.tasks or args.harness):
+    if not (recipe or tasks or harness):
         raise ValueError("Nothing to evaluate: give --tasks, --recipe or --harness.")
-    if args.metric not in SCORE_FIELDS:
-        raise ValueError(f"Unknown metric {args.metric!r}; choose one of {SCORE_FIELDS}.")
-    experts = read_expert_scores(args.experts, args.metric) if args.experts else None
+    if metric not in SCORE_FIELDS:
+        raise ValueError(f"Unknown metric {metric!r}; choose one of {SCORE_FIELDS}.")
+    expert_scores = read_expert_scores(experts, metric) if experts else None
     evaluation, specs = EvaluationSpec(), []
-    if args.recipe:
-        recipe = load_recipe(args.recipe, args.set)
-        evaluation, specs = recipe.evaluation, recipe.tasks
-    elif args.tasks:
-        names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        specs = [
-            TaskSpec(name=t, validation_size=args.validation_size, test_size=args.test_size) for t in names
-        ]
-    tasks = build_tasks(specs) if specs else {}
-    model, tokenizer = load_for_evaluation(args.model, args.tokenizer)
-    output: dict[str, Any] = {"model": str(args.model)}
-    if tasks:
+    if recipe:
+        loaded = load_recipe(recipe, list(overrides))
+        evaluation, specs = loaded.evaluation, loaded.tasks
+    elif tasks:
+        specs = [TaskSpec(name=t, validation_size=validation_size, test_size=test_size) for t in tasks]
+    built = build_tasks(specs) if specs else {}
+    loaded_model, loaded_tokenizer = load_for_evaluation(model, tokenizer)
+    results_out: dict[str, Any] = {"model": str(model)}
+    if built:
         results = evaluate_model(
-            model,
-            tokenizer,
-            tasks,
-            split=args.split or evaluation.split,
-            limit=args.limit if args.limit is not None else evaluation.limit,
-            batch_size=args.batch_size or evaluation.batch_size,
-            max_new_tokens=args.max_new_tokens or evaluation.max_new_tokens,
-            loss_split=None if args.no_loss else "validation",
+            loaded_model,
+            loaded_tokenizer,
+            built,
+            split=split or evaluation.split,
+            limit=limit if limit is not None else evaluation.limit,
+            batch_size=batch_size or evaluation.batch_size,
+            max_new_tokens=max_new_tokens or evaluation.max_new_tokens,
+            loss_split="validation" if loss else None,
         )
-        output["tasks"] = {t: dataclasses.asdict(r) for t, r in results.items()}
-        summary = summarize(scores_of(results, args.metric), experts) if experts else None
+        results_out["tasks"] = {t: dataclasses.asdict(r) for t, r in results.items()}
+        summary = summarize(scores_of(results, metric), expert_scores) if expert_scores else None
         if summary:
-            output["summary"] = summary
+            results_out["summary"] = summary
         print(results_table(results, summary))
-    if args.harness:
+    if harness:
         from metis_hf.evaluation.harness import run_harness
 
-        names = [t.strip() for t in args.harness.split(",") if t.strip()]
-        output["harness"] = run_harness(model, tokenizer, names, args.harness_include, args.harness_limit)
-        for task, metrics in output["harness"].items():
+        results_out["harness"] = run_harness(
+            loaded_model, loaded_tokenizer, list(harness), harness_include, harness_limit
+        )
+        for task, metrics in results_out["harness"].items():
             print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    if args.output:
+    if output:
         from metis_hf.files import write_json
 
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        write_json(Path(args.output), output)
-    return output
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        write_json(Path(output), results_out)
+    return results_out

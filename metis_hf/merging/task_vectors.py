@@ -4,7 +4,7 @@
   ``lora_A`` and ``lora_B`` entries, keyed as in PEFT's saved state dict, in sorted key order.
 * **Dense delta space**: per adapted module ``scaling * B @ A`` (the change the adapter makes to
   the weight); for full checkpoints ``fine-tuned - base``, which ``metis-hf merge`` computes key by
-  key while streaming (``metis_hf/merge_files.py``).
+  key while streaming (``metis_hf/workflows/merge.py``).
 
 A dense merged delta returns to a rank-r adapter by truncated SVD (``dense_to_lora``), which keeps
 the best rank-r approximation in Frobenius norm and reports what it drops; or it is folded into the

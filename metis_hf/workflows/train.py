@@ -1,4 +1,5 @@
-"""``metis-hf train RECIPE.yaml`` (and ``make demo``): a recipe through MetisTrainer, then scores."""
+"""A recipe trained with MetisTrainer, then the base and merged models scored (``metis-hf train``,
+``metis-hf demo``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import os
 import shutil
 import tempfile
 import time
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -16,47 +16,15 @@ from metis_hf.evaluation import TaskScore, format_score_table, score_tasks
 from metis_hf.files import replace_dir, write_json
 from metis_hf.hub import card_info_for, write_card
 from metis_hf.models import load_model_and_tokenizer
-from metis_hf.recipe import Recipe, RecipeError, check_type, default_recipe_path, load_recipe
-
-
-def metis_config_from_recipe(recipe: Recipe, output_dir: str | os.PathLike, **extra: Any):
-    from metis_hf.training import MetisConfig
-
-    training = typed_fields(MetisConfig, {**recipe.training, **extra}, "training")
-    values = {"seed": recipe.seed, "disable_tqdm": False, "logging_steps": 10, **training}
-    try:
-        return MetisConfig(output_dir=str(output_dir), **values)
-    except (TypeError, ValueError) as err:
-        raise RecipeError(f"training: {err}") from err
-
-
-def lora_config_from_recipe(recipe: Recipe):
-    from peft import LoraConfig
-
-    from metis_hf.training.trainer import default_lora_config
-
-    allowed = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
-    values = {**default_lora_config().to_dict(), **typed_fields(LoraConfig, recipe.lora, "lora")}
-    try:
-        return LoraConfig(**{k: v for k, v in values.items() if k in allowed})
-    except (TypeError, ValueError) as err:
-        raise RecipeError(f"lora: {err}") from err
-
-
-def typed_fields(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
-    """A recipe section's values checked against the fields of dataclass ``cls`` (``1e-4`` read as a
-    float); an unknown field or a wrong type names its key path."""
-    hints = typing.get_type_hints(cls)
-    allowed = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(values) - allowed)
-    if unknown:
-        raise RecipeError(f"{section}.{unknown[0]}: unknown {cls.__name__} field")
-    checked = {}
-    for key, value in values.items():
-        if typing.get_origin(hints[key]) is list and not isinstance(value, list):
-            value = [value]  # one value for a list field is a list of one, as on the command line
-        checked[key] = check_type(value, hints[key], f"{section}.{key}")
-    return checked
+from metis_hf.recipe import (
+    Recipe,
+    RecipeError,
+    load_recipe,
+    lora_config_from_recipe,
+    metis_config_from_recipe,
+    recipe_datasets,
+    recipe_text,
+)
 
 
 def _scores(model, tokenizer, tasks, recipe: Recipe) -> dict[str, TaskScore]:
@@ -70,17 +38,6 @@ def _scores(model, tokenizer, tasks, recipe: Recipe) -> dict[str, TaskScore]:
         batch_size=ev.batch_size,
         max_new_tokens=ev.max_new_tokens,
     )
-
-
-def recipe_text(recipe_path: str | os.PathLike | None, overrides: list[str] | None = None) -> str:
-    """The recipe file verbatim, with the command line's overrides appended as comments."""
-    text = Path(recipe_path or default_recipe_path()).read_text().rstrip()
-    return text + "".join(f"\n# --set {o}" for o in overrides or [])
-
-
-def recipe_datasets(recipe: Recipe) -> list[str]:
-    """The Hub datasets a recipe trains on (for a card's front matter)."""
-    return sorted({t.dataset for t in recipe.tasks if t.source == "hub" and t.dataset})
 
 
 def run_training(

@@ -32,8 +32,15 @@ from metis_hf.files import write_json
 from metis_hf.hub import card_info_for, check_repo_id, write_card
 from metis_hf.merging import get_merge_method
 from metis_hf.models import load_model_and_tokenizer
-from metis_hf.recipe import Recipe, RecipeError, load_recipe
-from metis_hf.run import lora_config_from_recipe, metis_config_from_recipe, recipe_datasets, recipe_text
+from metis_hf.recipe import (
+    Recipe,
+    RecipeError,
+    load_recipe,
+    lora_config_from_recipe,
+    metis_config_from_recipe,
+    recipe_datasets,
+    recipe_text,
+)
 
 RESULT_FILE = "result.json"
 RunKind = Literal["base", "experts", "post_hoc", "many_shot"]

@@ -6,7 +6,7 @@ paper's `metis` and with `metis_robust`, at uniform weights and at the skewed we
 saw (one task at 0.79). Reports the fraction of coordinates kept and the merged norm relative to
 the weighted sum without a mask.
 
-    python benchmarks/mask_collapse.py outputs/compare-cpu
+    python scripts/mask_collapse.py outputs/compare-cpu
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ For each task: SmolLM2-135M-Instruct, one LoRA (the reference's r=16 on q/k/v/o)
 steps of 2 x 4 sequences at lr 3e-4 through MetisTrainer with a single task (post-hoc protocol, so
 no merge changes the adapter), then the score and exact match on 60 test items.
 
-    python benchmarks/single_task_pilot.py --steps 80 chain_sum family_relationships spell_backward
+    python scripts/single_task_pilot.py --steps 80 chain_sum family_relationships spell_backward
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ keeps the trained adapters, merges their dense deltas (scaling * B @ A per modul
 and reports the share of the merged delta's Frobenius norm that truncating to rank r drops
 (``dense_to_lora``), overall and for the worst module.
 
-    python benchmarks/dense_truncation.py --steps 30
+    python scripts/dense_truncation.py --steps 30
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ seed's experts, as `metis-hf compare` does, and prints two markdown tables: the 
 per task (mean over seeds) with Avg and Worst (mean ± sd of the per-seed values), and the paired
 differences A - B on the seeds both ran (mean ± sd, each seed's value, wins, and the paired t).
 
-    python benchmarks/paired_seeds.py outputs/compare-cpu outputs/compare-cpu-seeds3-4 \
+    python scripts/paired_seeds.py outputs/compare-cpu outputs/compare-cpu-seeds3-4 \
         --a metis_robust@completion-z --b consensus_ta task_arithmetic
 """
 

@@ -7,7 +7,7 @@ model's, the spread of the task weights in the last round and the tasks whose ex
 above the base model's. Then the loss drop from the base to the last round, mean ± sd over seeds.
 A collapsed merge keeps the base's loss; one that trains lowers it every round.
 
-    python benchmarks/round_table.py outputs/compare-cpu-7tasks-seeds outputs/compare-cpu-8tasks-seeds \
+    python scripts/round_table.py outputs/compare-cpu-7tasks-seeds outputs/compare-cpu-8tasks-seeds \
         --method metis_robust@completion-z
 """
 

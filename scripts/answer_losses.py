@@ -5,7 +5,7 @@ prompt's loss. For one seed of a `metis-hf compare` output this loads the base m
 (on its own task) and each many-shot merged adapter, and prints the per-task mean validation loss
 over all tokens and over the completion (answer) tokens.
 
-    python benchmarks/answer_losses.py outputs/compare-cpu --seed 0
+    python scripts/answer_losses.py outputs/compare-cpu --seed 0
 """
 
 from __future__ import annotations
