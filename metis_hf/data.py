@@ -18,9 +18,11 @@ import os
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from datasets import Dataset, DatasetDict, load_dataset
+
+from metis_hf.schema import Count, Integer, Number, config_dataclass
 
 SPLITS = ("train", "validation", "test")
 ANSWER_PREFIX = "\nAnswer:"
@@ -68,7 +70,7 @@ class Task:
         return float(self.scorer(prediction, example))
 
 
-@dataclass
+@config_dataclass
 class SourceSpec:
     """One dataset of a task's ``mixture`` (e.g. the safety task: WildGuardMix + WildJailbreak)."""
 
@@ -81,15 +83,15 @@ class SourceSpec:
     load_kwargs: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "Extra datasets.load_dataset keyword arguments."}
     )
-    weight: float = field(default=1.0, metadata={"help": "Share of the task's examples from this source."})
+    weight: Number = field(default=1.0, metadata={"help": "Share of the task's examples from this source."})
 
 
-@dataclass
+@config_dataclass
 class TaskSpec:
     """How to build one task. Recipes list these under ``tasks:``."""
 
     name: str = field(metadata={"help": "Task name, used in logs, metrics and adapter names."})
-    source: str = field(
+    source: Literal["reasoning_gym", "file", "hub"] = field(
         default="reasoning_gym",
         metadata={"help": "'reasoning_gym' (a generator), 'file' (local JSON/JSONL/CSV/Parquet) or 'hub'."},
     )
@@ -114,12 +116,12 @@ class TaskSpec:
             "answer. Detected from common names when empty."
         },
     )
-    train_size: int = field(default=1000, metadata={"help": "Training examples (sampled with `seed`)."})
-    validation_size: int = field(
+    train_size: Count = field(default=1000, metadata={"help": "Training examples (sampled with `seed`)."})
+    validation_size: Count = field(
         default=100, metadata={"help": "Validation examples (loss gaps, eval loss)."}
     )
-    test_size: int = field(default=200, metadata={"help": "Test examples (accuracy)."})
-    seed: int = field(
+    test_size: Count = field(default=200, metadata={"help": "Test examples (accuracy)."})
+    seed: Integer = field(
         default=0, metadata={"help": "Sampling seed; reasoning-gym splits use seed, +1e4, +2e4."}
     )
     generator_config: dict[str, Any] = field(
@@ -139,18 +141,6 @@ class TaskSpec:
         default_factory=list,
         metadata={"help": "Several sources pooled into one task (instead of `dataset`), by weight."},
     )
-
-    def __post_init__(self) -> None:
-        if self.source not in ("reasoning_gym", "file", "hub"):
-            raise ValueError(
-                f"Task {self.name!r}: unknown source {self.source!r} (reasoning_gym, file or hub)."
-            )
-        for split in SPLITS:
-            size = getattr(self, f"{split}_size")
-            if not isinstance(size, int) or size < 1:
-                raise ValueError(
-                    f"Task {self.name!r}: {split}_size must be a positive integer, got {size!r}."
-                )
 
 
 def build_task(spec: TaskSpec | Mapping[str, Any]) -> Task:

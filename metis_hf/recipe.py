@@ -1,4 +1,5 @@
-"""Recipes: YAML files validated into dataclasses, with ``--set key.path=value`` overrides.
+"""Recipes: YAML files validated into pydantic dataclasses, ``--set key.path=value`` overrides,
+and the MetisConfig and LoraConfig a recipe describes.
 
 An unknown key or a value of the wrong type fails with the key's path (``tasks[2].train_size``).
 YAML is read with ``yaml.safe_load`` only.
@@ -10,71 +11,91 @@ import copy
 import dataclasses
 import os
 import re
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import ValidationInfo, field_validator
 
 from metis_hf.data import TaskSpec
 from metis_hf.models import DEFAULT_MODEL
+from metis_hf.schema import Count, Integer, Number, RecipeError, check_fields, config_dataclass, parse
 
 
-@dataclass
+@config_dataclass
 class HarnessScore:
     """One score from lm-evaluation-harness: the mean of ``metric`` over ``tasks``."""
 
     name: str = field(metadata={"help": "Column name in tables, e.g. M-MMLU."})
-    tasks: list[str] = field(default_factory=list, metadata={"help": "Harness task names averaged."})
+    tasks: list[str] = field(
+        default_factory=list, metadata={"help": "Harness task names averaged (at least one)."}
+    )
     metric: str = field(default="acc,none", metadata={"help": "Harness metric key, e.g. 'acc,none'."})
     expert: str | None = field(
         default=None, metadata={"help": "The training task whose expert normalizes this score."}
     )
-    num_fewshot: int | None = field(default=None, metadata={"help": "Few-shot examples (task default)."})
+    num_fewshot: Integer | None = field(default=None, metadata={"help": "Few-shot examples (task default)."})
 
-    def __post_init__(self) -> None:
-        if not self.tasks:
-            raise ValueError(f"harness score {self.name!r}: tasks must name at least one harness task.")
+    @field_validator("tasks")
+    @classmethod
+    def _some_tasks(cls, tasks: list[str]) -> list[str]:
+        if not tasks:
+            raise ValueError("name at least one harness task")
+        return tasks
 
 
-@dataclass
+@config_dataclass
 class EvaluationSpec:
     split: str = field(default="test", metadata={"help": "Split scored by generation."})
-    limit: int | None = field(default=None, metadata={"help": "Score at most this many examples per task."})
-    batch_size: int = field(default=32, metadata={"help": "Generation batch size."})
-    max_new_tokens: int = field(default=24, metadata={"help": "Longest generated answer, in tokens."})
-    generation: bool = field(
-        default=True, metadata={"help": "Score each training task by generation on its test split."}
-    )
+    limit: Count | None = field(default=None, metadata={"help": "Score at most this many examples per task."})
+    batch_size: Count = field(default=32, metadata={"help": "Generation batch size."})
+    max_new_tokens: Count = field(default=24, metadata={"help": "Longest generated answer, in tokens."})
     harness: list[HarnessScore] = field(
         default_factory=list, metadata={"help": "lm-evaluation-harness scores (extra lm-eval)."}
     )
-    harness_limit: int | None = field(default=None, metadata={"help": "Harness examples per task."})
-    harness_batch_size: int = field(default=8, metadata={"help": "Harness batch size."})
+    generation: bool = field(
+        default=True, metadata={"help": "Score each training task by generation on its test split."}
+    )
+    harness_limit: Count | None = field(default=None, metadata={"help": "Harness examples per task."})
+    harness_batch_size: Count = field(default=8, metadata={"help": "Harness batch size."})
     harness_include: str | None = field(
         default=None, metadata={"help": "A folder of custom harness task YAMLs (e.g. over local files)."}
     )
 
-    def __post_init__(self) -> None:
-        if not self.generation and not self.harness:
-            raise ValueError("generation: with generation off, list harness scores to evaluate.")
-        for name in ("batch_size", "max_new_tokens", "harness_batch_size", "limit", "harness_limit"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name}: must be >= 1, got {value}.")
+    @field_validator("generation")
+    @classmethod
+    def _something_to_score(cls, generation: bool, info: ValidationInfo) -> bool:
+        if not generation and not info.data.get("harness"):
+            raise ValueError("with generation off, list harness scores to evaluate")
+        return generation
 
 
 BASELINES = ["task_arithmetic", "ties", "dare_ties", "consensus_ta"]
 
 
-@dataclass
+def _known_methods() -> list[str]:
+    from metis_hf.merging import available_methods
+
+    return available_methods()
+
+
+@config_dataclass
 class CompareSpec:
     """What ``metis-hf compare`` runs: post-hoc merges of the experts and many-shot runs."""
 
-    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Training seeds; paired."})
+    seeds: list[Integer] = field(default_factory=lambda: [0], metadata={"help": "Training seeds; paired."})
+    variants: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Name -> {method: <registered method>, <merge parameters>, training: {<MetisConfig "
+            "fields>}}: a method run under its own name, e.g. {task_arithmetic@0.5: {method: "
+            "task_arithmetic, scale: 0.5}} for a scale sweep; list the name in post_hoc_methods or "
+            "many_shot_methods. 'training' (optional) overrides the recipe's training section for "
+            "that variant's runs, e.g. {gap_tokens: completion}."
+        },
+    )
     post_hoc_methods: list[str] = field(
         default_factory=lambda: list(BASELINES), metadata={"help": "Methods merging the experts once."}
     )
@@ -86,56 +107,56 @@ class CompareSpec:
         default_factory=dict,
         metadata={"help": "Method -> merge parameters, e.g. {ties: {density: 0.2}}; both protocols."},
     )
-    variants: dict[str, dict[str, Any]] = field(
-        default_factory=dict,
-        metadata={
-            "help": "Name -> {method: <registered method>, <merge parameters>, training: {<MetisConfig "
-            "fields>}}: a method run under its own name, e.g. {task_arithmetic@0.5: {method: "
-            "task_arithmetic, scale: 0.5}} for a scale sweep; list the name in post_hoc_methods or "
-            "many_shot_methods. 'training' (optional) overrides the recipe's training section for "
-            "that variant's runs, e.g. {gap_tokens: completion}."
-        },
-    )
-    metric: str = field(
+    metric: Literal["exact_match", "score"] = field(
         default="exact_match", metadata={"help": "Score normalized in the tables: exact_match or score."}
     )
-    task_weights: dict[str, float] = field(
+    task_weights: dict[str, Number] = field(
         default_factory=dict, metadata={"help": "Task -> weight in Avg (default 1 each)."}
     )
 
-    def __post_init__(self) -> None:
-        from metis_hf.merging import available_methods
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError(f"must be a non-empty list of distinct integers, got {seeds!r}")
+        return seeds
 
-        known = available_methods()
-        for name, variant in self.variants.items():
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, variants: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        known = _known_methods()
+        for name, variant in variants.items():
             if name in known:
-                raise ValueError(f"variants: {name!r} is a registered method; give the variant another name.")
+                raise ValueError(f"{name!r} is a registered method; give the variant another name")
             if not re.fullmatch(r"[A-Za-z0-9_.@=+-]+", name):
-                raise ValueError(
-                    f"variants: {name!r} names a run folder: use letters, digits and _ . @ = + -."
-                )
-            if not isinstance(variant, dict) or variant.get("method") not in known:
-                raise ValueError(
-                    f"variants.{name}: needs 'method', one of {', '.join(known)}; got {variant!r}."
-                )
+                raise ValueError(f"{name!r} names a run folder: use letters, digits and _ . @ = + -")
+            if variant.get("method") not in known:
+                raise ValueError(f"{name!r} needs 'method', one of {', '.join(known)}; got {variant!r}")
             if not isinstance(variant.get("training", {}), dict):
-                raise ValueError(f"variants.{name}.training: must be a mapping of MetisConfig fields.")
-        for key in ("post_hoc_methods", "many_shot_methods"):
-            for method in getattr(self, key):
-                if method not in known and method not in self.variants:
-                    raise ValueError(
-                        f"{key}: unknown merge method {method!r} (known: {', '.join(known)}; "
-                        f"variants: {', '.join(self.variants) or 'none'})."
-                    )
-        for method in self.method_params:
-            if method not in known:
-                raise ValueError(f"method_params: unknown merge method {method!r}.")
-        if self.metric not in ("exact_match", "score"):
-            raise ValueError(f"metric must be 'exact_match' or 'score', got {self.metric!r}.")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be a non-empty list of distinct integers, got {self.seeds!r}.")
-        if not self.post_hoc_methods and not self.many_shot_methods:
-            raise ValueError("compare needs at least one post-hoc or many-shot method.")
+                raise ValueError(f"{name!r}: 'training' must be a mapping of MetisConfig fields")
+        return variants
+
+    @field_validator("post_hoc_methods", "many_shot_methods")
+    @classmethod
+    def _methods(cls, methods: list[str], info: ValidationInfo) -> list[str]:
+        known, variants = _known_methods(), info.data.get("variants", {})
+        for method in methods:
+            if method not in known and method not in variants:
+                raise ValueError(
+                    f"unknown merge method {method!r} (known: {', '.join(known)}; "
+                    f"variants: {', '.join(variants) or 'none'})"
+                )
+        if info.field_name == "many_shot_methods" and not methods and not info.data.get("post_hoc_methods"):
+            raise ValueError("compare needs at least one post-hoc or many-shot method")
+        return methods
+
+    @field_validator("method_params")
+    @classmethod
+    def _method_params(cls, method_params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        unknown = sorted(set(method_params) - set(_known_methods()))
+        if unknown:
+            raise ValueError(f"unknown merge method {unknown[0]!r}")
+        return method_params
 
     def resolve(self, name: str) -> tuple[str, dict[str, Any]]:
         """The registered method and merge parameters behind a name in the method lists."""
@@ -150,10 +171,10 @@ class CompareSpec:
         return dict(self.variants.get(name, {}).get("training", {}))
 
 
-@dataclass
+@config_dataclass
 class Recipe:
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "Built-in name, Hub id or local path."})
-    seed: int = field(default=0, metadata={"help": "Seed for training and sampling."})
+    seed: Integer = field(default=0, metadata={"help": "Seed for training and sampling."})
     tasks: list[TaskSpec] = field(default_factory=list, metadata={"help": "The tasks to train and merge."})
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     lora: dict[str, Any] = field(
@@ -166,93 +187,33 @@ class Recipe:
         default_factory=CompareSpec, metadata={"help": "The grid of `metis-hf compare`."}
     )
 
-    def __post_init__(self) -> None:
-        if not self.tasks:
-            raise ValueError("tasks: a recipe needs at least one task.")
-        names = [t.name for t in self.tasks]
-        for score in self.evaluation.harness:
+    @field_validator("tasks")
+    @classmethod
+    def _some_tasks(cls, tasks: list[TaskSpec]) -> list[TaskSpec]:
+        if not tasks:
+            raise ValueError("a recipe needs at least one task")
+        return tasks
+
+    @field_validator("evaluation")
+    @classmethod
+    def _experts_are_tasks(cls, evaluation: EvaluationSpec, info: ValidationInfo) -> EvaluationSpec:
+        names = [t.name for t in info.data.get("tasks", [])]
+        for score in evaluation.harness:
             if score.expert is not None and score.expert not in names:
-                raise ValueError(
-                    f"evaluation.harness: expert {score.expert!r} of {score.name!r} is not a task."
-                )
-        scored = names + [score.name for score in self.evaluation.harness]
-        for task in self.compare.task_weights:
+                raise ValueError(f"harness score {score.name!r}: its expert {score.expert!r} is not a task")
+        return evaluation
+
+    @field_validator("compare")
+    @classmethod
+    def _weights_name_scores(cls, compare: CompareSpec, info: ValidationInfo) -> CompareSpec:
+        scored = [t.name for t in info.data.get("tasks", [])]
+        scored += [s.name for s in getattr(info.data.get("evaluation"), "harness", [])]
+        for task in compare.task_weights:
             if task not in scored:
                 raise ValueError(
-                    f"compare.task_weights: {task!r} is not a task or harness score of this recipe."
+                    f"task_weights names {task!r}, which is not a task or harness score of this recipe"
                 )
-
-
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-class RecipeError(ValueError):
-    """A recipe that does not validate; the message starts with the offending key's path."""
-
-
-def check_type(value: Any, annotation: Any, path: str) -> Any:
-    """``value`` checked against a type annotation (ints widen to float, numeric strings such as
-    ``1e-4`` become floats); a mismatch raises :class:`RecipeError` naming ``path``."""
-    origin = typing.get_origin(annotation)
-    if annotation is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(annotation):
-            try:
-                return check_type(value, option, path)
-            except RecipeError:
-                continue
-        raise RecipeError(f"{path}: {value!r} does not match {annotation}")
-    if annotation is type(None):
-        if value is not None:
-            raise RecipeError(f"{path}: expected null, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(annotation):
-        return from_dict(annotation, value, path)
-    if origin is list:
-        if not isinstance(value, list):
-            raise RecipeError(f"{path}: expected a list, got {type(value).__name__}")
-        (item_type,) = typing.get_args(annotation) or (Any,)
-        return [check_type(v, item_type, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{path}: expected a mapping, got {type(value).__name__}")
-        _, value_type = typing.get_args(annotation) or (Any, Any)
-        return {k: check_type(v, value_type, f"{path}.{k}") for k, v in value.items()}
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-        return float(value)  # PyYAML (YAML 1.1) reads 1e-4, without a dot, as a string
-    if annotation in (int, float) and isinstance(value, bool):
-        raise RecipeError(f"{path}: expected {annotation.__name__}, got a boolean")
-    if isinstance(annotation, type) and not isinstance(value, annotation):
-        raise RecipeError(f"{path}: expected {annotation.__name__}, got {type(value).__name__} ({value!r})")
-    return value
-
-
-def from_dict(cls: type, data: Any, path: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, checking every key and type."""
-    where = path or "recipe"
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise RecipeError(
-            f"{path + '.' if path else ''}{unknown[0]}: unknown key (allowed: {', '.join(sorted(names))})"
-        )
-    kwargs = {k: check_type(v, hints[k], f"{path + '.' if path else ''}{k}") for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        if isinstance(err, RecipeError):
-            raise
-        message = str(err)
-        field_name = message.split(":", 1)[0]
-        if path and field_name in names:  # "seeds: ..." from __post_init__ -> "compare.seeds: ..."
-            raise RecipeError(f"{path}.{message}") from err
-        raise RecipeError(f"{where}: {message}") from err
+        return compare
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -312,7 +273,7 @@ def load_recipe_dict(path: str | Path | None = None, overrides: list[str] | None
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
-    return from_dict(Recipe, load_recipe_dict(path, overrides))
+    return parse(Recipe, load_recipe_dict(path, overrides))
 
 
 # --- from a recipe to the configs it describes ------------------------------------------------
@@ -321,7 +282,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
 def metis_config_from_recipe(recipe: Recipe, output_dir: str | os.PathLike, **extra: Any):
     from metis_hf.training import MetisConfig
 
-    training = typed_fields(MetisConfig, {**recipe.training, **extra}, "training")
+    training = check_fields(MetisConfig, {**recipe.training, **extra}, "training")
     values = {"seed": recipe.seed, "disable_tqdm": False, "logging_steps": 10, **training}
     try:
         return MetisConfig(output_dir=str(output_dir), **values)
@@ -335,27 +296,11 @@ def lora_config_from_recipe(recipe: Recipe):
     from metis_hf.training.trainer import default_lora_config
 
     allowed = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
-    values = {**default_lora_config().to_dict(), **typed_fields(LoraConfig, recipe.lora, "lora")}
+    values = {**default_lora_config().to_dict(), **check_fields(LoraConfig, recipe.lora, "lora")}
     try:
         return LoraConfig(**{k: v for k, v in values.items() if k in allowed})
     except (TypeError, ValueError) as err:
         raise RecipeError(f"lora: {err}") from err
-
-
-def typed_fields(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
-    """A recipe section's values checked against the fields of dataclass ``cls`` (``1e-4`` read as a
-    float); an unknown field or a wrong type names its key path."""
-    hints = typing.get_type_hints(cls)
-    allowed = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(values) - allowed)
-    if unknown:
-        raise RecipeError(f"{section}.{unknown[0]}: unknown {cls.__name__} field")
-    checked = {}
-    for key, value in values.items():
-        if typing.get_origin(hints[key]) is list and not isinstance(value, list):
-            value = [value]  # one value for a list field is a list of one, as on the command line
-        checked[key] = check_type(value, hints[key], f"{section}.{key}")
-    return checked
 
 
 def recipe_text(recipe_path: str | os.PathLike | None, overrides: list[str] | None = None) -> str:

@@ -293,11 +293,22 @@ def test_yaml_numbers_without_a_dot_are_floats_and_sections_are_type_checked(tmp
     assert metis_config_from_recipe(recipe, tmp_path / "o").learning_rate == 1e-4
     assert lora_config_from_recipe(recipe).lora_dropout == 0.05
     for override, message in [
-        ("training.learning_rate=fast", r"training.learning_rate: expected float, got str \('fast'\)"),
-        ("training.num_rounds=two", r"training.num_rounds: expected int, got str \('two'\)"),
-        ("training.local_steps=[1, 2]", r"training.local_steps: \[1, 2\] does not match"),
-        ("lora.r=sixteen", "lora.r: expected int, got str"),
-        ("training.num_rounds=1e-4", r"training.num_rounds: expected int, got str \('1e-4'\)"),
+        (
+            "training.learning_rate=fast",
+            r"training.learning_rate: Input should be a valid number \(got 'fast'\)",
+        ),
+        ("training.num_rounds=two", r"training.num_rounds: Input should be a valid integer \(got 'two'\)"),
+        (
+            "training.local_steps=[1, 2]",
+            r"training.local_steps: Input should be a valid integer \(got \[1, 2\]\)",
+        ),
+        ("lora.r=sixteen", r"lora.r: Input should be a valid integer \(got 'sixteen'\)"),
+        ("training.num_rounds=1e-4", r"training.num_rounds: Input should be a valid integer \(got '1e-4'\)"),
+        ("training.num_rounds=true", r"training.num_rounds: Input should be a valid integer \(got True\)"),
+        (
+            "training.temperature=[1, x]",
+            r"training.temperature\[1\]: Input should be a valid number \(got 'x'\)",
+        ),
     ]:
         with pytest.raises(RecipeError, match=message):
             recipe = load_recipe(path, [override])
@@ -468,7 +479,7 @@ def test_granularity_is_checked_and_refused_for_checkpoints(tmp_path, capsys):
         "models": [{"model": str(tmp_path / f"ft{i}")} for i in range(2)],
     }
     for granularity, message in [
-        ("foo", "granularity: 'foo' is not 'tensor' or 'global'"),
+        ("foo", "granularity: Input should be 'tensor' or 'global' (got 'foo')"),
         ("global", "granularity: 'global' applies to adapters only"),
     ]:
         path = _write_yaml(tmp_path / "m.yaml", {**config, "granularity": granularity})
@@ -587,8 +598,14 @@ def test_trainer_api_bad_inputs(tmp_path, tiny_tokenizer, train, message):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("evaluation.batch_size=0", "evaluation.batch_size: must be >= 1, got 0"),
-        ("evaluation.max_new_tokens=-1", "evaluation.max_new_tokens: must be >= 1, got -1"),
+        (
+            "evaluation.batch_size=0",
+            "evaluation.batch_size: Input should be greater than or equal to 1 (got 0)",
+        ),
+        (
+            "evaluation.max_new_tokens=-1",
+            "evaluation.max_new_tokens: Input should be greater than or equal to 1 (got -1)",
+        ),
         ("model=/nonexistent", "model '/nonexistent': no such folder, and not a Hub id"),
     ],
 )

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from metis_hf.recipe import Recipe, RecipeError, apply_overrides, default_recipe_path, from_dict, load_recipe
+from metis_hf.recipe import Recipe, RecipeError, apply_overrides, default_recipe_path, load_recipe
+from metis_hf.schema import parse
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,13 +17,15 @@ def test_embedded_default_is_the_offline_cpu_recipe():
 @pytest.mark.bad_input
 def test_unknown_key_and_wrong_type_name_their_path():
     with pytest.raises(RecipeError, match=r"^tasks\[1\]\.train_sise: unknown key"):
-        from_dict(Recipe, {"tasks": [{"name": "a"}, {"name": "b", "train_sise": 3}]})
-    with pytest.raises(RecipeError, match=r"^tasks\[0\]\.train_size: expected int"):
-        from_dict(Recipe, {"tasks": [{"name": "a", "train_size": "many"}]})
+        parse(Recipe, {"tasks": [{"name": "a"}, {"name": "b", "train_sise": 3}]})
+    with pytest.raises(
+        RecipeError, match=r"^tasks\[0\]\.train_size: Input should be a valid integer \(got 'many'\)"
+    ):
+        parse(Recipe, {"tasks": [{"name": "a", "train_size": "many"}]})
     with pytest.raises(RecipeError, match=r"^evaluation\.limit"):
-        from_dict(Recipe, {"tasks": [{"name": "a"}], "evaluation": {"limit": [1]}})
+        parse(Recipe, {"tasks": [{"name": "a"}], "evaluation": {"limit": [1]}})
     with pytest.raises(RecipeError, match="at least one task"):
-        from_dict(Recipe, {"tasks": []})
+        parse(Recipe, {"tasks": []})
 
 
 def test_overrides_parse_yaml_values():
@@ -81,7 +84,7 @@ def test_paper_recipes_name_real_harness_tasks_and_metrics():
 @pytest.mark.bad_input
 def test_compare_variants_resolve_and_bad_variants_are_named():
     def compare(**spec):
-        return from_dict(Recipe, {"tasks": [{"name": "a"}], "compare": spec}).compare
+        return parse(Recipe, {"tasks": [{"name": "a"}], "compare": spec}).compare
 
     spec = compare(
         many_shot_methods=["task_arithmetic", "ta@0.5"],
@@ -96,11 +99,11 @@ def test_compare_variants_resolve_and_bad_variants_are_named():
     assert spec.resolve("r@answer") == ("metis_robust", {"floor": 0.1})
     assert spec.training_overrides("r@answer") == {"gap_tokens": "completion"}
     assert spec.training_overrides("metis") == {}
-    with pytest.raises(RecipeError, match=r"variants\.y\.training: must be a mapping"):
+    with pytest.raises(RecipeError, match=r"compare.variants: 'y': 'training' must be a mapping"):
         compare(variants={"y": {"method": "ties", "training": ["gap_tokens"]}})
     with pytest.raises(RecipeError, match=r"variants: 'ties' is a registered method"):
         compare(variants={"ties": {"method": "ties"}})
-    with pytest.raises(RecipeError, match=r"variants\.x: needs 'method'"):
+    with pytest.raises(RecipeError, match=r"compare.variants: 'x' needs 'method'"):
         compare(variants={"x": {"scale": 0.5}})
     with pytest.raises(RecipeError, match=r"variants: 'a/b' names a run folder"):
         compare(variants={"a/b": {"method": "ties"}})

@@ -27,10 +27,11 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import yaml
+from pydantic import Field, ValidationInfo, field_validator
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -45,7 +46,7 @@ from metis_hf.merging.task_vectors import (
     lora_scaling,
     merge_lora_states,
 )
-from metis_hf.recipe import RecipeError, from_dict
+from metis_hf.schema import Integer, RecipeError, config_dataclass, parse
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ _COPIED_FILES = (
 )
 
 
-@dataclass
+@config_dataclass
 class ModelEntry:
     model: str = field(metadata={"help": "Local folder or Hub id of an adapter or checkpoint."})
     parameters: dict[str, Any] = field(
@@ -71,36 +72,44 @@ class ModelEntry:
     )
 
 
-@dataclass
+@config_dataclass
 class MergeConfig:
     merge_method: str
     models: list[ModelEntry]
     base_model: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
-    dtype: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
     space: str = "lora"
-    granularity: str = "tensor"
-    max_shard_size_mb: int = 2048
+    granularity: Literal["tensor", "global"] = "tensor"
+    max_shard_size_mb: Annotated[Integer, Field(ge=0)] = 2048  # 0: one tensor per shard
 
-    def __post_init__(self) -> None:
-        get_merge_method(self.merge_method)  # unknown method: fail before reading any weights
-        if not self.models:
-            raise ValueError("models: at least one model is needed.")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype: {self.dtype!r} is not one of {sorted(DTYPES)}.")
-        try:
-            self.space = check_space(self.space)
-        except ValueError as err:
-            raise ValueError(f"space: {err}") from None
-        if self.granularity not in ("tensor", "global"):
-            raise ValueError(f"granularity: {self.granularity!r} is not 'tensor' or 'global'.")
-        for i, entry in enumerate(self.models):
-            unknown = sorted(set(entry.parameters) - set(self.per_model_keys))
+    @field_validator("merge_method")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        get_merge_method(name)  # unknown method: fail before reading any weights
+        return name
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, models: list[ModelEntry], info: ValidationInfo) -> list[ModelEntry]:
+        if not models:
+            raise ValueError("at least one model is needed")
+        if "merge_method" not in info.data:
+            return models
+        keys = list(get_merge_method(info.data["merge_method"]).per_task.values())
+        for i, entry in enumerate(models):
+            unknown = sorted(set(entry.parameters) - set(keys))
             if unknown:
                 raise ValueError(
-                    f"models[{i}].parameters.{unknown[0]}: unknown per-model parameter "
-                    f"(allowed for {self.merge_method}: {', '.join(self.per_model_keys) or 'none'})."
+                    f"[{i}].parameters.{unknown[0]}: unknown per-model parameter "
+                    f"(allowed for {info.data['merge_method']}: {', '.join(keys) or 'none'})"
                 )
+        return models
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, space: str) -> str:
+        return check_space(space)
 
     @property
     def per_model_keys(self) -> list[str]:
@@ -131,7 +140,7 @@ def load_merge_config(path: str | os.PathLike) -> tuple[MergeConfig, str]:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from err
-    return from_dict(MergeConfig, data), text
+    return parse(MergeConfig, data), text
 
 
 # --- locating and reading weights -------------------------------------------------------------
