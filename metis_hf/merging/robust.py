@@ -1,23 +1,15 @@
 """``metis_robust``: METIS with weights and masks that hold for any task count and loss scale.
 
-The paper's METIS (``metis``, kept exact) fails in three measured ways (docs/method.md §7,
-docs/merging.md "metis_robust"): raw loss gaps depend on the loss's scale, one large gap at
-temperature 2 hands one task nearly all the weight, and the mask compares *weighted* entries, so
-where tasks agree it keeps task t only while alpha_t > delta / (1 + delta): with five or more tasks
-or skewed weights fewer than k tasks pass and consensus zeroes the merge. This variant changes:
+Three changes to the paper's ``metis`` (which stays exact; why: docs/merging.md, "metis_robust"):
 
-1. gaps are made scale-free, so the temperature means the same at any loss scale: relative,
-   ``g_t / L_merged_t`` (the gap as a fraction of the merged model's loss on that task, the
-   default), or standardized, ``(g_t - mean g) / sd g`` (a temperature set from the gaps' spread:
-   it ranks tasks by their raw gap, as the paper does, whatever each task's own loss level);
-2. the weights have a floor: ``alpha = floor + (1 - T * floor) * softmax(...)``, default floor
-   ``0.5 / T`` (every task keeps at least half its uniform share);
-3. the mask compares each task's *unweighted* vector with the weighted merge (TALL's question,
-   "does this task agree with the merge here?", asked at the merge's own scale):
-   ``m_t = |v_t| >= delta * |V - v_t|``. Identical task vectors pass for every T and every alpha.
+1. scale-free gaps: relative, ``g_t / L_merged_t`` (the default), or standardized,
+   ``(g_t - mean g) / sd g``;
+2. a floor on the weights: ``alpha = floor + (1 - T * floor) * softmax(gaps / temperature)``,
+   default floor ``0.5 / T``;
+3. a mask on each task's *unweighted* vector against the weighted merge V:
+   ``m_t = |v_t| >= delta * |V - v_t|``, so identical task vectors pass for every T and alpha.
 
-The merge stays a masked convex combination, ``G = beta * c * V``, so its norm is bounded by the
-task vectors' across rounds.
+The merge is ``beta * [#{t: m_t} >= k] * V``, a masked convex combination.
 """
 
 from __future__ import annotations
