@@ -5,7 +5,7 @@
 """
 
 # Importing the method modules registers them.
-from metis_hf.merging import consensus, dare, linear, robust, ties  # noqa: F401
+from metis_hf.merging import consensus, dare, linear, robust, svd, ties  # noqa: F401
 from metis_hf.merging.consensus import loss_gap_weights
 from metis_hf.merging.registry import (
     MergeMethod,

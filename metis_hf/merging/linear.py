@@ -35,3 +35,26 @@ def task_arithmetic(
     weights = check_weights(weights, len(task_vectors))
     scale = check_finite_number(scale, "scale")
     return weighted_sum(task_vectors, [scale * w for w in weights])
+
+
+def _fedavg_weights(params: dict, count: int) -> list[float]:
+    counts = check_weights(params["example_counts"], count, "example_counts")
+    if any(c < 0 for c in counts) or not sum(counts) > 0:
+        raise ValueError(f"example_counts must be >= 0 with a positive sum, got {list(counts)}.")
+    return [c / sum(counts) for c in counts]
+
+
+@register_merge_method(
+    "fedavg",
+    pretty_name="FedAvg",
+    reference_url="https://arxiv.org/abs/1602.05629",
+    description="FedAvg: the mean of the task vectors weighted by each task's number of training "
+    "examples (the federated-learning loop of OpenFedLLM and FlowerTune, run many-shot).",
+    task_weights=_fedavg_weights,
+)
+def fedavg(
+    task_vectors: Sequence[torch.Tensor], *, example_counts: Sequence[float] | None = None
+) -> torch.Tensor:
+    """FedAvg (McMahan et al. 2017): sum_t n_t tau_t / sum_t n_t (uniform without counts)."""
+    counts = [1.0] * len(task_vectors) if example_counts is None else example_counts
+    return weighted_sum(task_vectors, _fedavg_weights({"example_counts": counts}, len(task_vectors)))

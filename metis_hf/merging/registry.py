@@ -10,18 +10,20 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from metis_hf.merging.checks import check_task_vectors
 
 MergeFunction = Callable[..., torch.Tensor]
+Operand = Literal["elements", "matrices"]
 
 
 # Parameters with one value per task, and the per-model key of each in merge YAML files.
 PER_TASK_PARAMETERS = {
     "weights": "weight",
+    "example_counts": "example_count",
     "loss_gaps": "loss_gap",
     "alphas": "alpha",
     "reference_losses": "reference_loss",
@@ -35,8 +37,11 @@ class MergeMethod:
 
     ``sums_tasks``: the output is a sum over tasks, so a many-shot run defaults ``scale`` to 1/T
     (in LoRA space a sum multiplies the adapter by about T every round). ``task_weights``: the
-    per-task weights a merge with given parameters applies (logged as alpha). Whether it uses loss
-    gaps, reference losses or a seed follows from its parameters.
+    per-task weights a merge with given parameters applies (logged as alpha). ``operates_on``:
+    ``"elements"`` (any shape, coordinate by coordinate, so LoRA factors can be merged apart) or
+    ``"matrices"`` (each 2-D tensor is a layer's update matrix, as for the SVD methods; needs the
+    dense or core space for LoRA adapters). Whether it uses loss gaps, reference losses, example
+    counts or a seed follows from its parameters.
     """
 
     name: str
@@ -49,6 +54,8 @@ class MergeMethod:
     description: str = ""  # a sentence for model cards
     sums_tasks: bool = False
     task_weights: Callable[[dict[str, Any], int], list[float]] | None = None
+    operates_on: Operand = "elements"
+    internal: tuple[str, ...] = ()  # keyword-only parameters starting with "_": passed by callers
 
     @property
     def uses_loss_gaps(self) -> bool:
@@ -75,8 +82,12 @@ class MergeMethod:
             return self.task_weights(params, count)
         return [float(params.get("scale", 1.0)) * float(w) for w in (params.get("weights") or [1.0] * count)]
 
+    @property
+    def uses_example_counts(self) -> bool:
+        return "example_counts" in self.parameters
+
     def __call__(self, task_vectors: Sequence[torch.Tensor], **params) -> torch.Tensor:
-        unknown = sorted(set(params) - set(self.parameters))
+        unknown = sorted(set(params) - set(self.parameters) - set(self.internal))
         if unknown:
             raise ValueError(
                 f"Merge method {self.name!r} has no parameter {unknown[0]!r} "
@@ -88,7 +99,8 @@ class MergeMethod:
         """Raise the error a merge of ``num_tasks`` task vectors with ``params`` would raise, before
         any real data exists: the method's own checks run on tiny probe vectors, so each
         parameter's domain is stated once, in the method."""
-        probe = [torch.linspace(-1.0, 1.0, 8) * (t + 1) for t in range(num_tasks)]
+        shape = (4, 4) if self.operates_on == "matrices" else (16,)
+        probe = [torch.linspace(-1.0, 1.0, 16).reshape(shape) * (t + 1) for t in range(num_tasks)]
         self(probe, **params)
 
 
@@ -103,6 +115,7 @@ def register_merge_method(
     description: str | None = None,
     sums_tasks: bool = False,
     task_weights: Callable[[dict[str, Any], int], list[float]] | None = None,
+    operates_on: Operand = "elements",
     overwrite: bool = False,
 ) -> Callable[[MergeFunction], MergeFunction]:
     """Decorator that registers ``fn`` under ``name``, with what callers need to know (see
@@ -113,7 +126,9 @@ def register_merge_method(
         return scale * torch.stack(task_vectors).mean(0)
 
     Its keyword-only parameters and their defaults are read from the signature; one whose name is a
-    per-task parameter (weights, loss_gaps, alphas, reference_losses, seed) takes one value per task.
+    per-task parameter (weights, example_counts, loss_gaps, alphas, reference_losses, seed) takes one
+    value per task. Keyword-only parameters whose name starts with ``_`` are not user settings: the
+    merge spaces pass them (``_full_shape`` for matrix methods merged in the core space).
     """
 
     def decorate(fn: MergeFunction) -> MergeFunction:
@@ -127,6 +142,8 @@ def register_merge_method(
             )
         signature = inspect.signature(fn)
         keyword = [p for p in list(signature.parameters.values())[1:] if p.kind is p.KEYWORD_ONLY]
+        internal = tuple(p.name for p in keyword if p.name.startswith("_"))
+        keyword = [p for p in keyword if p.name not in internal]
         params = tuple(p.name for p in keyword)
         summary = (inspect.getdoc(fn) or "").split("\n")[0]
         _METHODS[name] = MergeMethod(
@@ -140,6 +157,8 @@ def register_merge_method(
             description=description or summary,
             sums_tasks=sums_tasks,
             task_weights=task_weights,
+            operates_on=operates_on,
+            internal=internal,
         )
         return fn
 

@@ -122,6 +122,8 @@ def merge_state_dicts(
     merge_fn = get_merge_method(method)
     for key in keys:
         check_task_vectors([s[key] for s in states], name=key)
+    if granularity == "global" and merge_fn.operates_on == "matrices":
+        raise ValueError(f"granularity 'global': {method} merges each layer's matrix on its own ('tensor').")
     if granularity == "global":
         flat = [torch.cat([s[k].reshape(-1) for k in keys]) for s in states]
         merged, out, offset = merge_fn(flat, **params), {}, 0
@@ -227,12 +229,12 @@ def apply_dense_deltas(model: torch.nn.Module, deltas: Mapping[str, torch.Tensor
         params[name].add_(delta.to(params[name].dtype))
 
 
-MERGE_SPACES = ("lora", "dense")
+MERGE_SPACES = ("lora", "dense", "core")
 
 
 def check_space(space: str) -> str:
-    """``lora`` or ``dense``; ``delta``, the dense space's former name (easily read as METIS's mask
-    threshold), is accepted with a FutureWarning."""
+    """``lora``, ``dense`` or ``core``; ``delta``, the dense space's former name (easily read as
+    METIS's mask threshold), is accepted with a FutureWarning."""
     if space == "delta":
         warnings.warn("merge space 'delta' is now called 'dense'.", FutureWarning, stacklevel=3)
         return "dense"
@@ -241,29 +243,62 @@ def check_space(space: str) -> str:
     return space
 
 
+def check_method_space(method: str, space: str) -> None:
+    """A method on layer matrices (Iso-C, TSV-M...) cannot merge LoRA's A and B apart."""
+    if get_merge_method(method).operates_on == "matrices" and check_space(space) == "lora":
+        raise ValueError(
+            f"{method} merges each layer's update matrix: merge LoRA adapters in the 'core' space "
+            "(exact and fast) or the 'dense' one, not 'lora'."
+        )
+
+
 def merge_lora_states(
     method: str,
     states: Sequence[Mapping[str, torch.Tensor]],
     space: str = "lora",
     rank: int | None = None,
-    scaling: float = 1.0,
+    scaling: float | Sequence[float] = 1.0,
     names: Sequence[str] | None = None,
     granularity: str = "tensor",
     dtype: torch.dtype | None = None,
+    output_scaling: float | None = None,
     **params: Any,
 ) -> tuple[StateDict, float | None]:
-    """Merge LoRA adapters' states with ``method``: in LoRA-parameter space (A and B merged apart,
-    the reference code's way), or in the dense delta space ``scaling * B @ A`` and back to rank
-    ``rank`` by SVD (``space="dense"``; factors in ``dtype``, default the states'). Returns the merged LoRA state and,
-    for the dense space, the relative truncation error."""
+    """Merge LoRA adapters' states with ``method`` in one of three spaces:
+
+    * ``"lora"``: A and B merged apart (the reference code's way);
+    * ``"dense"``: each module's ``scaling * B @ A`` merged, then back to rank ``rank`` by SVD;
+    * ``"core"``: the same update matrices in the bases their factors span (see
+      :mod:`metis_hf.merging.core_space`), exact for the dense results of rotation-invariant
+      methods and cheap; adapters may have different ranks.
+
+    ``scaling``: the adapters' LoRA scaling, one for all or one each; the output's is
+    ``output_scaling`` (default: the first adapter's), its factors in ``dtype`` (default: the
+    states'). Returns the merged LoRA state and, for the dense and core spaces, the relative
+    truncation error."""
     check_lora_factors(states, names)
-    if check_space(space) == "lora":
+    space = check_space(space)
+    check_method_space(method, space)
+    if space == "lora":
         return merge_state_dicts(method, states, granularity=granularity, names=names, **params), None
     if rank is None:
-        raise ValueError("merging in the dense space needs the adapters' rank.")
+        raise ValueError(f"merging in the {space} space needs the output adapter's rank.")
     check_same_keys(states, names)
-    dense = [lora_to_dense(s, scaling) for s in states]
-    merged_dense = merge_state_dicts(method, dense, granularity=granularity, names=names, **params)
+    scalings = [float(scaling)] * len(states) if isinstance(scaling, (int, float)) else list(scaling)
+    if len(scalings) != len(states):
+        raise ValueError(f"scaling has {len(scalings)} entries for {len(states)} adapters.")
+    output_scaling = scalings[0] if output_scaling is None else output_scaling
     dtype = dtype or next(iter(states[0].values())).dtype
-    merged, report = dense_to_lora(merged_dense, rank, scaling, dtype=dtype)
+    if space == "core":
+        from metis_hf.merging.core_space import lora_cores, merge_in_core
+
+        if granularity != "tensor":
+            raise ValueError("granularity: the core space merges module by module ('tensor').")
+        cores = lora_cores(states, scalings, lora_pairs(states[0]))
+        return merge_in_core(
+            method, cores, rank, output_scaling, dtype, seed=params.pop("seed", None), **params
+        )
+    dense = [lora_to_dense(state, s) for state, s in zip(states, scalings)]
+    merged_dense = merge_state_dicts(method, dense, granularity=granularity, names=names, **params)
+    merged, report = dense_to_lora(merged_dense, rank, output_scaling, dtype=dtype)
     return merged, report.overall

@@ -11,7 +11,7 @@ import torch
 from trl import SFTConfig
 
 from metis_hf.merging import get_merge_method
-from metis_hf.merging.task_vectors import check_space
+from metis_hf.merging.task_vectors import check_method_space, check_space
 from metis_hf.redact import register_secret
 from metis_hf.training.rounds import check_merge_settings, is_per_round
 
@@ -77,11 +77,13 @@ class MetisConfig(SFTConfig):
             "help": "Alias of merge_params['beta'] (METIS's final scale: 1.0): one number, or one per round."
         },
     )
-    merge_space: str = field(
-        default="lora",
+    merge_space: str | None = field(
+        default=None,
         metadata={
             "help": "'lora': merge LoRA A and B entries (the paper); 'dense': merge scaling*B@A per "
-            "module and truncate back to rank r by SVD ('delta', its former name, still works).",
+            "module and truncate back to rank r by SVD ('delta', its former name, still works); "
+            "'core': the same updates in the bases the adapters span (exact, cheap). Default: "
+            "'lora', or 'core' for methods on layer matrices (iso_c, iso_cts, tsv_m).",
         },
     )
     reset_optimizer_each_round: bool = field(
@@ -175,6 +177,9 @@ class MetisConfig(SFTConfig):
             raise ValueError(
                 f"round_lr_schedule must be one of {ROUND_LR_SCHEDULES}, got {self.round_lr_schedule!r}."
             )
+        if self.merge_space is None:
+            on_matrices = get_merge_method(self.merge_method).operates_on == "matrices"
+            self.merge_space = "core" if on_matrices else "lora"
         try:
             self.merge_space = check_space(self.merge_space)
         except ValueError as err:
@@ -192,6 +197,7 @@ class MetisConfig(SFTConfig):
         if self.gap_tokens not in GAP_TOKENS:
             raise ValueError(f"gap_tokens must be one of {GAP_TOKENS}, got {self.gap_tokens!r}.")
         self._merge_params_from_aliases()
+        check_method_space(self.merge_method, self.merge_space)
         if self.packing:
             raise ValueError("packing is not supported: each optimizer step must hold one task's examples.")
         if self.shuffle_dataset:

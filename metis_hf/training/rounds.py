@@ -92,6 +92,7 @@ def merge_parameters(
     round_index: int,
     gaps: Mapping[str, float] | None,
     reference_losses: Mapping[str, float] | None = None,
+    example_counts: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, Any], list[float]]:
     """The keyword arguments of ``method``'s merge in round ``round_index`` under MetisConfig
     ``args``, and the per-task weights that merge applies (logged as alpha).
@@ -99,7 +100,7 @@ def merge_parameters(
     ``args.merge_params`` (when ``method`` is ``args.merge_method``) come first, a list for a
     one-value parameter giving one value per round; then what the method's registry entry asks for:
     1/T for methods that sum tasks, a per-round seed for seeded ones, the loss gaps (and reference
-    losses) for those that use them. The method's own defaults fill the rest, except that a default
+    losses) for those that use them, each task's training examples for those that weight by them. The method's own defaults fill the rest, except that a default
     consensus count ``k`` above T is capped at T.
     """
     spec = get_merge_method(method)
@@ -115,6 +116,8 @@ def merge_parameters(
         params.setdefault("scale", 1.0 / count)
     if spec.seeded and "seed" not in params:
         params["seed"] = args.seed * 1000 + round_index
+    if spec.uses_example_counts and example_counts is not None and "example_counts" not in params:
+        params["example_counts"] = [example_counts[t] for t in task_names]
     if spec.uses_loss_gaps:
         if gaps is None:
             raise ValueError(f"{method} needs loss gaps: pass eval_dataset (a validation split per task).")
@@ -130,10 +133,13 @@ def check_merge_settings(args, task_names: Sequence[str]) -> None:
     method = get_merge_method(args.merge_method)
     gaps = dict.fromkeys(task_names, 0.0)
     losses = dict.fromkeys(task_names, 1.0)
+    counts = dict.fromkeys(task_names, 1)
     rounds = args.num_rounds if args.protocol == "many_shot" else 1
     for round_index in range(rounds):
         try:
-            params, _ = merge_parameters(args, args.merge_method, task_names, round_index, gaps, losses)
+            params, _ = merge_parameters(
+                args, args.merge_method, task_names, round_index, gaps, losses, counts
+            )
             method.check(len(task_names), **params)
         except ValueError as err:
             where = f"round {round_index + 1}, " if rounds > 1 else ""

@@ -447,6 +447,7 @@ class MetisTrainer(SFTTrainer):
             round_index,
             gaps and gaps["gaps"],
             gaps and gaps["before"],
+            {t: len(self.train_parts[t]) for t in self.task_names},
         )
         merged, truncation = self._merge(params, last_round=round_index == self.plan.rounds - 1)
         total = sum(v.numel() for v in merged.values())

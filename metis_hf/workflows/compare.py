@@ -209,7 +209,8 @@ class Comparison:
         gaps = {t: base[t] - experts[t] for t in self.task_names}
         args = self._args(folder, run)
         method = args.merge_method  # a variant's registered method
-        params, weights = merge_parameters(args, method, self.task_names, 0, gaps, base)
+        sizes = {t: len(self.tasks[t].train) for t in self.task_names}
+        params, weights = merge_parameters(args, method, self.task_names, 0, gaps, base, sizes)
         adapter_config = json.loads((experts_dir / self.task_names[0] / "adapter_config.json").read_text())
         rank = adapter_config["r"]
         scaling = lora_scaling(rank, adapter_config["lora_alpha"], adapter_config.get("use_rslora", False))

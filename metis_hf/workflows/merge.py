@@ -11,7 +11,10 @@ The YAML follows mergekit's shape::
         parameters: {loss_gap: 0.12}
     parameters: {temperature: 2.0, delta: 0.3, k: 2}   # shared
     dtype: bfloat16       # output dtype (default: the inputs')
-    space: lora           # adapters: "lora" (the paper's) or "dense" (scaling * B @ A, SVD back to rank r)
+    space: lora           # adapters: "lora" (the paper's), "dense" (scaling * B @ A, SVD back to rank r)
+                          # or "core" (the same updates in the adapters' own bases: exact, any ranks);
+                          # default: lora, core for the methods on layer matrices (iso_c, iso_cts, tsv_m)
+    rank: 16              # dense/core output rank (default: dense the first adapter's, core the sum: exact)
 
 Only safetensors are read (pickle weights are refused). Tensors are merged one key at a time, the
 output is written as sharded safetensors into a temporary folder that is renamed into place, so a
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -46,7 +50,7 @@ from metis_hf.merging.task_vectors import (
     lora_scaling,
     merge_lora_states,
 )
-from metis_hf.schema import Integer, RecipeError, config_dataclass, parse
+from metis_hf.schema import Count, Integer, RecipeError, config_dataclass, parse
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +83,8 @@ class MergeConfig:
     base_model: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    space: str = "lora"
+    space: str | None = Field(default=None, validate_default=True)
+    rank: Count | None = None  # output rank in the dense and core spaces
     granularity: Literal["tensor", "global"] = "tensor"
     max_shard_size_mb: Annotated[Integer, Field(ge=0)] = 2048  # 0: one tensor per shard
 
@@ -108,7 +113,11 @@ class MergeConfig:
 
     @field_validator("space")
     @classmethod
-    def _space(cls, space: str) -> str:
+    def _space(cls, space: str | None, info: ValidationInfo) -> str:
+        method = info.data.get("merge_method")
+        if space is None:
+            on_matrices = method is not None and get_merge_method(method).operates_on == "matrices"
+            return "core" if on_matrices else "lora"
         return check_space(space)
 
     @property
@@ -316,7 +325,8 @@ class MergeSummary:
     kind: Literal["adapter", "checkpoint"]
     tensors: int
     output_dir: Path
-    truncation_error: float | None = None  # delta space only
+    truncation_error: float | None = None  # dense and core spaces: the share of the norm dropped
+    rank: int | None = None  # the output adapter's rank
 
 
 def run_merge(
@@ -351,10 +361,15 @@ def run_merge(
     return summary
 
 
-def _adapter_configs(folders: list[Path]) -> list[dict[str, Any]]:
+def _adapter_configs(folders: list[Path], space: str) -> list[dict[str, Any]]:
     configs = [read_json(f / "adapter_config.json") for f in folders]
+    # The core and dense spaces merge each module's update scaling * B @ A: ranks and alphas may differ.
+    keys = ("peft_type", "target_modules") + (() if space in ("core", "dense") else ("r", "lora_alpha"))
+    for folder, cfg in zip(folders, configs):
+        if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+            raise ValueError(f"Adapter {folder} has a per-module rank_pattern/alpha_pattern; not supported.")
     for folder, cfg in zip(folders[1:], configs[1:]):
-        for key in ("peft_type", "r", "lora_alpha", "target_modules", "use_rslora"):
+        for key in (*keys, "use_rslora"):
             a, b = configs[0].get(key), cfg.get(key)
             if isinstance(a, list) and isinstance(b, list):
                 a, b = sorted(a), sorted(b)
@@ -385,19 +400,24 @@ def _adapter_configs(folders: list[Path]) -> list[dict[str, Any]]:
 
 
 def _merge_adapters(config, folders, params, out: Path, progress: bool) -> MergeSummary:
-    configs = _adapter_configs(folders)
+    configs = _adapter_configs(folders, config.space)
     states = []
     for folder in folders:
         source = TensorSource(folder)
         states.append({k: source.get(k) for k in sorted(source.keys())})
     names = [str(f) for f in folders]
     dtype = DTYPES.get(config.dtype) if config.dtype else states[0][next(iter(states[0]))].dtype
+    scalings = [lora_scaling(c["r"], c["lora_alpha"], c.get("use_rslora", False)) for c in configs]
+    # Output rank: the core space's default keeps every direction (exactly the merge); the dense
+    # space's returns to the first adapter's rank.
+    rank = config.rank or (sum(c["r"] for c in configs) if config.space == "core" else configs[0]["r"])
     merged, truncation = merge_lora_states(
         config.merge_method,
         states,
         space=config.space,
-        rank=configs[0]["r"],
-        scaling=lora_scaling(configs[0]["r"], configs[0]["lora_alpha"], configs[0].get("use_rslora", False)),
+        rank=rank,
+        scaling=scalings,
+        output_scaling=scalings[0],
         names=names,
         granularity=config.granularity,
         dtype=torch.float32,  # the factors are cast to the output dtype when written
@@ -407,8 +427,12 @@ def _merge_adapters(config, folders, params, out: Path, progress: bool) -> Merge
     for key in tqdm(sorted(merged), desc="writing", disable=not progress):
         writer.add(key, merged[key].to(dtype))
     writer.close()
-    (out / "adapter_config.json").write_text(json.dumps(configs[0], indent=2))
-    return MergeSummary("adapter", len(merged), out, truncation)
+    output_config = dict(configs[0])
+    if rank != configs[0]["r"]:  # keep the first adapter's scaling at the new rank
+        root = math.sqrt(rank) if configs[0].get("use_rslora") else rank
+        output_config.update(r=rank, lora_alpha=scalings[0] * root)
+    (out / "adapter_config.json").write_text(json.dumps(output_config, indent=2))
+    return MergeSummary("adapter", len(merged), out, truncation, rank)
 
 
 def _merge_checkpoints(config, folders, params, out: Path, progress: bool) -> MergeSummary:
@@ -464,7 +488,7 @@ def _write_card(out: Path, config: MergeConfig, summary: MergeSummary, config_te
     )
     if summary.truncation_error is not None:
         info.notes.append(
-            f"Merged in the dense delta space; truncating back to rank r dropped "
-            f"{summary.truncation_error:.2%} of the merged delta's Frobenius norm."
+            f"Merged in the {config.space} space; the rank-{summary.rank} adapter keeps all but "
+            f"{summary.truncation_error:.2%} of the merged update's Frobenius norm."
         )
     write_card(out, info)
