@@ -41,11 +41,12 @@ def compared(tmp_path_factory, tiny_tokenizer):
     tmp_path = tmp_path_factory.mktemp("compare")
     compare = {
         "seeds": [0, 1],
-        "post_hoc_methods": ["task_arithmetic", "metis", "ta@2x"],
-        "many_shot_methods": ["metis", "robust@answer"],
+        "post_hoc_methods": ["task_arithmetic", "metis", "ta@2x", "ta@auto", "tsv_m"],
+        "many_shot_methods": ["metis", "robust@answer", "iso_c"],
         "metric": "score",
         "variants": {
             "ta@2x": {"method": "task_arithmetic", "scale": 2 / len(TASKS)},
+            "ta@auto": {"method": "task_arithmetic", "scale": "auto"},
             "robust@answer": {"method": "metis_robust", "training": {"gap_tokens": "completion"}},
         },
     }
@@ -67,7 +68,7 @@ def test_compare_writes_every_run_table_and_plot(compared):
     _, out = compared
     results = json.loads((out / "results.json").read_text())
     kinds = sorted((r["kind"], r["seed"] or 0, r["method"] or "") for r in results["runs"])
-    assert len(kinds) == 1 + 2 * (1 + 3 + 2)  # base; per seed experts, 3 post-hoc, 2 many-shot
+    assert len(kinds) == 1 + 2 * (1 + 5 + 3)  # base; per seed experts, 5 post-hoc, 3 many-shot
     for name in ("results.md", "radar_post_hoc.png", "radar_many_shot.png", "round_curves.png"):
         assert (out / name).stat().st_size > 0
     # normalized = the run's score / the same seed's expert score, from the runs' own files
@@ -108,6 +109,53 @@ def test_post_hoc_merge_is_the_merge_of_the_saved_experts(compared):
     for task in TASKS:  # G_0 of a post-hoc METIS merge is the base model
         gap = base["losses"][task] - expert_losses[task]
         assert metis["loss_gaps"][task] == pytest.approx(gap)
+
+
+def test_scale_auto_keeps_the_candidate_with_the_lowest_validation_loss(compared):
+    from metis_hf.workflows.compare import SCALE_CANDIDATES
+
+    _, out = compared
+    run = out / "runs" / "seed0" / "post_hoc-ta@auto"
+    result = json.loads((run / "result.json").read_text())
+    search = {float(k): v for k, v in result["scale_search"]["validation_loss"].items()}
+    assert sorted(search) == sorted(SCALE_CANDIDATES) and len({round(v, 6) for v in search.values()}) > 3
+    chosen = result["scale_search"]["chosen"]
+    assert search[chosen] == min(search.values())
+    # the saved adapter is the merge at that scale, and its own validation loss is the one searched
+    assert sum(result["losses"].values()) / len(TASKS) == pytest.approx(search[chosen], rel=1e-6)
+    experts = [
+        load_file(
+            out / "runs" / "seed0" / "experts" / "adapter" / "task_adapters" / t / "adapter_model.safetensors"
+        )
+        for t in TASKS
+    ]
+    for key, value in load_file(run / "adapter" / "adapter_model.safetensors").items():
+        torch.testing.assert_close(value, chosen * sum(e[key] for e in experts))
+    assert result["weights"] == {t: chosen for t in TASKS}
+
+
+def test_post_hoc_svd_merge_is_exact_in_the_core_space(compared):
+    """TSV-M of three rank-4 experts is written as one rank-12 adapter whose every module's update
+    is TSV-M of the experts' updates (scale 1/T), computed here from the dense updates. Tolerance
+    1e-3 of the largest entry: after one step from a shared initialisation the experts' row spaces
+    nearly coincide, and TSV-M's polar decomposition of their stack is ill-conditioned in float32."""
+    from metis_hf.merging import merge
+    from metis_hf.merging.task_vectors import lora_scaling, lora_to_dense
+
+    _, out = compared
+    folder = out / "runs" / "seed0" / "experts" / "adapter" / "task_adapters"
+    config = json.loads((folder / TASKS[0] / "adapter_config.json").read_text())
+    scaling = lora_scaling(config["r"], config["lora_alpha"])
+    experts = [lora_to_dense(load_file(folder / t / "adapter_model.safetensors"), scaling) for t in TASKS]
+    run = out / "runs" / "seed0" / "post_hoc-tsv_m" / "adapter"
+    merged_config = json.loads((run / "adapter_config.json").read_text())
+    assert merged_config["r"] == 3 * config["r"]
+    merged_scaling = lora_scaling(merged_config["r"], merged_config["lora_alpha"])
+    assert merged_scaling == pytest.approx(scaling)
+    merged = lora_to_dense(load_file(run / "adapter_model.safetensors"), merged_scaling)
+    for module, delta in merged.items():
+        expected = merge("tsv_m", [e[module] for e in experts], scale=1 / 3)
+        torch.testing.assert_close(delta, expected, atol=1e-3 * float(expected.abs().max()), rtol=0)
 
 
 def test_compare_resumes_without_recomputing(compared, monkeypatch):
@@ -179,6 +227,18 @@ def test_a_variants_training_overrides_reach_its_runs_only(compared):
                 "variants": {"x": {"method": "metis", "training": {"gap_tokens": "all"}}},
             },
             "compare.variants.x: training: gap_tokens must be one of",
+        ),
+        (
+            {"many_shot_methods": ["ties"], "method_params": {"ties": {"scale": "auto"}}},
+            "compare: ties: scale: auto is searched post hoc only",
+        ),
+        (
+            {
+                "post_hoc_methods": ["metis"],
+                "many_shot_methods": [],
+                "method_params": {"metis": {"scale": "auto"}},
+            },
+            "compare: metis: metis has no scale to search",
         ),
     ],
 )

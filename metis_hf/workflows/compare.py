@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from metis_hf.data import build_tasks
-from metis_hf.evaluation.report import run_losses
+from metis_hf.evaluation.report import multitask_loss, run_losses
 from metis_hf.evaluation.suite import evaluate_model, load_for_evaluation
 from metis_hf.files import write_json
 from metis_hf.hub import card_info_for, check_repo_id, write_card
@@ -43,6 +44,9 @@ from metis_hf.recipe import (
 )
 
 RESULT_FILE = "result.json"
+# `scale: auto` (post hoc): the candidates tried on the validation loss (the Iso-C and TSV-M authors
+# search 0.1 to 3.0 on validation data).
+SCALE_CANDIDATES = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
 RunKind = Literal["base", "experts", "post_hoc", "many_shot"]
 
 
@@ -91,12 +95,25 @@ class Comparison:
                 self._args(self.output_dir, Run("many_shot", recipe.seed, name))
             except RecipeError as err:
                 raise RecipeError(f"compare.variants.{name}: {err}") from err
+        for name in {*recipe.compare.post_hoc_methods, *recipe.compare.many_shot_methods}:
+            method, params = recipe.compare.resolve(name)
+            if params.get("scale") != "auto":
+                continue
+            if name in recipe.compare.many_shot_methods:
+                raise RecipeError(f"compare: {name}: scale: auto is searched post hoc only; give a number.")
+            if "scale" not in get_merge_method(method).parameters:
+                raise RecipeError(f"compare: {name}: {method} has no scale to search.")
 
     # --- helpers ------------------------------------------------------------------------------
+
+    def _scale_is_searched(self, run: Run) -> bool:
+        return run.method is not None and self.recipe.compare.resolve(run.method)[1].get("scale") == "auto"
 
     def _args(self, folder: Path, run: Run, **extra: Any):
         name = run.method or "task_arithmetic"
         method, params = self.recipe.compare.resolve(name)
+        if params.get("scale") == "auto":
+            params["scale"] = 1.0  # a placeholder the search replaces (the config checks a number)
         return metis_config_from_recipe(
             self.recipe,
             folder / "trainer",
@@ -113,9 +130,11 @@ class Comparison:
         ev = self.recipe.evaluation
         return (self.task_names if ev.generation else []) + [h.name for h in ev.harness]
 
-    def _evaluate(self, model, tokenizer, task_names: list[str] | None = None) -> dict[str, Any]:
+    def _evaluate(
+        self, model, tokenizer, task_names: list[str] | None = None, losses_only: bool = False
+    ) -> dict[str, Any]:
         """Scores (generation and harness) and validation losses. With ``task_names`` (an expert),
-        only those tasks and the harness scores they are the expert of."""
+        only those tasks and the harness scores they are the expert of; ``losses_only``: no scores."""
         ev, args = self.recipe.evaluation, self._args(self.output_dir, Run("base"))
         names = task_names or self.task_names
         loss_kwargs = dict(
@@ -131,9 +150,11 @@ class Comparison:
             limit=ev.limit,
             batch_size=ev.batch_size,
             max_new_tokens=ev.max_new_tokens,
-            generate=ev.generation,
+            generate=ev.generation and not losses_only,
             **loss_kwargs,
         )
+        if losses_only:
+            return {"scores": {}, "losses": {t: r.loss for t, r in results.items()}}
         scores = {t: dataclasses.asdict(r) for t, r in results.items()} if ev.generation else {}
         for harness in ev.harness:
             if task_names is not None and harness.expert not in task_names:
@@ -214,23 +235,45 @@ class Comparison:
         adapter_config = json.loads((experts_dir / self.task_names[0] / "adapter_config.json").read_text())
         rank = adapter_config["r"]
         scaling = lora_scaling(rank, adapter_config["lora_alpha"], adapter_config.get("use_rslora", False))
-        merged, truncation = merge_lora_states(
-            method, states, args.merge_space, rank, scaling, names=self.task_names, **params
-        )
-        adapter_dir, tmp = folder / "adapter", folder / "adapter.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        shutil.copy(experts_dir / self.task_names[0] / "adapter_config.json", tmp / "adapter_config.json")
-        save_file({k: v.contiguous() for k, v in merged.items()}, tmp / "adapter_model.safetensors")
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-        os.replace(tmp, adapter_dir)
-        model, tokenizer = load_for_evaluation(adapter_dir, tokenizer=self.recipe.model)
-        return {
+        if args.merge_space == "core":  # a post-hoc merge of T rank-r adapters, exactly: rank T * r
+            root = math.sqrt if adapter_config.get("use_rslora") else float
+            rank = rank * len(states)
+            adapter_config.update(r=rank, lora_alpha=scaling * root(rank))
+
+        def merged_adapter(params: dict[str, Any], where: Path) -> float | None:
+            merged, truncation = merge_lora_states(
+                method, states, args.merge_space, rank, scaling, names=self.task_names, **params
+            )
+            tmp = where.with_name(where.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+            save_file({k: v.contiguous() for k, v in merged.items()}, tmp / "adapter_model.safetensors")
+            shutil.rmtree(where, ignore_errors=True)
+            os.replace(tmp, where)
+            return truncation
+
+        search = None
+        if self._scale_is_searched(run):
+            search = {}
+            for candidate in SCALE_CANDIDATES:  # the mean validation loss of each candidate's merge
+                merged_adapter({**params, "scale": candidate}, folder / "candidate")
+                model, tokenizer = load_for_evaluation(folder / "candidate", tokenizer=self.recipe.model)
+                search[candidate] = multitask_loss(self._evaluate(model, tokenizer, losses_only=True))
+            shutil.rmtree(folder / "candidate", ignore_errors=True)
+            params["scale"] = min(search, key=search.get)
+            weights = get_merge_method(method).weights_of(params, len(states))
+        truncation = merged_adapter(params, folder / "adapter")
+        model, tokenizer = load_for_evaluation(folder / "adapter", tokenizer=self.recipe.model)
+        result = {
             **self._evaluate(model, tokenizer),
             "weights": dict(zip(self.task_names, weights)),
             "loss_gaps": gaps if get_merge_method(method).uses_loss_gaps else None,
             "truncation_error": truncation,
         }
+        if search is not None:
+            result["scale_search"] = {"chosen": params["scale"], "validation_loss": search}
+        return result
 
     def run_many_shot(self, run: Run, folder: Path) -> dict[str, Any]:
         trainer, tokenizer, seconds = self._train(run, folder, "many_shot")
