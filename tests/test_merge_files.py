@@ -262,7 +262,8 @@ def test_the_dense_space_is_named_dense_and_delta_still_works(adapter_dirs, tmp_
 
     with pytest.warns(FutureWarning, match="'delta' is now called 'dense'"):
         assert MetisConfig(output_dir=str(tmp_path), use_cpu=True, merge_space="delta").merge_space == "dense"
-    with pytest.raises(ValueError, match=r"merge_space: merge space must be one of \('lora', 'dense', 'core'\)"):
+    message = r"merge_space: merge space must be one of \('lora', 'dense', 'core'\)"
+    with pytest.raises(ValueError, match=message):
         MetisConfig(output_dir=str(tmp_path), use_cpu=True, merge_space="svd")
     _, dirs = adapter_dirs
     models = [ModelEntry(str(d)) for d in dirs]
