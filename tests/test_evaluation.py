@@ -321,3 +321,84 @@ def test_compare_scores_harness_columns_and_gives_experts_only_theirs(tmp_path, 
     assert result["scores"]["QA"]["score"] == pytest.approx(expected["metis_tiny_qa"]["acc,none"])
     assert set(result["losses"]) == {"chain_sum", "gcd"} and all(v > 0 for v in result["losses"].values())
     assert comparison._evaluate(model, tiny_tokenizer, ["chain_sum"])["scores"] == {}  # not its expert
+
+
+# --- uncertainty -----------------------------------------------------------------------------
+
+
+def _itemized(kind, seed, method, items):
+    """A run whose per-item exact matches are ``items`` (task -> 0/1 list)."""
+    run = _run(kind, seed, method, {t: sum(v) / len(v) for t, v in items.items()})
+    for task, values in items.items():
+        run["scores"][task].update(n=len(values), item_exact_matches=list(map(float, values)))
+    return run
+
+
+def test_sign_flip_p_by_hand():
+    from metis_hf.evaluation.uncertainty import sign_flip_p
+
+    assert sign_flip_p([0.1, 0.2, 0.3]) == pytest.approx(2 / 8)  # only +++ and --- reach |0.6|
+    # sums of +-0.3 +-0.1 +-0.1: 0.3 0.1 0.5 0.3 -0.3 -0.5 -0.1 -0.3; six reach |0.3|
+    assert sign_flip_p([0.3, -0.1, 0.1]) == pytest.approx(6 / 8)
+    assert sign_flip_p([0.0, 0.0]) == 1.0 and math.isnan(sign_flip_p([]))
+
+
+def test_item_intervals_are_paired_across_runs_and_match_the_binomial_spread():
+    """One task of 100 items, an expert right on all of them (so normalized = the merged score).
+    A merge right on half the items: its interval is the binomial one, 0.5 +- 1.96 * 0.05. B is A
+    plus one item: the paired difference stays within a few items and is a tie. C is right on 20
+    items more than D, D's right items a subset of C's: C wins, the difference's sd is
+    sqrt(0.2 * 0.8 / 100) = 0.04; an unpaired bootstrap would spread it over +-0.14."""
+    n = 100
+    half = [1] * 50 + [0] * 50
+    runs = [_itemized("experts", 0, None, {"t": [1] * n})]
+    runs.append(_itemized("post_hoc", 0, "a", {"t": half}))
+    runs.append(_itemized("post_hoc", 0, "b", {"t": [1] * 51 + [0] * 49}))
+    runs.append(_itemized("many_shot", 0, "c", {"t": [1] * 60 + [0] * 40}))
+    runs.append(_itemized("many_shot", 0, "d", {"t": [1] * 40 + [0] * 60}))
+    report = build_report(runs, ["t"], CompareSpec(seeds=[0]))
+    low, high = report["aggregate"]["post_hoc/a"]["interval"]["average"]
+    assert low == pytest.approx(0.5 - 1.96 * 0.05, abs=0.02) and high == pytest.approx(
+        0.5 + 1.96 * 0.05, abs=0.02
+    )
+    assert report["aggregate"]["post_hoc/a"]["interval"]["normalized"]["t"] == [low, high]
+
+    from metis_hf.evaluation.uncertainty import bootstrap_replicates, interval, verdict
+
+    by_run = bootstrap_replicates(runs[1:], {0: runs[0]}, ["t"], "exact_match")
+    b_minus_a = interval(by_run[("post_hoc", "b", 0)]["average"] - by_run[("post_hoc", "a", 0)]["average"])
+    assert 0.0 <= b_minus_a[0] and b_minus_a[1] <= 0.04 and verdict(*b_minus_a) == "tie"
+    c_minus_d = interval(by_run[("many_shot", "c", 0)]["average"] - by_run[("many_shot", "d", 0)]["average"])
+    assert c_minus_d == pytest.approx([0.2 - 1.96 * 0.04, 0.2 + 1.96 * 0.04], abs=0.02)
+    assert verdict(*c_minus_d) == "A"
+
+
+def test_report_intervals_average_the_seeds_and_mark_ties(tmp_path):
+    """Two tasks, two seeds. Normalization uses each seed's own expert per replicate; Avg's
+    interval is around the seed mean of Avg; a pair inside its interval is printed as a tie; a run
+    without per-item values (an older result file) leaves the report without intervals."""
+    n = 50
+    right = lambda k: [1] * k + [0] * (n - k)  # noqa: E731
+    runs = []
+    for seed, expert_right in ((0, 40), (1, 25)):
+        runs.append(_itemized("experts", seed, None, {"t1": right(expert_right), "t2": right(50)}))
+        runs.append(_itemized("many_shot", seed, "metis", {"t1": right(20), "t2": right(45)}))
+        runs.append(_itemized("many_shot", seed, "consensus_ta", {"t1": right(20), "t2": right(44)}))
+    report = build_report(runs, ["t1", "t2"], CompareSpec(seeds=[0, 1]))
+    metis = report["aggregate"]["many_shot/metis"]
+    # Avg per seed: (20/40 + 45/50) / 2 = 0.7 and (20/25 + 0.9) / 2 = 0.85
+    assert metis["average"]["mean"] == pytest.approx(0.775)
+    low, high = metis["interval"]["average"]
+    assert low < 0.775 < high and high - low < 0.4
+    t1_low, t1_high = metis["interval"]["normalized"]["t1"]
+    assert t1_low < (0.5 + 0.8) / 2 < t1_high
+    pair = next(c for c in report["paired_differences"] if c["b"] == ["many_shot", "consensus_ta"])
+    assert pair["average"]["verdict"] == "tie" and pair["average"]["p_sign_flip"] == pytest.approx(0.5)
+    assert (
+        "| tie, tie |" in report["markdown"]
+        and f"0.775 ± {statistics.stdev([0.7, 0.85]):.3f} [" in report["markdown"]
+    )
+    del runs[-1]["scores"]["t2"]["item_exact_matches"]
+    older = build_report(runs, ["t1", "t2"], CompareSpec(seeds=[0, 1]))
+    assert "interval" not in older["aggregate"]["many_shot/metis"]
+    assert "verdict" not in older["paired_differences"][0]["average"]

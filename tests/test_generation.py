@@ -43,6 +43,8 @@ def test_score_task_counts_exact_matches(tiny_model, tiny_tokenizer):
     data = Dataset.from_list(rows)
     result = score_task(tiny_model, tiny_tokenizer, Task("t", data, data, data), max_new_tokens=4)
     assert result.exact_match == pytest.approx(0.5) and result.n == 2
+    assert result.item_exact_matches == [1.0, 0.0]  # in the items' order, for the report's bootstrap
+    assert result.item_scores == [1.0, 0.0]  # no scorer: the score is exact match
     table = format_score_table({"base": {"t": result}})
     assert "| t | 0.500 | 0.500 |" in table
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -18,6 +18,9 @@ class TaskScore:
     exact_match: float
     n: int
     loss: float | None = None  # mean validation loss per example, when measured
+    # per test item, in order: what the report's intervals resample
+    item_scores: list[float] = field(default_factory=list)
+    item_exact_matches: list[float] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -77,9 +80,16 @@ def score_task(
         raise ValueError(f"Task {task.name!r}: split {split!r} is empty; nothing to evaluate.")
     answers = generate_answers(model, tokenizer, data["prompt"], batch_size, max_new_tokens, desc=task.name)
     rows = list(data)
-    scores = [task.score(a, row) for a, row in zip(answers, rows)]
-    matches = [exact_match(a, row["answer"]) for a, row in zip(answers, rows)]
-    return TaskScore(task.name, sum(scores) / len(rows), sum(matches) / len(rows), len(rows))
+    scores = [float(task.score(a, row)) for a, row in zip(answers, rows)]
+    matches = [float(exact_match(a, row["answer"])) for a, row in zip(answers, rows)]
+    return TaskScore(
+        task.name,
+        sum(scores) / len(rows),
+        sum(matches) / len(rows),
+        len(rows),
+        item_scores=scores,
+        item_exact_matches=matches,
+    )
 
 
 def score_tasks(model, tokenizer, tasks: Mapping[str, Task], **kwargs) -> dict[str, TaskScore]:

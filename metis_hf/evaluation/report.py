@@ -1,5 +1,6 @@
-"""The compare report: normalized scores per run, their mean and spread over seeds, paired
-differences, a markdown table in the paper's layout, radar plots and per-round curves.
+"""The compare report: normalized scores per run, their mean and spread over seeds with 95%
+intervals over test items, paired differences with a paired test over seeds, a markdown table in
+the paper's layout, radar plots and per-round curves.
 
 Pure functions over the runs' ``result.json`` contents; nothing here trains or loads a model.
 """
@@ -13,6 +14,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from metis_hf.evaluation import uncertainty
 from metis_hf.evaluation.combine import summarize
 from metis_hf.files import write_json, write_text_atomic
 
@@ -56,6 +60,16 @@ def build_report(results: Sequence[Mapping[str, Any]], tasks: Sequence[str], spe
         summary["multitask_loss"] = multitask_loss(r)
         per_run.setdefault((r["kind"], r["method"]), {})[r["seed"]] = summary
 
+    merged_runs = [r for r in results if r["kind"] in ("post_hoc", "many_shot")]
+    replicates = uncertainty.bootstrap_replicates(merged_runs, experts, tasks, metric, weights)
+
+    def seed_mean(key: tuple[str, str], seeds: Sequence[int], field: str, column: int | None = None):
+        """A statistic's bootstrap replicates, averaged over ``seeds`` (None without replicates)."""
+        if replicates is None:
+            return None
+        rows = [replicates[(*key, s)][field] for s in seeds]
+        return np.mean([r if column is None else r[:, column] for r in rows], axis=0)
+
     aggregate = {}
     for key, by_seed in per_run.items():
         runs = list(by_seed.values())
@@ -63,6 +77,15 @@ def build_report(results: Sequence[Mapping[str, Any]], tasks: Sequence[str], spe
             "normalized": {t: mean_sd([s["normalized"][t] for s in runs]) for t in tasks},
             **{f: mean_sd([s[f] for s in runs]) for f in ("average", "worst", "gap", "multitask_loss")},
         }
+        if replicates is not None:
+            seeds = list(by_seed)
+            aggregate[key]["interval"] = {
+                "normalized": {
+                    t: uncertainty.interval(seed_mean(key, seeds, "normalized", i))
+                    for i, t in enumerate(tasks)
+                },
+                **{f: uncertainty.interval(seed_mean(key, seeds, f)) for f in ("average", "worst")},
+            }
 
     def paired(a: tuple[str, str], b: tuple[str, str]) -> dict[str, Any] | None:
         seeds = sorted(set(per_run.get(a, {})) & set(per_run.get(b, {})))
@@ -71,7 +94,16 @@ def build_report(results: Sequence[Mapping[str, Any]], tasks: Sequence[str], spe
         out: dict[str, Any] = {"a": list(a), "b": list(b), "seeds": seeds}
         for field in ("average", "worst"):
             diffs = [per_run[a][s][field] - per_run[b][s][field] for s in seeds]
-            out[field] = {"per_seed": diffs, **mean_sd(diffs), "wins": sum(d > 0 for d in diffs)}
+            out[field] = {
+                "per_seed": diffs,
+                **mean_sd(diffs),
+                "wins": sum(d > 0 for d in diffs),
+                "p_sign_flip": uncertainty.sign_flip_p(diffs),
+            }
+            if replicates is not None:
+                low, high = uncertainty.interval(seed_mean(a, seeds, field) - seed_mean(b, seeds, field))
+                out[field]["interval"] = [low, high]
+                out[field]["verdict"] = uncertainty.verdict(low, high)
         return out
 
     pairs = [(("many_shot", m), ("post_hoc", m)) for m in sorted({m for _, m in per_run})]
@@ -145,6 +177,13 @@ def mean_sd_cell(stats: Mapping[str, float], signed: bool = False) -> str:
     return text + (f" ± {stats['sd']:.3f}" if stats["n"] > 1 else "")
 
 
+def interval_text(bounds: Sequence[float] | None) -> str:
+    """The text " [low, high]" for an interval, "" when there is none."""
+    if not bounds or any(math.isnan(b) for b in bounds):
+        return ""
+    return f" [{bounds[0]:.3f}, {bounds[1]:.3f}]"
+
+
 def render_markdown(report: Mapping[str, Any], base: Mapping | None, experts: Mapping[int, Mapping]) -> str:
     tasks, metric, seeds = report["tasks"], report["metric"], report["seeds"]
     spread = f"mean ± sd over {len(seeds)} seeds" if len(seeds) > 1 else "one seed"
@@ -161,16 +200,21 @@ def render_markdown(report: Mapping[str, Any], base: Mapping | None, experts: Ma
         lines.append(f"| **{title}** |" + " |" * (len(tasks) + 4))
         for key in keys:
             agg = report["aggregate"][key]
-            cells = [mean_sd_cell(agg["normalized"][t]) for t in tasks]
-            cells += [mean_sd_cell(agg[f]) for f in ("average", "worst")] + [
-                mean_sd_cell(agg["gap"], signed=True)
+            intervals = agg.get("interval", {})
+            cells = [
+                mean_sd_cell(agg["normalized"][t]) + interval_text(intervals.get("normalized", {}).get(t))
+                for t in tasks
             ]
+            cells += [mean_sd_cell(agg[f]) + interval_text(intervals.get(f)) for f in ("average", "worst")]
+            cells.append(mean_sd_cell(agg["gap"], signed=True))
             cells.append(mean_sd_cell(agg["multitask_loss"]))
             lines.append(f"| {key.split('/', 1)[1]} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Avg: mean of the normalized scores; Worst: the lowest task (per seed, then averaged); "
-        "Gap: Worst - Avg; MT loss: mean validation loss over tasks.",
+        "Gap: Worst - Avg; MT loss: mean validation loss over tasks. "
+        "[low, high]: 95% interval over the test items (paired bootstrap, "
+        f"{uncertainty.REPLICATES} replicates); ± is the sd over seeds.",
         "",
         f"### Raw scores (score / exact match, mean over {len(seeds)} seed(s))",
         "",
@@ -219,16 +263,29 @@ def render_markdown(report: Mapping[str, Any], base: Mapping | None, experts: Ma
             "",
             "### Paired differences (A - B, same seed)",
             "",
-            "| A | B | Δ Avg | Δ Worst | A wins (Avg, Worst) | Δ Avg per seed |",
-            "|---|---|---|---|---|---|",
+            "| A | B | Δ Avg | Δ Worst | verdict (Avg, Worst) | A wins (Avg, Worst) | p (Avg, Worst) "
+            "| Δ Avg per seed |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for c in report["paired_differences"]:
             per_seed = ", ".join(f"{d:+.3f}" for d in c["average"]["per_seed"])
             n = len(c["seeds"])
+            cells = {
+                f: mean_sd_cell(c[f], True) + interval_text(c[f].get("interval"))
+                for f in ("average", "worst")
+            }
+            verdicts = ", ".join(c[f].get("verdict", "n/a") for f in ("average", "worst"))
+            p_values = ", ".join(f"{c[f]['p_sign_flip']:.2f}" for f in ("average", "worst"))
             lines.append(
-                f"| {' '.join(c['a'])} | {' '.join(c['b'])} | {mean_sd_cell(c['average'], True)} | "
-                f"{mean_sd_cell(c['worst'], True)} | {c['average']['wins']}/{n}, {c['worst']['wins']}/{n} | {per_seed} |"
+                f"| {' '.join(c['a'])} | {' '.join(c['b'])} | {cells['average']} | {cells['worst']} | {verdicts} | "
+                f"{c['average']['wins']}/{n}, {c['worst']['wins']}/{n} | {p_values} | {per_seed} |"
             )
+        lines += [
+            "",
+            "Verdict: A or B when the 95% interval of the difference over test items excludes 0, "
+            "else a tie. p: exact sign-flip test of the per-seed differences (two-sided; with n seeds "
+            "it cannot go below 2/2^n).",
+        ]
     return "\n".join(lines)
 
 
