@@ -82,7 +82,18 @@ def test_compare_writes_every_run_table_and_plot(compared):
             assert summary["normalized"][task] == pytest.approx(run["scores"][task]["score"] / expert)
         assert len({round(v, 6) for v in summary["normalized"].values()}) > 1  # not all one value
         assert [r["round"] for r in run["rounds"]] == [1, 2]
-    assert "| many_shot metis | post_hoc metis |" in (out / "results.md").read_text()
+        # the share of the expert's answer-loss gain kept, from the runs' own answer losses
+        base = json.loads((out / "runs" / "base" / "result.json").read_text())["answer_losses"]
+        for task in TASKS:
+            gain = base[task] - experts["answer_losses"][task]
+            expected = (base[task] - run["answer_losses"][task]) / gain if gain > 0 else None
+            kept = summary["gain_kept"]["kept"][task]
+            assert kept == pytest.approx(expected) if expected is not None else kept != kept
+        assert len(run["scores"][TASKS[0]]["item_scores"]) == run["scores"][TASKS[0]]["n"]
+    markdown = (out / "results.md").read_text()
+    assert "| many_shot metis | post_hoc metis |" in markdown
+    assert "gain kept, on answer-token validation loss" in markdown
+    assert "95% interval over the test items" in markdown and " [" in markdown.split("### Raw")[0]
 
 
 def test_post_hoc_merge_is_the_merge_of_the_saved_experts(compared):

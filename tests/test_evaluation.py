@@ -155,6 +155,22 @@ def _reference_loss(model, tokenizer, rows) -> float:
     return sum(losses) / len(losses)
 
 
+def _reference_answer_loss(model, tokenizer, rows) -> float:
+    """Mean over examples of the cross-entropy of the completion's tokens and EOS given all
+    that precedes them."""
+    losses = []
+    for row in rows:
+        prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        answer = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [
+            tokenizer.eos_token_id
+        ]
+        ids = torch.tensor([prompt + answer])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt) - 1 : -1]
+        losses.append(float(F.cross_entropy(logits, torch.tensor(answer))))
+    return sum(losses) / len(losses)
+
+
 def test_eval_scores_losses_and_normalizes(tmp_path, model_dir, tiny_tokenizer, monkeypatch):
     from transformers import AutoModelForCausalLM
 
@@ -182,6 +198,10 @@ def test_eval_scores_losses_and_normalizes(tmp_path, model_dir, tiny_tokenizer, 
     assert result["tasks"]["gcd"]["loss"] == pytest.approx(
         _reference_loss(model, tiny_tokenizer, validation), rel=1e-4
     )
+    assert result["tasks"]["gcd"]["answer_loss"] == pytest.approx(
+        _reference_answer_loss(model, tiny_tokenizer, validation), rel=1e-4
+    )
+    assert result["tasks"]["gcd"]["item_exact_matches"] == [1.0, 0.0, 0.0, 0.0]
     exact = {t: result["tasks"][t]["exact_match"] for t in ("chain_sum", "gcd")}
     assert exact == {"chain_sum": 0.75, "gcd": 0.25}
     # by hand: exact match over the experts' (chain_sum's bare number is its exact match too)
@@ -402,3 +422,36 @@ def test_report_intervals_average_the_seeds_and_mark_ties(tmp_path):
     older = build_report(runs, ["t1", "t2"], CompareSpec(seeds=[0, 1]))
     assert "interval" not in older["aggregate"]["many_shot/metis"]
     assert "verdict" not in older["paired_differences"][0]["average"]
+
+
+def test_gain_kept_on_answer_losses_by_hand_and_where_it_disagrees_with_exact_match():
+    """Base answer losses 4, 3, 2; the expert's 2, 1, 2.5 (no gain on t3: undefined there).
+    metis at 3 and 1.5 keeps 0.5 and 0.75 of the gains (Avg 0.625, Worst 0.5); task_arithmetic at
+    2.5 and 1 keeps 0.75 and 1 (Avg 0.875) but scores lower exact match: the two metrics disagree."""
+    tasks = ["t1", "t2", "t3"]
+
+    def with_losses(run, answer):
+        return {**run, "answer_losses": dict(zip(tasks, answer))}
+
+    runs = [
+        with_losses(_run("base", None, None, dict(t1=0.0, t2=0.0, t3=0.0)), [4.0, 3.0, 2.0]),
+        with_losses(_run("experts", 0, None, dict(t1=0.5, t2=0.5, t3=0.5)), [2.0, 1.0, 2.5]),
+        with_losses(_run("many_shot", 0, "metis", dict(t1=0.4, t2=0.4, t3=0.4)), [3.0, 1.5, 2.2]),
+        with_losses(_run("many_shot", 0, "task_arithmetic", dict(t1=0.3, t2=0.3, t3=0.3)), [2.5, 1.0, 2.2]),
+    ]
+    report = build_report(runs, tasks, CompareSpec(seeds=[0]))
+    kept = report["summaries"]["many_shot/metis"]["0"]["gain_kept"]
+    assert kept["kept"]["t1"] == pytest.approx(0.5) and kept["kept"]["t2"] == pytest.approx(0.75)
+    assert math.isnan(kept["kept"]["t3"])
+    assert kept["average"] == pytest.approx(0.625) and kept["worst"] == pytest.approx(0.5)
+    pair = report["paired_differences"][0]
+    assert pair["a"] == ["many_shot", "metis"] and pair["gain_kept_average"]["mean"] == pytest.approx(-0.25)
+    md = report["markdown"]
+    assert "| metis | 0.500 | 0.750 | n/a | 0.625 | 0.500 |" in md
+    assert (
+        "disagree in sign on Avg (exact / gain kept) for: many_shot metis - many_shot task_arithmetic" in md
+    )
+    older = build_report(
+        [{k: v for k, v in r.items() if k != "answer_losses"} for r in runs], tasks, CompareSpec()
+    )
+    assert "gain kept, on answer-token" not in older["markdown"]

@@ -18,6 +18,7 @@ class TaskScore:
     exact_match: float
     n: int
     loss: float | None = None  # mean validation loss per example, when measured
+    answer_loss: float | None = None  # the same on the answer (completion) tokens only
     # per test item, in order: what the report's intervals resample
     item_scores: list[float] = field(default_factory=list)
     item_exact_matches: list[float] = field(default_factory=list)

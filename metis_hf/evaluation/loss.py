@@ -84,6 +84,22 @@ def per_example_losses(
     return per_example_losses_on(model, tokenized, (token_set,), batch_size, fused)[0]
 
 
+def task_losses(
+    model,
+    tokenizer,
+    dataset: Dataset,
+    batch_size: int = 16,
+    max_length: int = 512,
+    token_sets: Sequence[str] = ("all",),
+    name: str = "validation set",
+) -> dict[str, float]:
+    """Validation loss of ``model`` (with whatever adapter is active) on a prompt/completion
+    dataset, for each of ``token_sets``, from one forward per batch."""
+    tokenized = tokenize_dataset(tokenizer, dataset, max_length, name=name)
+    per_set = per_example_losses_on(model, tokenized, token_sets, batch_size)
+    return {token_set: float(losses.mean()) for token_set, losses in zip(token_sets, per_set)}
+
+
 def task_loss(
     model,
     tokenizer,
@@ -94,8 +110,8 @@ def task_loss(
     name: str = "validation set",
 ) -> float:
     """Validation loss of ``model`` (with whatever adapter is active) on a prompt/completion dataset."""
-    tokenized = tokenize_dataset(tokenizer, dataset, max_length, name=name)
-    return float(per_example_losses(model, tokenized, batch_size, completion_only).mean())
+    token_set = "completion" if completion_only else "all"
+    return task_losses(model, tokenizer, dataset, batch_size, max_length, (token_set,), name)[token_set]
 
 
 def compute_loss_gaps(

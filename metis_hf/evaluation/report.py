@@ -58,6 +58,7 @@ def build_report(results: Sequence[Mapping[str, Any]], tasks: Sequence[str], spe
         expert_scores = {t: experts[r["seed"]]["scores"][t][metric] for t in tasks}
         summary = summarize({t: r["scores"][t][metric] for t in tasks}, expert_scores, weights)
         summary["multitask_loss"] = multitask_loss(r)
+        summary["gain_kept"] = gain_kept(r, base, experts.get(r["seed"]), tasks, weights)
         per_run.setdefault((r["kind"], r["method"]), {})[r["seed"]] = summary
 
     merged_runs = [r for r in results if r["kind"] in ("post_hoc", "many_shot")]
@@ -76,6 +77,10 @@ def build_report(results: Sequence[Mapping[str, Any]], tasks: Sequence[str], spe
         aggregate[key] = {
             "normalized": {t: mean_sd([s["normalized"][t] for s in runs]) for t in tasks},
             **{f: mean_sd([s[f] for s in runs]) for f in ("average", "worst", "gap", "multitask_loss")},
+            "gain_kept": {
+                "tasks": {t: mean_sd([s["gain_kept"]["kept"][t] for s in runs]) for t in tasks},
+                **{f: mean_sd([s["gain_kept"][f] for s in runs]) for f in ("average", "worst")},
+            },
         }
         if replicates is not None:
             seeds = list(by_seed)
@@ -104,6 +109,8 @@ def build_report(results: Sequence[Mapping[str, Any]], tasks: Sequence[str], spe
                 low, high = uncertainty.interval(seed_mean(a, seeds, field) - seed_mean(b, seeds, field))
                 out[field]["interval"] = [low, high]
                 out[field]["verdict"] = uncertainty.verdict(low, high)
+        diffs = [per_run[a][s]["gain_kept"]["average"] - per_run[b][s]["gain_kept"]["average"] for s in seeds]
+        out["gain_kept_average"] = {"per_seed": diffs, **mean_sd(diffs)}
         return out
 
     pairs = [(("many_shot", m), ("post_hoc", m)) for m in sorted({m for _, m in per_run})]
@@ -134,6 +141,36 @@ def build_report(results: Sequence[Mapping[str, Any]], tasks: Sequence[str], spe
     }
     report["markdown"] = render_markdown(report, base, experts)
     return report
+
+
+def answer_losses(run: Mapping[str, Any] | None) -> dict[str, float]:
+    """A run's validation loss on the answer tokens per task (empty for files written before it
+    was measured)."""
+    return {t: v for t, v in ((run or {}).get("answer_losses") or {}).items() if v is not None}
+
+
+def gain_kept(
+    run: Mapping[str, Any],
+    base: Mapping[str, Any] | None,
+    expert: Mapping[str, Any] | None,
+    tasks: Sequence[str],
+    weights: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """Per task, the share of the expert's answer-token loss gain that the merge keeps,
+    ``(L_base - L_merged) / (L_base - L_expert)`` (1: the expert's gain, 0: the base's loss), with
+    its average and worst task. Undefined (nan) where a loss is missing or the expert did not lower
+    the base's loss."""
+    merged, before, after = answer_losses(run), answer_losses(base), answer_losses(expert)
+    kept = {}
+    for task in tasks:
+        if task in merged and task in before and task in after and before[task] > after[task]:
+            kept[task] = (before[task] - merged[task]) / (before[task] - after[task])
+        else:
+            kept[task] = math.nan
+    if all(math.isnan(v) for v in kept.values()):
+        return {"kept": kept, "average": math.nan, "worst": math.nan}
+    summary = summarize(kept, weights=weights)
+    return {"kept": kept, "average": summary["average"], "worst": summary["worst"]}
 
 
 def reference_runs(keys) -> list[tuple[str, str]]:
@@ -184,6 +221,36 @@ def interval_text(bounds: Sequence[float] | None) -> str:
     return f" [{bounds[0]:.3f}, {bounds[1]:.3f}]"
 
 
+def gain_kept_block(report: Mapping[str, Any], spread: str) -> list[str]:
+    """The table of the share of each expert's answer-loss gain kept, per task with Avg and Worst
+    (no lines when no run measured answer-token losses)."""
+    tasks, aggregate = report["tasks"], report["aggregate"]
+    if all(agg["gain_kept"]["average"]["n"] == 0 for agg in aggregate.values()):
+        return []
+    lines = [
+        "",
+        f"### Share of each expert's gain kept, on answer-token validation loss, {spread}",
+        "",
+        "| method | " + " | ".join(tasks) + " | Avg | Worst |",
+        "|---" * (len(tasks) + 3) + "|",
+    ]
+    for kind, title in BLOCKS:
+        keys = [k for k in aggregate if k.startswith(kind + "/")]
+        if keys:
+            lines.append(f"| **{title}** |" + " |" * (len(tasks) + 2))
+        for key in keys:
+            kept = aggregate[key]["gain_kept"]
+            cells = [mean_sd_cell(kept["tasks"][t]) for t in tasks]
+            cells += [mean_sd_cell(kept[f]) for f in ("average", "worst")]
+            lines.append(f"| {key.split('/', 1)[1]} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "(L_base - L_merged) / (L_base - L_expert) per task on the validation answer tokens: 1 keeps "
+        "the expert's gain, 0 is the base model's loss. Continuous, so one test item does not move it.",
+    ]
+    return lines
+
+
 def render_markdown(report: Mapping[str, Any], base: Mapping | None, experts: Mapping[int, Mapping]) -> str:
     tasks, metric, seeds = report["tasks"], report["metric"], report["seeds"]
     spread = f"mean ± sd over {len(seeds)} seeds" if len(seeds) > 1 else "one seed"
@@ -215,6 +282,7 @@ def render_markdown(report: Mapping[str, Any], base: Mapping | None, experts: Ma
         "Gap: Worst - Avg; MT loss: mean validation loss over tasks. "
         "[low, high]: 95% interval over the test items (paired bootstrap, "
         f"{uncertainty.REPLICATES} replicates); ± is the sd over seeds.",
+        *gain_kept_block(report, spread),
         "",
         f"### Raw scores (score / exact match, mean over {len(seeds)} seed(s))",
         "",
@@ -264,9 +332,10 @@ def render_markdown(report: Mapping[str, Any], base: Mapping | None, experts: Ma
             "### Paired differences (A - B, same seed)",
             "",
             "| A | B | Δ Avg | Δ Worst | verdict (Avg, Worst) | A wins (Avg, Worst) | p (Avg, Worst) "
-            "| Δ Avg per seed |",
-            "|---|---|---|---|---|---|---|---|",
+            "| Δ Avg per seed | Δ Avg gain kept |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
+        disagreements = []
         for c in report["paired_differences"]:
             per_seed = ", ".join(f"{d:+.3f}" for d in c["average"]["per_seed"])
             n = len(c["seeds"])
@@ -278,14 +347,26 @@ def render_markdown(report: Mapping[str, Any], base: Mapping | None, experts: Ma
             p_values = ", ".join(f"{c[f]['p_sign_flip']:.2f}" for f in ("average", "worst"))
             lines.append(
                 f"| {' '.join(c['a'])} | {' '.join(c['b'])} | {cells['average']} | {cells['worst']} | {verdicts} | "
-                f"{c['average']['wins']}/{n}, {c['worst']['wins']}/{n} | {p_values} | {per_seed} |"
+                f"{c['average']['wins']}/{n}, {c['worst']['wins']}/{n} | {p_values} | {per_seed} | "
+                f"{mean_sd_cell(c['gain_kept_average'], True)} |"
             )
+            exact, kept = c["average"]["mean"], c["gain_kept_average"]["mean"]
+            if exact * kept < 0:  # nan compares False: no disagreement without both metrics
+                disagreements.append(f"{' '.join(c['a'])} - {' '.join(c['b'])} ({exact:+.3f} / {kept:+.3f})")
         lines += [
             "",
             "Verdict: A or B when the 95% interval of the difference over test items excludes 0, "
             "else a tie. p: exact sign-flip test of the per-seed differences (two-sided; with n seeds "
-            "it cannot go below 2/2^n).",
+            "it cannot go below 2/2^n). Δ Avg gain kept: the same difference on the share of the "
+            "experts' answer-loss gain kept.",
         ]
+        if disagreements:
+            lines += [
+                "",
+                "The two metrics disagree in sign on Avg (exact / gain kept) for: "
+                + "; ".join(disagreements)
+                + ".",
+            ]
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from metis_hf.data import Task
 from metis_hf.evaluation.generation import TaskScore, score_task
-from metis_hf.evaluation.loss import task_loss
+from metis_hf.evaluation.loss import task_losses
 from metis_hf.models import load_model, load_tokenizer
 
 SCORE_FIELDS = ("score", "exact_match")
@@ -74,8 +74,9 @@ def evaluate_model(
     completion_only_loss: bool = False,
     generate: bool = True,
 ) -> dict[str, TaskScore]:
-    """Score and (unless ``loss_split`` is None) validation loss of ``model`` on every task.
-    ``generate=False`` measures the loss only (scores NaN)."""
+    """Score and (unless ``loss_split`` is None) validation loss of ``model`` on every task: on
+    the trained tokens (``loss``) and on the answer tokens (``answer_loss``).
+    ``generate=False`` measures the losses only (scores NaN)."""
     check_tokenizer(model, tokenizer)
     results = {}
     for name, task in tasks.items():
@@ -87,15 +88,17 @@ def evaluate_model(
             data = task.split(loss_split)
             if len(data) == 0:
                 raise ValueError(f"Task {name!r}: split {loss_split!r} is empty; no loss to measure.")
-            result.loss = task_loss(
+            losses = task_losses(  # the answer tokens' loss comes from the same forward
                 model,
                 tokenizer,
                 data,
                 loss_batch_size,
                 max_length,
-                completion_only_loss,
+                ("all", "completion"),
                 f"{name} {loss_split}",
             )
+            result.loss = losses["completion" if completion_only_loss else "all"]
+            result.answer_loss = losses["completion"]
         results[name] = result
     return results
 

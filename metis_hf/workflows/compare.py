@@ -153,8 +153,12 @@ class Comparison:
             generate=ev.generation and not losses_only,
             **loss_kwargs,
         )
+        losses = {
+            "losses": {t: r.loss for t, r in results.items()},
+            "answer_losses": {t: r.answer_loss for t, r in results.items()},
+        }
         if losses_only:
-            return {"scores": {}, "losses": {t: r.loss for t, r in results.items()}}
+            return {"scores": {}, **losses}
         scores = {t: dataclasses.asdict(r) for t, r in results.items()} if ev.generation else {}
         for harness in ev.harness:
             if task_names is not None and harness.expert not in task_names:
@@ -175,7 +179,7 @@ class Comparison:
                 raise ValueError(f"Harness task {missing[0]!r} reports no metric {harness.metric!r}.")
             value = sum(metrics[t][harness.metric] for t in harness.tasks) / len(harness.tasks)
             scores[harness.name] = {"task": harness.name, "score": value, "exact_match": value, "n": None}
-        return {"scores": scores, "losses": {t: r.loss for t, r in results.items()}}
+        return {"scores": scores, **losses}
 
     def _result(self, run: Run) -> dict[str, Any]:
         return json.loads((self.output_dir / "runs" / run.folder / RESULT_FILE).read_text())
@@ -208,12 +212,12 @@ class Comparison:
 
     def run_experts(self, run: Run, folder: Path) -> dict[str, Any]:
         trainer, tokenizer, seconds = self._train(run, folder, "post_hoc")
-        result: dict[str, Any] = {"scores": {}, "losses": {}, "train_seconds": seconds}
+        result: dict[str, Any] = {"scores": {}, "losses": {}, "answer_losses": {}, "train_seconds": seconds}
         for task in self.task_names:  # each expert on its own task: the normalization
             trainer.peft_model.set_adapter(task)
             own = self._evaluate(trainer.peft_model, tokenizer, [task])
-            result["scores"].update(own["scores"])
-            result["losses"].update(own["losses"])
+            for field in ("scores", "losses", "answer_losses"):
+                result[field].update(own[field])
         return result
 
     def run_post_hoc(self, run: Run, folder: Path) -> dict[str, Any]:
