@@ -113,6 +113,13 @@ class CompareSpec:
     task_weights: dict[str, Number] = field(
         default_factory=dict, metadata={"help": "Task -> weight in Avg (default 1 each)."}
     )
+    multitask_sft: bool = field(
+        default=True,
+        metadata={
+            "help": "Also train one adapter on all tasks' data mixed, for the optimizer steps of all "
+            "experts together (the joint-training reference row)."
+        },
+    )
 
     @field_validator("seeds")
     @classmethod

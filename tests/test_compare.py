@@ -68,7 +68,9 @@ def test_compare_writes_every_run_table_and_plot(compared):
     _, out = compared
     results = json.loads((out / "results.json").read_text())
     kinds = sorted((r["kind"], r["seed"] or 0, r["method"] or "") for r in results["runs"])
-    assert len(kinds) == 1 + 2 * (1 + 5 + 3)  # base; per seed experts, 5 post-hoc, 3 many-shot
+    assert len(kinds) == 1 + 2 * (
+        2 + 5 + 3
+    )  # base; per seed experts, multi-task SFT, 5 post-hoc, 3 many-shot
     for name in ("results.md", "radar_post_hoc.png", "radar_many_shot.png", "round_curves.png"):
         assert (out / name).stat().st_size > 0
     # normalized = the run's score / the same seed's expert score, from the runs' own files
@@ -90,6 +92,10 @@ def test_compare_writes_every_run_table_and_plot(compared):
             kept = summary["gain_kept"]["kept"][task]
             assert kept == pytest.approx(expected) if expected is not None else kept != kept
         assert len(run["scores"][TASKS[0]]["item_scores"]) == run["scores"][TASKS[0]]["n"]
+        # the joint-training reference: one adapter, the experts' optimizer steps all together
+        multitask = json.loads((out / "runs" / f"seed{seed}" / "multitask" / "result.json").read_text())
+        assert multitask["optimizer_steps"] == experts["optimizer_steps"] == len(TASKS) * 2 * 1
+        assert set(multitask["scores"]) == set(TASKS) and "reference/multi-task SFT" in results["aggregate"]
     markdown = (out / "results.md").read_text()
     assert "| many_shot metis | post_hoc metis |" in markdown
     assert "gain kept, on answer-token validation loss" in markdown
@@ -176,7 +182,7 @@ def test_compare_resumes_without_recomputing(compared, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a finished run was recomputed")
 
-    for kind in ("base", "experts", "post_hoc", "many_shot"):
+    for kind in ("base", "experts", "multitask", "post_hoc", "many_shot"):
         monkeypatch.setattr(Comparison, f"run_{kind}", refuse)
     assert main(["compare", str(recipe), "--output-dir", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["summaries"] == json.loads(before)["summaries"]

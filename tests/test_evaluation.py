@@ -455,3 +455,30 @@ def test_gain_kept_on_answer_losses_by_hand_and_where_it_disagrees_with_exact_ma
         [{k: v for k, v in r.items() if k != "answer_losses"} for r in runs], tasks, CompareSpec()
     )
     assert "gain kept, on answer-token" not in older["markdown"]
+
+
+def test_reference_rows_base_and_multitask_sft_are_normalized_paired_and_drawn(tmp_path):
+    """The base model (one run) is normalized by each seed's experts; the multi-task SFT runs by
+    their own seed's; many-shot METIS is paired with multi-task SFT but not with the base."""
+    tasks = ["t1", "t2", "t3"]
+    runs = [_run("base", None, None, dict(t1=0.1, t2=0.0, t3=0.2))]
+    for seed, expert in ((0, 0.5), (1, 0.4)):
+        runs.append(_run("experts", seed, None, dict(t1=expert, t2=expert, t3=0.5)))
+        runs.append(_run("multitask", seed, None, dict(t1=0.3, t2=0.2, t3=0.5)))
+        runs.append(_run("many_shot", seed, "metis", dict(t1=0.4, t2=0.3, t3=0.5)))
+    report = build_report(runs, tasks, CompareSpec(seeds=[0, 1]))
+    base = report["summaries"]["reference/base model"]
+    assert base["0"]["normalized"] == pytest.approx({"t1": 0.2, "t2": 0.0, "t3": 0.4})
+    assert base["1"]["normalized"] == pytest.approx({"t1": 0.25, "t2": 0.0, "t3": 0.4})
+    sft = report["aggregate"]["reference/multi-task SFT"]
+    assert sft["normalized"]["t1"]["mean"] == pytest.approx((0.3 / 0.5 + 0.3 / 0.4) / 2)
+    pairs = {(" ".join(c["a"]), " ".join(c["b"])): c for c in report["paired_differences"]}
+    vs_sft = pairs[("many_shot metis", "reference multi-task SFT")]
+    # seed 0: metis (0.8, 0.6, 1.0) - sft (0.6, 0.4, 1.0); seed 1: (1.0, 0.75, 1.0) - (0.75, 0.5, 1.0)
+    assert vs_sft["average"]["per_seed"] == pytest.approx([0.4 / 3, 0.5 / 3])
+    assert not any("base model" in b for _, b in pairs)
+    md = report["markdown"]
+    assert "| **References** |" in md and "| References multi-task SFT | 0.300 / 0.300 |" in md
+    assert md.count("| base | ") == 1 and "| References base model |" not in md
+    written = {p.name for p in write_report(report, tmp_path)}
+    assert "radar_reference.png" not in written and "radar_many_shot.png" in written

@@ -20,7 +20,23 @@ from metis_hf.evaluation import uncertainty
 from metis_hf.evaluation.combine import summarize
 from metis_hf.files import write_json, write_text_atomic
 
-BLOCKS = (("post_hoc", "Post-hoc"), ("many_shot", "Many-shot"))
+BLOCKS = (("reference", "References"), ("post_hoc", "Post-hoc"), ("many_shot", "Many-shot"))
+BASE_ROW, MULTITASK_ROW = "base model", "multi-task SFT"
+
+
+def scored_runs(results: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The runs of the normalized tables: the base model once per seed that has experts (as a
+    reference row), the multi-task SFT runs (reference rows), and every merged run."""
+    experts = sorted(r["seed"] for r in results if r["kind"] == "experts")
+    rows: list[Mapping[str, Any]] = []
+    for r in results:
+        if r["kind"] == "base":
+            rows += [{**r, "kind": "reference", "method": BASE_ROW, "seed": seed} for seed in experts]
+        elif r["kind"] == "multitask":
+            rows.append({**r, "kind": "reference", "method": MULTITASK_ROW})
+        elif r["kind"] in ("post_hoc", "many_shot"):
+            rows.append(r)
+    return rows
 
 
 def mean_sd(values: Sequence[float]) -> dict[str, float]:
@@ -51,17 +67,15 @@ def build_report(results: Sequence[Mapping[str, Any]], tasks: Sequence[str], spe
     metric, weights = spec.metric, dict(spec.task_weights) or None
     experts = {r["seed"]: r for r in results if r["kind"] == "experts"}
     base = next((r for r in results if r["kind"] == "base"), None)
+    merged_runs = [r for r in scored_runs(results) if r["seed"] in experts]
     per_run: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
-    for r in results:
-        if r["kind"] not in ("post_hoc", "many_shot"):
-            continue
+    for r in merged_runs:
         expert_scores = {t: experts[r["seed"]]["scores"][t][metric] for t in tasks}
         summary = summarize({t: r["scores"][t][metric] for t in tasks}, expert_scores, weights)
         summary["multitask_loss"] = multitask_loss(r)
         summary["gain_kept"] = gain_kept(r, base, experts.get(r["seed"]), tasks, weights)
         per_run.setdefault((r["kind"], r["method"]), {})[r["seed"]] = summary
 
-    merged_runs = [r for r in results if r["kind"] in ("post_hoc", "many_shot")]
     replicates = uncertainty.bootstrap_replicates(merged_runs, experts, tasks, metric, weights)
 
     def seed_mean(key: tuple[str, str], seeds: Sequence[int], field: str, column: int | None = None):
@@ -115,7 +129,9 @@ def build_report(results: Sequence[Mapping[str, Any]], tasks: Sequence[str], spe
 
     pairs = [(("many_shot", m), ("post_hoc", m)) for m in sorted({m for _, m in per_run})]
     for reference in reference_runs(per_run):
-        pairs += [(reference, key) for key in sorted(per_run) if key != reference]
+        pairs += [
+            (reference, key) for key in sorted(per_run) if key not in (reference, ("reference", BASE_ROW))
+        ]
     unique_pairs, seen = [], set()
     for a, b in pairs:  # many-shot metis vs post-hoc metis can come twice; keep one order of a pair
         if frozenset((a, b)) not in seen:
@@ -301,9 +317,12 @@ def render_markdown(report: Mapping[str, Any], base: Mapping | None, experts: Ma
         lines.append(
             "| expert (own task) | " + " | ".join(raw(list(experts.values()), t) for t in tasks) + " |"
         )
+    scored = scored_runs(report["runs"])
     for kind, title in BLOCKS:
-        for key in (k for k in report["aggregate"] if k.startswith(kind + "/")):
-            rows = [r for r in report["runs"] if f"{r['kind']}/{r['method']}" == key]
+        for key in (
+            k for k in report["aggregate"] if k.startswith(kind + "/") and k != f"reference/{BASE_ROW}"
+        ):
+            rows = [r for r in scored if f"{r['kind']}/{r['method']}" == key]
             lines.append(
                 f"| {title} {key.split('/', 1)[1]} | " + " | ".join(raw(rows, t) for t in tasks) + " |"
             )
@@ -388,7 +407,7 @@ def write_report(report: Mapping[str, Any], output_dir: str | Path, plots: bool 
     except ImportError:
         warnings.warn("matplotlib is not installed (pip install 'metis-hf[plots]'): no plots.", stacklevel=2)
         return written
-    for kind, title in BLOCKS:
+    for kind, title in BLOCKS[1:]:  # the reference rows are drawn on both radars
         path = output_dir / f"radar_{kind}.png"
         if plot_radar(report, kind, f"{title}: normalized {report['metric'].replace('_', ' ')}", path):
             written.append(path)
@@ -408,16 +427,23 @@ def plot_radar(report: Mapping[str, Any], kind: str, title: str, path: Path) -> 
     import matplotlib.pyplot as plt
 
     keys = [k for k in report["aggregate"] if k.startswith(kind + "/")]
+    references = [k for k in report["aggregate"] if k.startswith("reference/")]
     tasks = report["tasks"]
     if not keys or len(tasks) < 3:  # a radar needs three axes
         return False
     angles = [2 * math.pi * i / len(tasks) for i in range(len(tasks))]
     fig, ax = plt.subplots(figsize=(6, 6), subplot_kw={"polar": True})
-    for key in keys:
+    for key in keys + references:
         values = [report["aggregate"][key]["normalized"][t]["mean"] for t in tasks]
         values = [0.0 if math.isnan(v) else v for v in values]
-        ax.plot([*angles, angles[0]], [*values, values[0]], label=key.split("/", 1)[1], linewidth=1.5)
-        ax.fill([*angles, angles[0]], [*values, values[0]], alpha=0.08)
+        style = (
+            {"linestyle": "--", "color": "gray" if BASE_ROW in key else "black"} if key in references else {}
+        )
+        ax.plot(
+            [*angles, angles[0]], [*values, values[0]], label=key.split("/", 1)[1], linewidth=1.5, **style
+        )
+        if key not in references:
+            ax.fill([*angles, angles[0]], [*values, values[0]], alpha=0.08)
     ax.set_xticks(angles, tasks)
     ax.set_title(title)
     ax.legend(loc="upper right", bbox_to_anchor=(1.35, 1.1), fontsize=8)

@@ -2,11 +2,13 @@
 
 For each seed: the individual experts are trained once (the post-hoc protocol: each task alone,
 for the same optimizer steps per task as a many-shot run), merged once by every post-hoc method,
-and every many-shot method trains its own run. Every model is scored on every task; the experts
-give the per-task normalization. Output folder::
+and every many-shot method trains its own run; the joint-training reference trains one adapter on
+all tasks' data mixed. Every model is scored on every task; the experts give the per-task
+normalization. Output folder::
 
     runs/base/result.json                         the base model's scores and validation losses
     runs/seed<S>/experts/                         task adapters + each expert's score on its task
+    runs/seed<S>/multitask/adapter/               multi-task SFT: one adapter on the mixed data
     runs/seed<S>/post_hoc-<method>/adapter/       a merged adapter (PEFT, safetensors)
     runs/seed<S>/many_shot-<method>/adapter/      the same, plus rounds.jsonl
     results.json, results.md, radar_post_hoc.png, radar_many_shot.png, round_curves.png
@@ -47,7 +49,8 @@ RESULT_FILE = "result.json"
 # `scale: auto` (post hoc): the candidates tried on the validation loss (the Iso-C and TSV-M authors
 # search 0.1 to 3.0 on validation data).
 SCALE_CANDIDATES = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
-RunKind = Literal["base", "experts", "post_hoc", "many_shot"]
+RunKind = Literal["base", "experts", "multitask", "post_hoc", "many_shot"]
+MIXED_TASK = "all_tasks_mixed"  # the one task of the multi-task SFT run
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,10 @@ class Run:
     def label(self) -> str:
         if self.kind == "base":
             return "base model"
-        what = "experts (each task alone)" if self.kind == "experts" else f"{self.kind} {self.method}"
+        what = {
+            "experts": "experts (each task alone)",
+            "multitask": "multi-task SFT (all tasks' data mixed)",
+        }.get(self.kind, f"{self.kind} {self.method}")
         return f"seed {self.seed}: {what}"
 
 
@@ -77,6 +83,8 @@ def plan_runs(recipe: Recipe) -> list[Run]:
     for seed in spec.seeds:
         if spec.post_hoc_methods or spec.many_shot_methods:
             runs.append(Run("experts", seed))
+        if spec.multitask_sft:
+            runs.append(Run("multitask", seed))
         runs += [Run("post_hoc", seed, m) for m in spec.post_hoc_methods]
         runs += [Run("many_shot", seed, m) for m in spec.many_shot_methods]
     return runs
@@ -184,17 +192,19 @@ class Comparison:
     def _result(self, run: Run) -> dict[str, Any]:
         return json.loads((self.output_dir / "runs" / run.folder / RESULT_FILE).read_text())
 
-    def _train(self, run: Run, folder: Path, protocol: str):
+    def _train(self, run: Run, folder: Path, protocol: str, args=None, train=None, validation=None):
+        """A MetisTrainer run: the recipe's tasks and this run's settings unless given."""
         from metis_hf.training import MetisTrainer
 
         shutil.rmtree(folder / "trainer", ignore_errors=True)  # a run interrupted before: start over
-        args = self._args(folder, run, protocol=protocol, save_task_adapters=protocol == "post_hoc")
+        if args is None:
+            args = self._args(folder, run, protocol=protocol, save_task_adapters=protocol == "post_hoc")
         model, tokenizer = load_model_and_tokenizer(self.recipe.model)
         trainer = MetisTrainer(
             model=model,
             args=args,
-            train_dataset={t: task.train for t, task in self.tasks.items()},
-            eval_dataset={t: task.validation for t, task in self.tasks.items()},
+            train_dataset=train or {t: task.train for t, task in self.tasks.items()},
+            eval_dataset=validation or {t: task.validation for t, task in self.tasks.items()},
             processing_class=tokenizer,
             peft_config=lora_config_from_recipe(self.recipe),
         )
@@ -212,13 +222,52 @@ class Comparison:
 
     def run_experts(self, run: Run, folder: Path) -> dict[str, Any]:
         trainer, tokenizer, seconds = self._train(run, folder, "post_hoc")
-        result: dict[str, Any] = {"scores": {}, "losses": {}, "answer_losses": {}, "train_seconds": seconds}
+        result: dict[str, Any] = {
+            "scores": {},
+            "losses": {},
+            "answer_losses": {},
+            "train_seconds": seconds,
+            "optimizer_steps": trainer.state.global_step,
+        }
         for task in self.task_names:  # each expert on its own task: the normalization
             trainer.peft_model.set_adapter(task)
             own = self._evaluate(trainer.peft_model, tokenizer, [task])
             for field in ("scores", "losses", "answer_losses"):
                 result[field].update(own[field])
         return result
+
+    def run_multitask(self, run: Run, folder: Path) -> dict[str, Any]:
+        """Multi-task SFT, the joint-training reference: one adapter trained on every task's
+        training data mixed (shuffled with the run's seed), for as many optimizer steps as all the
+        experts together, then scored on every task."""
+        from datasets import concatenate_datasets
+
+        def mixed(split: str):
+            return concatenate_datasets([getattr(task, split) for task in self.tasks.values()])
+
+        base_args = self._args(folder, run)
+        steps = base_args.local_steps and base_args.local_steps * len(
+            self.tasks
+        )  # epochs: the mix is T x longer
+        args = metis_config_from_recipe(
+            self.recipe,
+            folder / "trainer",
+            seed=run.seed,
+            protocol="post_hoc",
+            merge_method="task_arithmetic",
+            merge_params={"scale": 1.0},  # the merge of one adapter is that adapter
+            local_steps=steps,
+        )
+        train = {MIXED_TASK: mixed("train").shuffle(seed=run.seed)}
+        trainer, tokenizer, seconds = self._train(
+            run, folder, "post_hoc", args, train, {MIXED_TASK: mixed("validation")}
+        )
+        trainer.peft_model.set_adapter("default")
+        return {
+            **self._evaluate(trainer.peft_model, tokenizer),
+            "train_seconds": seconds,
+            "optimizer_steps": trainer.state.global_step,
+        }
 
     def run_post_hoc(self, run: Run, folder: Path) -> dict[str, Any]:
         from safetensors.torch import load_file, save_file
