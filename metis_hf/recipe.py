@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ValidationInfo, field_validator
+from pydantic import ValidationInfo, field_validator, model_validator
 
 from metis_hf.data import TaskSpec
 from metis_hf.models import DEFAULT_MODEL
@@ -47,6 +47,33 @@ class HarnessScore:
 
 
 @config_dataclass
+class RetentionSpec:
+    """A task no expert trains on, scored for the base and every merged model (merged / base):
+    a BIG-bench multiple-choice task (by name from the cache, or a task.json path) or harness tasks."""
+
+    name: str = field(metadata={"help": "Column name in the retention table."})
+    bigbench: str | None = field(
+        default=None, metadata={"help": "BIG-bench task name, e.g. date_understanding."}
+    )
+    path: str | None = field(default=None, metadata={"help": "A task.json file in BIG-bench's format."})
+    harness: list[str] = field(
+        default_factory=list, metadata={"help": "lm-evaluation-harness tasks averaged, e.g. [pubmedqa]."}
+    )
+    metric: str = field(default="acc,none", metadata={"help": "Harness metric key (harness tasks only)."})
+    size: Count | None = field(
+        default=200, metadata={"help": "Examples scored (sampled with seed); all if null."}
+    )
+    seed: Integer = field(default=0, metadata={"help": "Sampling seed."})
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RetentionSpec:
+        given = [k for k in ("bigbench", "path", "harness") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of bigbench, path or harness (got {given or 'none'})")
+        return self
+
+
+@config_dataclass
 class EvaluationSpec:
     split: str = field(default="test", metadata={"help": "Split scored by generation."})
     limit: Count | None = field(default=None, metadata={"help": "Score at most this many examples per task."})
@@ -62,6 +89,10 @@ class EvaluationSpec:
     harness_batch_size: Count = field(default=8, metadata={"help": "Harness batch size."})
     harness_include: str | None = field(
         default=None, metadata={"help": "A folder of custom harness task YAMLs (e.g. over local files)."}
+    )
+    retention: list[RetentionSpec] = field(
+        default_factory=list,
+        metadata={"help": "Tasks outside the training set, scored for the base and every merge (compare)."},
     )
 
     @field_validator("generation")

@@ -607,6 +607,10 @@ def test_trainer_api_bad_inputs(tmp_path, tiny_tokenizer, train, message):
             "evaluation.max_new_tokens: Input should be greater than or equal to 1 (got -1)",
         ),
         ("model=/nonexistent", "model '/nonexistent': no such folder, and not a Hub id"),
+        (
+            "evaluation.retention=[{name: dates, bigbench: date_understanding, path: t.json}]",
+            "evaluation.retention[0]: give exactly one of bigbench, path or harness (got ['bigbench', 'path'])",
+        ),
     ],
 )
 def test_train_recipe_values_users_get_wrong(tmp_path, tiny_tokenizer, capsys, override, message):

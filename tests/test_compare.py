@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from metis_hf.workflows.compare import Comparison
 from tests.conftest import write_tiny_recipe
 
 TASKS = ("chain_sum", "gcd", "letter_counting")
+RETENTION_FIXTURE = Path(__file__).parent / "fixtures" / "retention" / "task.json"
 
 
 def _answers_that_depend_on_the_model(right):
@@ -50,8 +52,14 @@ def compared(tmp_path_factory, tiny_tokenizer):
             "robust@answer": {"method": "metis_robust", "training": {"gap_tokens": "completion"}},
         },
     }
+    retention = [{"name": "toy_mc", "path": str(RETENTION_FIXTURE)}]
     recipe = write_tiny_recipe(
-        tmp_path, tiny_tokenizer, tasks=TASKS, training={"num_rounds": 2, "local_steps": 1}, compare=compare
+        tmp_path,
+        tiny_tokenizer,
+        tasks=TASKS,
+        training={"num_rounds": 2, "local_steps": 1},
+        compare=compare,
+        evaluation={"batch_size": 4, "max_new_tokens": 3, "retention": retention},
     )
     out = tmp_path / "cmp"
     tasks = build_tasks(load_recipe(recipe).tasks)
@@ -92,6 +100,12 @@ def test_compare_writes_every_run_table_and_plot(compared):
             kept = summary["gain_kept"]["kept"][task]
             assert kept == pytest.approx(expected) if expected is not None else kept != kept
         assert len(run["scores"][TASKS[0]]["item_scores"]) == run["scores"][TASKS[0]]["n"]
+        # retention: the run's accuracy on the toy multiple-choice task over the base model's
+        base_accuracy = json.loads((out / "runs" / "base" / "result.json").read_text())["retention"]["toy_mc"]
+        assert run["retention"]["toy_mc"]["n"] == 6 and "retention" not in experts
+        assert summary["retention"]["toy_mc"] == pytest.approx(
+            run["retention"]["toy_mc"]["accuracy"] / base_accuracy["accuracy"]
+        )
         # the joint-training reference: one adapter, the experts' optimizer steps all together
         multitask = json.loads((out / "runs" / f"seed{seed}" / "multitask" / "result.json").read_text())
         assert multitask["optimizer_steps"] == experts["optimizer_steps"] == len(TASKS) * 2 * 1
@@ -99,6 +113,9 @@ def test_compare_writes_every_run_table_and_plot(compared):
     markdown = (out / "results.md").read_text()
     assert "| many_shot metis | post_hoc metis |" in markdown
     assert "gain kept, on answer-token validation loss" in markdown
+    assert (
+        "### Knowledge retention" in markdown and "| Many-shot metis | " in markdown.split("### Knowledge")[1]
+    )
     assert "95% interval over the test items" in markdown and " [" in markdown.split("### Raw")[0]
 
 

@@ -79,6 +79,12 @@ def test_paper_recipes_name_real_harness_tasks_and_metrics():
                 assert metric in {m["metric"] for m in config.get("metric_list", [])}, f"{task}: no {metric}"
                 filters = {f["name"] for f in config.get("filter_list", [])}
                 assert flt == "none" or flt in filters, f"{path.name}: {task} has no filter {flt}"
+        assert [r.name for r in recipe.evaluation.retention] == ["CoQA", "PubMedQA"]
+        for score in recipe.evaluation.retention:
+            for task in score.harness:
+                config = manager.task_index[task].cfg
+                metric = score.metric.partition(",")[0]
+                assert metric in {m["metric"] for m in config.get("metric_list", [])}, f"{task}: no {metric}"
 
 
 @pytest.mark.bad_input

@@ -74,6 +74,7 @@ def build_report(results: Sequence[Mapping[str, Any]], tasks: Sequence[str], spe
         summary = summarize({t: r["scores"][t][metric] for t in tasks}, expert_scores, weights)
         summary["multitask_loss"] = multitask_loss(r)
         summary["gain_kept"] = gain_kept(r, base, experts.get(r["seed"]), tasks, weights)
+        summary["retention"] = retention_ratios(r, base)
         per_run.setdefault((r["kind"], r["method"]), {})[r["seed"]] = summary
 
     replicates = uncertainty.bootstrap_replicates(merged_runs, experts, tasks, metric, weights)
@@ -94,6 +95,10 @@ def build_report(results: Sequence[Mapping[str, Any]], tasks: Sequence[str], spe
             "gain_kept": {
                 "tasks": {t: mean_sd([s["gain_kept"]["kept"][t] for s in runs]) for t in tasks},
                 **{f: mean_sd([s["gain_kept"][f] for s in runs]) for f in ("average", "worst")},
+            },
+            "retention": {
+                name: mean_sd([s["retention"].get(name, math.nan) for s in runs])
+                for name in {n for s in runs for n in s["retention"]}
             },
         }
         if replicates is not None:
@@ -189,6 +194,19 @@ def gain_kept(
     return {"kept": kept, "average": summary["average"], "worst": summary["worst"]}
 
 
+def retention_ratios(run: Mapping[str, Any], base: Mapping[str, Any] | None) -> dict[str, float]:
+    """Per retention task, the run's accuracy over the base model's (nan where the base scored 0),
+    and their ``mean``; empty when either was not scored on retention tasks."""
+    mine, before = run.get("retention") or {}, (base or {}).get("retention") or {}
+    ratios = {}
+    for name in mine.keys() & before.keys():
+        base_accuracy = before[name]["accuracy"]
+        ratios[name] = mine[name]["accuracy"] / base_accuracy if base_accuracy > 0 else math.nan
+    if ratios:
+        ratios["mean"] = statistics.fmean(ratios.values())
+    return ratios
+
+
 def reference_runs(keys) -> list[tuple[str, str]]:
     """The runs compared with every other run: many-shot runs of the registered loss-gap methods
     (METIS and its kin)."""
@@ -267,6 +285,31 @@ def gain_kept_block(report: Mapping[str, Any], spread: str) -> list[str]:
     return lines
 
 
+def retention_block(report: Mapping[str, Any], base: Mapping[str, Any] | None, spread: str) -> list[str]:
+    """The knowledge-retention table: accuracy on tasks outside the training set, merged / base."""
+    scored = (base or {}).get("retention") or {}
+    if not scored:
+        return []
+    names = [*scored, "mean"]
+    lines = [
+        "",
+        f"### Knowledge retention: accuracy on tasks no expert trained on, merged / base, {spread}",
+        "",
+        "| method | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+        "| base accuracy | " + " | ".join(f"{scored[n]['accuracy']:.3f}" for n in scored) + " | |",
+    ]
+    for kind, title in BLOCKS:
+        for key in (
+            k for k in report["aggregate"] if k.startswith(kind + "/") and k != f"reference/{BASE_ROW}"
+        ):
+            kept = report["aggregate"][key]["retention"]
+            cells = [mean_sd_cell(kept[n]) if n in kept else "n/a" for n in names]
+            lines.append(f"| {title} {key.split('/', 1)[1]} | " + " | ".join(cells) + " |")
+    lines += ["", "1.000: the base model's accuracy kept; below 1: what the merge cost there."]
+    return lines
+
+
 def render_markdown(report: Mapping[str, Any], base: Mapping | None, experts: Mapping[int, Mapping]) -> str:
     tasks, metric, seeds = report["tasks"], report["metric"], report["seeds"]
     spread = f"mean ± sd over {len(seeds)} seeds" if len(seeds) > 1 else "one seed"
@@ -299,6 +342,7 @@ def render_markdown(report: Mapping[str, Any], base: Mapping | None, experts: Ma
         "[low, high]: 95% interval over the test items (paired bootstrap, "
         f"{uncertainty.REPLICATES} replicates); ± is the sd over seeds.",
         *gain_kept_block(report, spread),
+        *retention_block(report, base, spread),
         "",
         f"### Raw scores (score / exact match, mean over {len(seeds)} seed(s))",
         "",

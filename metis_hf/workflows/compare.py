@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from metis_hf.data import build_tasks
 from metis_hf.evaluation.report import multitask_loss, run_losses
+from metis_hf.evaluation.retention import ensure_bigbench, load_multiple_choice, multiple_choice_accuracy
 from metis_hf.evaluation.suite import evaluate_model, load_for_evaluation
 from metis_hf.files import write_json
 from metis_hf.hub import card_info_for, check_repo_id, write_card
@@ -103,6 +104,12 @@ class Comparison:
                 self._args(self.output_dir, Run("many_shot", recipe.seed, name))
             except RecipeError as err:
                 raise RecipeError(f"compare.variants.{name}: {err}") from err
+        retention = [spec for spec in recipe.evaluation.retention if not spec.harness]
+        files = ensure_bigbench([spec.bigbench for spec in retention if spec.bigbench])  # before any training
+        self.retention = {
+            spec.name: load_multiple_choice(spec.path or files[spec.bigbench], spec.size, spec.seed)
+            for spec in retention
+        }
         for name in {*recipe.compare.post_hoc_methods, *recipe.compare.many_shot_methods}:
             method, params = recipe.compare.resolve(name)
             if params.get("scale") != "auto":
@@ -187,7 +194,40 @@ class Comparison:
                 raise ValueError(f"Harness task {missing[0]!r} reports no metric {harness.metric!r}.")
             value = sum(metrics[t][harness.metric] for t in harness.tasks) / len(harness.tasks)
             scores[harness.name] = {"task": harness.name, "score": value, "exact_match": value, "n": None}
-        return {"scores": scores, **losses}
+        result = {"scores": scores, **losses}
+        if task_names is None and ev.retention:  # a model scored on everything: also what it kept
+            result["retention"] = self._retention(model, tokenizer)
+        return result
+
+    def _retention(self, model, tokenizer) -> dict[str, dict[str, Any]]:
+        """Accuracy on each retention task (with its items' 0/1 where scored here)."""
+        ev = self.recipe.evaluation
+        out = {}
+        for spec in ev.retention:
+            if spec.harness:
+                from metis_hf.evaluation.harness import run_harness
+
+                metrics = run_harness(
+                    model,
+                    tokenizer,
+                    spec.harness,
+                    include_path=ev.harness_include,
+                    limit=spec.size,
+                    batch_size=ev.harness_batch_size,
+                )
+                missing = [t for t in spec.harness if spec.metric not in metrics.get(t, {})]
+                if missing:
+                    raise ValueError(
+                        f"Retention harness task {missing[0]!r} reports no metric {spec.metric!r}."
+                    )
+                out[spec.name] = {
+                    "accuracy": sum(metrics[t][spec.metric] for t in spec.harness) / len(spec.harness)
+                }
+            else:
+                out[spec.name] = multiple_choice_accuracy(
+                    model, tokenizer, self.retention[spec.name], spec.name
+                )
+        return out
 
     def _result(self, run: Run) -> dict[str, Any]:
         return json.loads((self.output_dir / "runs" / run.folder / RESULT_FILE).read_text())

@@ -1,0 +1,137 @@
+"""Knowledge retention: BIG-bench-format multiple choice by answer log-likelihood, the sdist cache."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metis_hf.evaluation.retention import (
+    bigbench_task_file,
+    choice_log_likelihoods,
+    extract_bigbench,
+    load_multiple_choice,
+    multiple_choice_accuracy,
+)
+
+FIXTURE = Path(__file__).parent / "fixtures" / "retention" / "task.json"
+
+
+def test_task_file_items_keep_one_best_choice_and_the_training_prompt_format():
+    items = load_multiple_choice(FIXTURE)
+    assert len(items) == 6  # 8 examples; a tie and a single choice dropped
+    assert items[0] == {
+        "prompt": "Pick the right answer.\nWhich is a fruit?\nAnswer:",
+        "choices": ["apple", "chair", "river"],
+        "correct": 0,
+    }
+    assert items[2]["correct"] == 2
+    sampled = load_multiple_choice(FIXTURE, size=3, seed=1)
+    assert len(sampled) == 3 and sampled == load_multiple_choice(FIXTURE, size=3, seed=1)
+
+
+def _log_likelihood_by_hand(model, tokenizer, prompt, choice):
+    """One unpadded forward per choice; the log-probability of each choice token, summed."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    choice_ids = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids + choice_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0].float()
+    total = 0.0
+    for offset, token in enumerate(choice_ids):
+        position = len(prompt_ids) + offset - 1
+        total += float(F.log_softmax(logits[position], dim=-1)[token])
+    return total
+
+
+def test_choice_log_likelihoods_and_accuracy_against_unpadded_forwards(tiny_model, tiny_tokenizer):
+    items = load_multiple_choice(FIXTURE)
+    for item in items:  # choices of different token lengths share one padded batch
+        got = choice_log_likelihoods(tiny_model, tiny_tokenizer, item["prompt"], item["choices"])
+        expected = [
+            _log_likelihood_by_hand(tiny_model, tiny_tokenizer, item["prompt"], c) for c in item["choices"]
+        ]
+        assert got == pytest.approx(expected, abs=1e-4)
+    # the model's own best choice marked right on the first 4 items, a worse one on the last 2
+    relabelled = []
+    for i, item in enumerate(items):
+        scores = [
+            _log_likelihood_by_hand(tiny_model, tiny_tokenizer, item["prompt"], c) for c in item["choices"]
+        ]
+        best = max(range(len(scores)), key=scores.__getitem__)
+        relabelled.append({**item, "correct": best if i < 4 else (best + 1) % len(scores)})
+    result = multiple_choice_accuracy(tiny_model, tiny_tokenizer, relabelled)
+    assert result["items"] == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0] and result["accuracy"] == pytest.approx(4 / 6)
+
+
+def _sdist(path: Path, tasks: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as archive:
+        for name, data in {
+            **{f"bigbench-1.0.0/bigbench/benchmark_tasks/{t}/task.json": d for t, d in tasks.items()},
+            "bigbench-1.0.0/bigbench/benchmark_tasks/other/sub/task.json": b"{}",
+            "bigbench-1.0.0/setup.py": b"",
+        }.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.bad_input
+def test_extract_bigbench_fills_the_cache_and_names_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("METIS_HF_BIGBENCH_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match="BIG-bench task 'toy' is not in .*python -m metis_hf"):
+        bigbench_task_file("toy")
+    sdist = _sdist(
+        tmp_path / "bigbench-1.0.0.tar.gz", {"toy": FIXTURE.read_bytes(), "two": b'{"examples": []}'}
+    )
+    written = extract_bigbench(sdist, ["toy"])
+    assert written == [tmp_path / "cache" / "toy" / "task.json"] == [bigbench_task_file("toy")]
+    assert json.loads(written[0].read_text())["name"] == "toy_multiple_choice"
+    assert not (tmp_path / "cache" / "two").exists()  # only what was asked for
+    with pytest.raises(ValueError, match="no bigbench/benchmark_tasks/<task>/task.json for sub, absent"):
+        extract_bigbench(sdist, ["sub", "absent"])
+    with pytest.raises(ValueError, match="no multiple-choice example"):
+        load_multiple_choice(extract_bigbench(sdist, ["two"])[0])
+
+
+def test_missing_tasks_are_fetched_in_one_download_checked_against_the_published_sha256(
+    tmp_path, monkeypatch
+):
+    from metis_hf.evaluation import retention
+
+    monkeypatch.setenv("METIS_HF_BIGBENCH_CACHE", str(tmp_path / "cache"))
+    sdist = _sdist(
+        tmp_path / "bigbench-1.0.0.tar.gz", {"toy": FIXTURE.read_bytes(), "two": FIXTURE.read_bytes()}
+    )
+    served = []
+
+    class Response(io.BytesIO):
+        headers = {"Content-Length": str(sdist.stat().st_size)}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def urlopen(url, timeout):
+        served.append(url)
+        return Response(sdist.read_bytes())
+
+    monkeypatch.setattr("urllib.request.urlopen", urlopen)
+    with pytest.raises(RuntimeError, match="sha256 .* is not the published one"):  # not PyPI's file
+        retention.ensure_bigbench(["toy"])
+    assert not (tmp_path / "cache" / "toy").exists()  # nothing half-written
+    import hashlib
+
+    monkeypatch.setattr(retention, "BIGBENCH_SDIST_SHA256", hashlib.sha256(sdist.read_bytes()).hexdigest())
+    files = retention.ensure_bigbench(["toy", "two", "toy"])
+    assert files == {t: tmp_path / "cache" / t / "task.json" for t in ("toy", "two")} and len(served) == 2
+    retention.ensure_bigbench(["two"])
+    assert len(served) == 2  # cached: no third download
