@@ -144,6 +144,13 @@ class CompareSpec:
     task_weights: dict[str, Number] = field(
         default_factory=dict, metadata={"help": "Task -> weight in Avg (default 1 each)."}
     )
+    experts: str | dict[str, str] | None = field(
+        default=None,
+        metadata={
+            "help": "Experts already trained, instead of training them: {task: PEFT adapter folder} "
+            "(the same experts for every seed), or a previous compare's output folder (each seed's own)."
+        },
+    )
     multitask_sft: bool = field(
         default=True,
         metadata={

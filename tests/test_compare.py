@@ -274,6 +274,11 @@ def test_a_variants_training_overrides_reach_its_runs_only(compared):
             },
             "compare: metis: metis has no scale to search",
         ),
+        ({"experts": {"chain_sum": "/nowhere"}}, "compare.experts: tasks ['gcd'] are missing."),
+        (
+            {"experts": {"chain_sum": "/nowhere", "gcd": "/nowhere"}},
+            "compare.experts: chain_sum: no adapter_config.json in /nowhere (a PEFT adapter folder).",
+        ),
     ],
 )
 @pytest.mark.bad_input
@@ -283,6 +288,55 @@ def test_compare_bad_recipe_is_named(tmp_path, tiny_tokenizer, capsys, compare, 
     err = capsys.readouterr().err
     assert message in err
     assert not (tmp_path / "o" / "runs").exists()  # refused before any run
+
+
+def test_compare_on_experts_trained_before_trains_none(compared, tmp_path, monkeypatch):
+    """A previous compare's experts (each seed its own), then one seed's adapters given per task:
+    nothing is trained, the experts score as before, and the post-hoc merge is the same."""
+    import yaml
+
+    from metis_hf.data import build_tasks
+    from metis_hf.recipe import load_recipe
+
+    recipe, out = compared
+    tasks = build_tasks(load_recipe(recipe).tasks)
+    right = {row["prompt"]: row["answer"] for task in tasks.values() for row in task.test}
+    monkeypatch.setattr(
+        "metis_hf.evaluation.generation.generate_answers", _answers_that_depend_on_the_model(right)
+    )
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an expert was trained")
+
+    monkeypatch.setattr(Comparison, "_train", refuse)
+    data = yaml.safe_load(recipe.read_text())
+    compare = {"seeds": [0, 1], "post_hoc_methods": ["task_arithmetic"], "many_shot_methods": []}
+    adapters = out / "runs" / "seed1" / "experts" / "adapter" / "task_adapters"
+    for name, experts, seeds in (
+        ("from_compare", str(out), [0, 1]),
+        ("per_task", {t: str(adapters / t) for t in TASKS}, [1]),
+    ):
+        data["compare"] = {**compare, "seeds": seeds, "experts": experts, "multitask_sft": False}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        assert main(["compare", str(path), "--output-dir", str(tmp_path / name)]) == 0
+        for seed in seeds:
+            for run in ("experts", "post_hoc-task_arithmetic"):
+                again = json.loads(
+                    (tmp_path / name / "runs" / f"seed{seed}" / run / "result.json").read_text()
+                )
+                first = json.loads(
+                    (
+                        out / "runs" / f"seed{1 if name == 'per_task' else seed}" / run / "result.json"
+                    ).read_text()
+                )
+                for task in TASKS:
+                    assert again["scores"][task]["score"] == first["scores"][task]["score"]
+                    assert again["losses"][task] == pytest.approx(first["losses"][task], rel=1e-5)
+    assert (
+        again["losses"]
+        != json.loads((out / "runs" / "seed0" / "experts" / "result.json").read_text())["losses"]
+    )
 
 
 def test_compare_report_card_and_its_dry_run_push(compared, tmp_path):

@@ -110,6 +110,8 @@ class Comparison:
             spec.name: load_multiple_choice(spec.path or files[spec.bigbench], spec.size, spec.seed)
             for spec in retention
         }
+        for seed in recipe.compare.seeds:  # experts given: every folder checked before any work
+            self.expert_sources(seed)
         for name in {*recipe.compare.post_hoc_methods, *recipe.compare.many_shot_methods}:
             method, params = recipe.compare.resolve(name)
             if params.get("scale") != "auto":
@@ -260,7 +262,36 @@ class Comparison:
         model, tokenizer = load_model_and_tokenizer(self.recipe.model)
         return self._evaluate(model, tokenizer)
 
+    def expert_sources(self, seed: int) -> dict[str, Path] | None:
+        """Adapter folders of experts trained before, per task (None: train them here)."""
+        given = self.recipe.compare.experts
+        if given is None:
+            return None
+        if isinstance(given, str):
+            root = Path(given) / "runs" / Run("experts", seed).folder / "adapter" / "task_adapters"
+            sources = {t: root / t for t in self.task_names}
+        else:
+            unknown, missing = (
+                sorted(set(given) - set(self.task_names)),
+                sorted(set(self.task_names) - set(given)),
+            )
+            if unknown or missing:
+                raise RecipeError(
+                    f"compare.experts: tasks {unknown or missing} are {'not in the recipe' if unknown else 'missing'}."
+                )
+            sources = {t: Path(given[t]) for t in self.task_names}
+        for task, source in sources.items():
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                if not (source / name).is_file():
+                    raise RecipeError(
+                        f"compare.experts: {task}: no {name} in {source} (a PEFT adapter folder)."
+                    )
+        return sources
+
     def run_experts(self, run: Run, folder: Path) -> dict[str, Any]:
+        sources = self.expert_sources(run.seed)
+        if sources is not None:
+            return self._read_experts(folder, sources)
         trainer, tokenizer, seconds = self._train(run, folder, "post_hoc")
         result: dict[str, Any] = {
             "scores": {},
@@ -274,6 +305,32 @@ class Comparison:
             own = self._evaluate(trainer.peft_model, tokenizer, [task])
             for field in ("scores", "losses", "answer_losses"):
                 result[field].update(own[field])
+        return result
+
+    def _read_experts(self, folder: Path, sources: dict[str, Path]) -> dict[str, Any]:
+        """Experts trained before: copied to where post-hoc merges read them, each scored on its
+        own task."""
+        from peft import PeftModel
+
+        adapters = folder / "adapter" / "task_adapters"
+        for task, source in sources.items():
+            target = adapters / task
+            tmp = target.with_name(task + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                shutil.copy2(source / name, tmp / name)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+        model, tokenizer = load_model_and_tokenizer(self.recipe.model)
+        result: dict[str, Any] = {"scores": {}, "losses": {}, "answer_losses": {}, "experts_from": {}}
+        for task in self.task_names:
+            peft_model = PeftModel.from_pretrained(model, str(adapters / task), adapter_name=task)
+            own = self._evaluate(peft_model, tokenizer, [task])
+            for field in ("scores", "losses", "answer_losses"):
+                result[field].update(own[field])
+            result["experts_from"][task] = str(sources[task])
+            model = peft_model.unload()  # the base again, for the next task's adapter
         return result
 
     def run_multitask(self, run: Run, folder: Path) -> dict[str, Any]:
