@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
 from metis_hf.training.config import MetisConfig
 from metis_hf.training.plan import ALL_TASKS, RoundPlan
-from metis_hf.training.trainer import _make_plan
+from metis_hf.training.trainer import make_round_plan
 
 
 def test_sequential_and_interleaved_orders_and_round_ends():
@@ -92,7 +93,7 @@ def test_step_counts_from_local_steps_and_local_epochs(tmp_path, fields, sizes, 
         gradient_accumulation_steps=4,
         **fields,
     )
-    plan = _make_plan(args, ["a", "b"], sizes, rows_per_task=2)
+    plan = make_round_plan(args, ["a", "b"], sizes, rows_per_task=2)
     assert plan.steps_per_task == expected
     assert plan.rounds == (1 if args.protocol == "post_hoc" else args.num_rounds)
 
@@ -146,3 +147,83 @@ def test_the_alias_fields_feed_every_method_that_takes_them(tmp_path):
         MetisConfig(output_dir=str(tmp_path), use_cpu=True), "metis", {"a": 0.0}, 1
     )
     assert params["k"] == 1
+
+
+# --- metis-hf plan ----------------------------------------------------------------------------
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_recipe_plans(path, capsys):
+    from metis_hf.commands import main
+
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "plan: OK" in out and "peak memory estimate" in out
+
+
+def test_parameter_counts_match_the_model_and_peft(tiny_tokenizer):
+    """The shape's parameter count against the tiny Llama's own (norms aside), and the LoRA count
+    against PEFT's trainable parameters for the same targets and rank."""
+    from peft import LoraConfig, get_peft_model
+
+    from metis_hf.workflows.plan import ModelShape
+    from tests.conftest import make_tiny_model
+
+    model = make_tiny_model(len(tiny_tokenizer))
+    shape = ModelShape.from_config(model.config.to_dict(), "tiny")
+    counted = sum(p.numel() for name, p in model.named_parameters() if "norm" not in name)
+    assert shape.parameters() == counted
+    targets = ["q_proj", "k_proj", "down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=targets))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    shapes = shape.module_shapes()
+    assert shape.layers * sum(4 * sum(shapes[m]) for m in targets) == trainable
+
+
+def test_plan_counts_and_memory_by_hand():
+    """The offline CPU recipe: 4 tasks x 15 steps x 3 rounds; 8 sequences a step; validation
+    (2 R + 1) x 4 x 24; SmolLM2-135M's LoRA on q/k/v/o at r 16: 30 x 16 x (1152 + 768 + 768 + 1152)."""
+    from metis_hf.recipe import load_recipe
+    from metis_hf.workflows.plan import plan_recipe
+
+    plan = plan_recipe(
+        load_recipe(RECIPES[0].parent.parent / "offline" / "cpu-4tasks.yaml"), sequence_length=100
+    )
+    assert plan["optimizer_steps"] == 180 and plan["sequences_per_step"] == 8
+    assert plan["training_sequences"] == 1440 and plan["validation_sequences"] == 7 * 4 * 24
+    lora = 30 * 16 * (1152 + 768 + 768 + 1152)
+    assert plan["lora_parameters_per_adapter"] == lora
+    assert (
+        plan["memory_bytes"]["adapters"] == 5 * lora * 4 and plan["memory_bytes"]["optimizer"] == 2 * lora * 4
+    )
+    # fp32 activations: 8 rows x 100 tokens x 30 layers x (6 x 576 + 2 x 192 + 4 x 1536) x 4 bytes
+    assert plan["memory_bytes"]["activations"] == 8 * 100 * 30 * (6 * 576 + 2 * 192 + 4 * 1536) * 4
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "overrides,code,message",
+    [
+        (["model=not a model"], 2, "model 'not a model': no such folder, and not a Hub id"),
+        (
+            ["tasks.0.source=hub", "tasks.0.dataset=not a dataset"],
+            1,
+            "problem: tasks[0]: dataset 'not a dataset' is neither a local path nor a Hub id",
+        ),
+        (
+            ["lora.target_modules=[q_proj,attn]"],
+            1,
+            "problem: lora.target_modules: ['attn'] are not projections",
+        ),
+        (["training.merge_params.delta=-1"], 2, "delta"),
+    ],
+)
+def test_plan_names_what_would_fail(overrides, code, message, capsys):
+    from metis_hf.commands import main
+
+    path = RECIPES[0].parent.parent / "offline" / "cpu-4tasks.yaml"
+    assert main(["plan", str(path), *[f"--set={o}" for o in overrides]]) == code
+    captured = capsys.readouterr()
+    assert message in (captured.out if code == 1 else captured.err)

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 
 from huggingface_hub.errors import HfHubHTTPError
 
-from metis_hf.commands import compare, evaluate, merge, mergekit_yaml, push, train
+from metis_hf.commands import compare, evaluate, merge, mergekit_yaml, plan, push, train
 
-SUBCOMMANDS = (train, evaluate, compare, merge, push, mergekit_yaml)
+SUBCOMMANDS = (train, evaluate, compare, plan, merge, push, mergekit_yaml)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -188,7 +188,7 @@ class MetisTrainer(SFTTrainer):
         set_seed(args.seed)
         peft_model = _build_adapters(model, peft_config, self.task_names)
 
-        self.plan = _make_plan(
+        self.plan = make_round_plan(
             args, self.task_names, [len(self.train_parts[t]) for t in self.task_names], self._rows_per_task
         )
         args.max_steps = self.plan.total_steps
@@ -653,7 +653,7 @@ def _build_adapters(model: torch.nn.Module, config: LoraConfig, tasks: list[str]
     return peft_model
 
 
-def _make_plan(args: MetisConfig, tasks: list[str], sizes: list[int], rows_per_task: int) -> RoundPlan:
+def make_round_plan(args: MetisConfig, tasks: list[str], sizes: list[int], rows_per_task: int) -> RoundPlan:
     per_step = rows_per_task * args.gradient_accumulation_steps * args.world_size
     if args.local_steps is not None:
         steps = [args.local_steps] * len(tasks)
