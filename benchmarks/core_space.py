@@ -59,7 +59,9 @@ def _merge(method: str, states, space: str, rank: int) -> dict[str, torch.Tensor
 
 def main() -> None:
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+        os.execve(
+            sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        )
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
