@@ -177,53 +177,63 @@ class Comparison:
         if losses_only:
             return {"scores": {}, **losses}
         scores = {t: dataclasses.asdict(r) for t, r in results.items()} if ev.generation else {}
-        for harness in ev.harness:
-            if task_names is not None and harness.expert not in task_names:
-                continue
-            from metis_hf.evaluation.harness import run_harness
-
-            metrics = run_harness(
-                model,
-                tokenizer,
-                harness.tasks,
-                include_path=ev.harness_include,
-                limit=ev.harness_limit,
-                batch_size=ev.harness_batch_size,
-                num_fewshot=harness.num_fewshot,
+        wanted = [h for h in ev.harness if task_names is None or h.expert in task_names]
+        metrics = self._harness_metrics(
+            model, tokenizer, [(h.tasks, h.num_fewshot, ev.harness_limit) for h in wanted]
+        )
+        for harness in wanted:
+            value = self._harness_value(
+                metrics, harness.tasks, harness.metric, harness.num_fewshot, ev.harness_limit
             )
-            missing = [t for t in harness.tasks if harness.metric not in metrics.get(t, {})]
-            if missing:
-                raise ValueError(f"Harness task {missing[0]!r} reports no metric {harness.metric!r}.")
-            value = sum(metrics[t][harness.metric] for t in harness.tasks) / len(harness.tasks)
             scores[harness.name] = {"task": harness.name, "score": value, "exact_match": value, "n": None}
         result = {"scores": scores, **losses}
         if task_names is None and ev.retention:  # a model scored on everything: also what it kept
             result["retention"] = self._retention(model, tokenizer)
         return result
 
+    def _harness_metrics(self, model, tokenizer, requests) -> dict[tuple, dict[str, dict[str, float]]]:
+        """Harness metrics for ``requests`` of (tasks, num_fewshot, limit): one harness call per
+        distinct (num_fewshot, limit), whatever the number of scores asking for it."""
+        from metis_hf.evaluation.harness import run_harness
+
+        groups: dict[tuple, list[str]] = {}
+        for tasks, fewshot, limit in requests:
+            group = groups.setdefault((fewshot, limit), [])
+            group += [t for t in tasks if t not in group]
+        ev = self.recipe.evaluation
+        return {
+            key: run_harness(
+                model,
+                tokenizer,
+                tasks,
+                include_path=ev.harness_include,
+                limit=key[1],
+                batch_size=ev.harness_batch_size,
+                num_fewshot=key[0],
+            )
+            for key, tasks in groups.items()
+        }
+
+    @staticmethod
+    def _harness_value(metrics, tasks: list[str], metric: str, fewshot, limit) -> float:
+        """The mean of ``metric`` over ``tasks`` (an error names a task that does not report it)."""
+        found = metrics[(fewshot, limit)]
+        missing = [t for t in tasks if metric not in found.get(t, {})]
+        if missing:
+            raise ValueError(f"Harness task {missing[0]!r} reports no metric {metric!r}.")
+        return sum(found[t][metric] for t in tasks) / len(tasks)
+
     def _retention(self, model, tokenizer) -> dict[str, dict[str, Any]]:
         """Accuracy on each retention task (with its items' 0/1 where scored here)."""
-        ev = self.recipe.evaluation
+        specs = self.recipe.evaluation.retention
+        metrics = self._harness_metrics(
+            model, tokenizer, [(s.harness, None, s.size) for s in specs if s.harness]
+        )
         out = {}
-        for spec in ev.retention:
+        for spec in specs:
             if spec.harness:
-                from metis_hf.evaluation.harness import run_harness
-
-                metrics = run_harness(
-                    model,
-                    tokenizer,
-                    spec.harness,
-                    include_path=ev.harness_include,
-                    limit=spec.size,
-                    batch_size=ev.harness_batch_size,
-                )
-                missing = [t for t in spec.harness if spec.metric not in metrics.get(t, {})]
-                if missing:
-                    raise ValueError(
-                        f"Retention harness task {missing[0]!r} reports no metric {spec.metric!r}."
-                    )
                 out[spec.name] = {
-                    "accuracy": sum(metrics[t][spec.metric] for t in spec.harness) / len(spec.harness)
+                    "accuracy": self._harness_value(metrics, spec.harness, spec.metric, None, spec.size)
                 }
             else:
                 out[spec.name] = multiple_choice_accuracy(
