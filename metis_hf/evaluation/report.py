@@ -196,14 +196,15 @@ def gain_kept(
 
 def retention_ratios(run: Mapping[str, Any], base: Mapping[str, Any] | None) -> dict[str, float]:
     """Per retention task, the run's accuracy over the base model's (nan where the base scored 0),
-    and their ``mean``; empty when either was not scored on retention tasks."""
+    and the ``mean`` of the defined ones; empty when either was not scored on retention tasks."""
     mine, before = run.get("retention") or {}, (base or {}).get("retention") or {}
     ratios = {}
     for name in mine.keys() & before.keys():
         base_accuracy = before[name]["accuracy"]
         ratios[name] = mine[name]["accuracy"] / base_accuracy if base_accuracy > 0 else math.nan
+    defined = [v for v in ratios.values() if not math.isnan(v)]
     if ratios:
-        ratios["mean"] = statistics.fmean(ratios.values())
+        ratios["mean"] = statistics.fmean(defined) if defined else math.nan
     return ratios
 
 
