@@ -58,7 +58,7 @@ def peers(vectors: list[torch.Tensor]) -> dict[str, dict[str, Callable[[], torch
     from peft.utils import merge_utils
 
     count = len(vectors)
-    ones = torch.ones(count)
+    ones = torch.ones(count, device=vectors[0].device)
     base = torch.zeros_like(vectors[0])
 
     def mergekit(method: str, **params):
