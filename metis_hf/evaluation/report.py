@@ -249,6 +249,11 @@ def mean_sd_cell(stats: Mapping[str, float], signed: bool = False) -> str:
     return text + (f" ± {stats['sd']:.3f}" if stats["n"] > 1 else "")
 
 
+def table_header(columns: Sequence[str]) -> list[str]:
+    """A markdown table's header and rule lines."""
+    return ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+
+
 def interval_text(bounds: Sequence[float] | None) -> str:
     """The text " [low, high]" for an interval, "" when there is none."""
     if not bounds or any(math.isnan(b) for b in bounds):
@@ -266,8 +271,7 @@ def gain_kept_block(report: Mapping[str, Any], spread: str) -> list[str]:
         "",
         f"### Share of each expert's gain kept, on answer-token validation loss, {spread}",
         "",
-        "| method | " + " | ".join(tasks) + " | Avg | Worst |",
-        "|---" * (len(tasks) + 3) + "|",
+        *table_header(["method", *tasks, "Avg", "Worst"]),
     ]
     for kind, title in BLOCKS:
         keys = [k for k in aggregate if k.startswith(kind + "/")]
@@ -296,8 +300,7 @@ def retention_block(report: Mapping[str, Any], base: Mapping[str, Any] | None, s
         "",
         f"### Knowledge retention: accuracy on tasks no expert trained on, merged / base, {spread}",
         "",
-        "| method | " + " | ".join(names) + " |",
-        "|---" * (len(names) + 1) + "|",
+        *table_header(["method", *names]),
         "| base accuracy | " + " | ".join(f"{scored[n]['accuracy']:.3f}" for n in scored) + " | |",
     ]
     for kind, title in BLOCKS:
@@ -317,8 +320,7 @@ def render_markdown(report: Mapping[str, Any], base: Mapping | None, experts: Ma
     lines = [
         f"### Normalized {metric.replace('_', ' ')} (merged / expert per task), {spread}",
         "",
-        "| method | " + " | ".join(tasks) + " | Avg | Worst | Gap | MT loss |",
-        "|---" * (len(tasks) + 5) + "|",
+        *table_header(["method", *tasks, "Avg", "Worst", "Gap", "MT loss"]),
     ]
     for kind, title in BLOCKS:
         keys = [k for k in report["aggregate"] if k.startswith(kind + "/")]
@@ -347,8 +349,7 @@ def render_markdown(report: Mapping[str, Any], base: Mapping | None, experts: Ma
         "",
         f"### Raw scores (score / exact match, mean over {len(seeds)} seed(s))",
         "",
-        "| model | " + " | ".join(tasks) + " |",
-        "|---" * (len(tasks) + 1) + "|",
+        *table_header(["model", *tasks]),
     ]
 
     def raw(rows: Sequence[Mapping[str, Any]], task: str) -> str:
