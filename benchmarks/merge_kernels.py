@@ -5,11 +5,13 @@ best of --repeats; "extra MiB" is the peak resident memory during one merge beyo
 resident before it (Linux: VmHWM reset through /proc/self/clear_refs), in units of one task vector.
 
     python benchmarks/merge_kernels.py --sizes 16777216 --tasks 4
+    python benchmarks/merge_kernels.py --sizes 4194304 --under-load   # beside a busy process per core
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -123,11 +125,39 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peer-repeats", type=int, default=1, help="Peers are slow on CPU; one run each.")
     parser.add_argument("--methods", nargs="*", default=None)
+    parser.add_argument(
+        "--under-load",
+        action="store_true",
+        help="Time every merge while other processes keep every core busy (a training run beside it).",
+    )
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         return memory_child(args)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    if args.under_load:
+        with busy_cores():
+            return timings(args)
+    return timings(args)
+
+
+@contextlib.contextmanager
+def busy_cores():
+    """One spinning process per core for the duration (the situation of a merge beside training)."""
+    spinners = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)
+    ]
+    try:
+        time.sleep(1.0)  # let the scheduler see them
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
+def timings(args: argparse.Namespace) -> None:
+    load = f", {os.cpu_count()} busy processes beside it" if args.under_load else ""
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs{load}")
     for size in args.sizes:
         vectors = make_vectors(size, args.tasks)
         vector_mib = size * 4 / 2**20
