@@ -352,10 +352,9 @@ class Comparison:
         def mixed(split: str):
             return concatenate_datasets([getattr(task, split) for task in self.tasks.values()])
 
-        base_args = self._args(folder, run)
-        steps = base_args.local_steps and base_args.local_steps * len(
-            self.tasks
-        )  # epochs: the mix is T x longer
+        # All the experts' steps together; counted in epochs instead, the mix is already T times longer.
+        local_steps = self._args(folder, run).local_steps
+        steps = local_steps * len(self.tasks) if local_steps else None
         args = metis_config_from_recipe(
             self.recipe,
             folder / "trainer",
