@@ -108,6 +108,7 @@ def _tasks(count: int, rows: int) -> dict[str, object]:
 
 def trainer_section(device: str, dry_run: bool, out: Path) -> dict:
     from datasets import concatenate_datasets
+    from trainer_overhead import _peak_rss_mib
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl import SFTConfig, SFTTrainer
 
@@ -183,11 +184,6 @@ def trainer_section(device: str, dry_run: bool, out: Path) -> dict:
             results[kind]["sequences_per_s"] / results["sft"]["sequences_per_s"]
         )
     return results
-
-
-def _peak_rss_mib() -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
 
 
 def compare_section(out: Path, seconds: int) -> dict:

@@ -84,16 +84,16 @@ def _sdist(path: Path, tasks: dict[str, bytes]) -> Path:
 
 @pytest.mark.bad_input
 def test_extract_bigbench_fills_the_cache_and_names_what_is_missing(tmp_path, monkeypatch):
-    monkeypatch.setenv("METIS_HF_BIGBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("METIS_HF_CACHE", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="BIG-bench task 'toy' is not in .*python -m metis_hf"):
         bigbench_task_file("toy")
     sdist = _sdist(
         tmp_path / "bigbench-1.0.0.tar.gz", {"toy": FIXTURE.read_bytes(), "two": b'{"examples": []}'}
     )
     written = extract_bigbench(sdist, ["toy"])
-    assert written == [tmp_path / "cache" / "toy" / "task.json"] == [bigbench_task_file("toy")]
+    assert written == [tmp_path / "bigbench" / "toy" / "task.json"] == [bigbench_task_file("toy")]
     assert json.loads(written[0].read_text())["name"] == "toy_multiple_choice"
-    assert not (tmp_path / "cache" / "two").exists()  # only what was asked for
+    assert not (tmp_path / "bigbench" / "two").exists()  # only what was asked for
     with pytest.raises(ValueError, match="no bigbench/benchmark_tasks/<task>/task.json for sub, absent"):
         extract_bigbench(sdist, ["sub", "absent"])
     with pytest.raises(ValueError, match="no multiple-choice example"):
@@ -105,7 +105,7 @@ def test_missing_tasks_are_fetched_in_one_download_checked_against_the_published
 ):
     from metis_hf.evaluation import retention
 
-    monkeypatch.setenv("METIS_HF_BIGBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("METIS_HF_CACHE", str(tmp_path))
     sdist = _sdist(
         tmp_path / "bigbench-1.0.0.tar.gz", {"toy": FIXTURE.read_bytes(), "two": FIXTURE.read_bytes()}
     )
@@ -127,11 +127,11 @@ def test_missing_tasks_are_fetched_in_one_download_checked_against_the_published
     monkeypatch.setattr("urllib.request.urlopen", urlopen)
     with pytest.raises(RuntimeError, match="sha256 .* is not the published one"):  # not PyPI's file
         retention.ensure_bigbench(["toy"])
-    assert not (tmp_path / "cache" / "toy").exists()  # nothing half-written
+    assert not (tmp_path / "bigbench" / "toy").exists()  # nothing half-written
     import hashlib
 
     monkeypatch.setattr(retention, "BIGBENCH_SDIST_SHA256", hashlib.sha256(sdist.read_bytes()).hexdigest())
     files = retention.ensure_bigbench(["toy", "two", "toy"])
-    assert files == {t: tmp_path / "cache" / t / "task.json" for t in ("toy", "two")} and len(served) == 2
+    assert files == {t: tmp_path / "bigbench" / t / "task.json" for t in ("toy", "two")} and len(served) == 2
     retention.ensure_bigbench(["two"])
     assert len(served) == 2  # cached: no third download

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from metis_hf.data import format_prompt
+from metis_hf.models import cache_dir
 
 # The bigbench 1.0.0 sdist on PyPI (358 MB): read for its task files only, never installed (it
 # requires tensorflow, t5 and seqio).
@@ -38,11 +39,8 @@ BIGBENCH_TASKS_DIR = "bigbench/benchmark_tasks"
 
 
 def bigbench_cache() -> Path:
-    """Where extracted BIG-bench task files live: $METIS_HF_BIGBENCH_CACHE, else under HF_HOME."""
-    if os.environ.get("METIS_HF_BIGBENCH_CACHE"):
-        return Path(os.environ["METIS_HF_BIGBENCH_CACHE"])
-    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-    return hf_home / "metis_hf" / "bigbench"
+    """Where extracted BIG-bench task files live: ``bigbench/`` in metis-hf's cache."""
+    return cache_dir() / "bigbench"
 
 
 def bigbench_task_file(task: str) -> Path:

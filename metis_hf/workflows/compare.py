@@ -32,7 +32,7 @@ from metis_hf.data import build_tasks
 from metis_hf.evaluation.report import multitask_loss, run_losses
 from metis_hf.evaluation.retention import ensure_bigbench, load_multiple_choice, multiple_choice_accuracy
 from metis_hf.evaluation.suite import evaluate_model, load_for_evaluation
-from metis_hf.files import write_json
+from metis_hf.files import replace_dir, write_json
 from metis_hf.hub import card_info_for, check_repo_id, write_card
 from metis_hf.merging import get_merge_method
 from metis_hf.models import load_model_and_tokenizer
@@ -324,14 +324,12 @@ class Comparison:
 
         adapters = folder / "adapter" / "task_adapters"
         for task, source in sources.items():
-            target = adapters / task
-            tmp = target.with_name(task + ".tmp")
+            tmp = adapters / f".{task}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             for name in ("adapter_config.json", "adapter_model.safetensors"):
                 shutil.copy2(source / name, tmp / name)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
+            replace_dir(tmp, adapters / task)
         model, tokenizer = load_model_and_tokenizer(self.recipe.model)
         result: dict[str, Any] = {"scores": {}, "losses": {}, "answer_losses": {}, "experts_from": {}}
         for task in self.task_names:
