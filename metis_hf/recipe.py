@@ -158,6 +158,13 @@ class CompareSpec:
             "experts together (the joint-training reference row)."
         },
     )
+    branch_many_shot: bool = field(
+        default=True,
+        metadata={
+            "help": "Train round 1 once per seed for the many-shot runs that differ only in how they "
+            "merge, and branch each from it before its first merge (the same results, less training)."
+        },
+    )
 
     @field_validator("seeds")
     @classmethod

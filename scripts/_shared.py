@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 
-def independent_adapters_trainer(model, tokenizer, tasks, steps: int, output_dir: str):
+def independent_adapters_trainer(model, tokenizer, tasks, steps: int, output_dir: str, **config):
     """A MetisTrainer that trains each task's adapter on its own for ``steps`` optimizer steps from
-    the shared initialisation (post-hoc protocol, one round): the merge comes only at the end."""
+    the shared initialisation (post-hoc protocol, one round): the merge comes only at the end.
+    ``config`` overrides MetisConfig fields (learning rate, batch size, completion-only loss)."""
     from metis_hf import MetisConfig, MetisTrainer
 
-    config = MetisConfig(
-        output_dir=output_dir,
-        protocol="post_hoc",
-        num_rounds=1,
-        local_steps=steps,
-        merge_method="task_arithmetic",
-        use_cpu=True,
-        disable_tqdm=True,
-        logging_steps=1000,
-    )
+    settings = {
+        "protocol": "post_hoc",
+        "num_rounds": 1,
+        "local_steps": steps,
+        "merge_method": "task_arithmetic",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "logging_steps": 1000,
+        **config,
+    }
     return MetisTrainer(
         model=model,
-        args=config,
+        args=MetisConfig(output_dir=output_dir, **settings),
         train_dataset={n: t.train for n, t in tasks.items()},
         eval_dataset={n: t.validation for n, t in tasks.items()},
         processing_class=tokenizer,

@@ -1,10 +1,13 @@
-"""How far one LoRA adapter gets on one reasoning-gym task within a CPU budget (demo task choice).
+"""How far one LoRA adapter gets on one reasoning-gym task within a CPU budget (task and schedule
+choice for the offline recipes).
 
-For each task: SmolLM2-135M-Instruct, one LoRA (the reference's r=16 on q/k/v/o), STEPS optimizer
-steps of 2 x 4 sequences at lr 3e-4 through MetisTrainer with a single task (post-hoc protocol, so
-no merge changes the adapter), then the score and exact match on 60 test items.
+For each task: SmolLM2-135M-Instruct, one LoRA (the reference's r=16 on q/k/v/o) trained alone for
+STEPS optimizer steps (post-hoc protocol, so no merge changes the adapter), then exact match and
+score on the test items, beside the base model's on the same items. One JSON line per task.
 
     python scripts/single_task_pilot.py --steps 80 chain_sum family_relationships spell_backward
+    python scripts/single_task_pilot.py --steps 60 --lr 1e-3 --batch 8 --completion-only \
+        --test-size 200 count_bits leg_counting
 """
 
 from __future__ import annotations
@@ -20,6 +23,12 @@ def main() -> None:
     )
     parser.add_argument("tasks", nargs="+")
     parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--batch", type=int, default=8, help="Sequences per optimizer step.")
+    parser.add_argument("--completion-only", action="store_true", help="Loss on answer tokens only.")
+    parser.add_argument("--train-size", type=int, default=800)
+    parser.add_argument("--test-size", type=int, default=60)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--out", default="/tmp/metis-hf-pilot")
     args = parser.parse_args()
 
@@ -31,19 +40,38 @@ def main() -> None:
 
     for name in args.tasks:
         start = time.time()
-        task = build_task({"name": name, "train_size": 800, "validation_size": 16, "test_size": 60})
+        spec = {
+            "name": name,
+            "train_size": args.train_size,
+            "validation_size": 16,
+            "test_size": args.test_size,
+        }
+        task = build_task(spec)
         model, tokenizer = load_model_and_tokenizer("smollm2-135m-instruct")
+        base = score_task(model, tokenizer, task, batch_size=50, max_new_tokens=args.max_new_tokens)
         trainer = independent_adapters_trainer(
-            model, tokenizer, {name: task}, args.steps, f"{args.out}/{name}"
+            model,
+            tokenizer,
+            {name: task},
+            args.steps,
+            f"{args.out}/{name}",
+            learning_rate=args.lr,
+            per_device_train_batch_size=args.batch,
+            gradient_accumulation_steps=1,
+            completion_only_loss=args.completion_only,
         )
         trainer.train()
-        result = score_task(trainer.peft_model, tokenizer, task, batch_size=30, max_new_tokens=16)
+        result = score_task(
+            trainer.peft_model, tokenizer, task, batch_size=50, max_new_tokens=args.max_new_tokens
+        )
         print(
             json.dumps(
                 {
                     "task": name,
-                    "score": result.score,
+                    "base_exact": base.exact_match,
                     "exact": result.exact_match,
+                    "base_score": round(base.score, 3),
+                    "score": round(result.score, 3),
                     "seconds": round(time.time() - start),
                 }
             ),

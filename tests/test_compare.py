@@ -353,3 +353,41 @@ def test_compare_report_card_and_its_dry_run_push(compared, tmp_path):
     staged = {p.name for p in stage.rglob("*") if p.is_file()}
     assert {"README.md", "results.md", "results.json", "round_curves.png"} <= staged
     assert not (stage / "runs").exists()  # the per-run adapters stay local
+
+
+def test_many_shot_runs_branched_from_a_shared_round_one_equal_runs_trained_alone(
+    compared, tmp_path, monkeypatch
+):
+    """The fixture's many-shot runs share round 1 per seed (one branch point); each run trained
+    alone (compare.branch_many_shot false) ends with the same merged adapter and round records."""
+    import yaml
+
+    recipe, out = compared
+    monkeypatch.setattr(
+        "metis_hf.evaluation.generation.generate_answers",
+        lambda model, tok, prompts, *a, **k: [""] * len(prompts),
+    )
+    assert not list((out / "runs").glob("seed*/branch_point-*"))  # removed once their runs finished
+    data = yaml.safe_load(recipe.read_text())
+    data["compare"].update(
+        seeds=[1],
+        post_hoc_methods=[],
+        many_shot_methods=["robust@answer", "iso_c"],
+        multitask_sft=False,
+        branch_many_shot=False,
+    )
+    path = tmp_path / "alone.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["compare", str(path), "--output-dir", str(tmp_path / "alone")]) == 0
+    for run in ("many_shot-robust@answer", "many_shot-iso_c"):
+        branched = json.loads((out / "runs" / "seed1" / run / "result.json").read_text())
+        alone = json.loads((tmp_path / "alone" / "runs" / "seed1" / run / "result.json").read_text())
+        assert "branch_seconds" in branched and "branch_seconds" not in alone
+        for mine, theirs in zip(branched["rounds"], alone["rounds"], strict=True):
+            assert mine == pytest.approx(theirs, abs=1e-6)
+        expected = load_file(
+            tmp_path / "alone" / "runs" / "seed1" / run / "adapter" / "adapter_model.safetensors"
+        )
+        got = load_file(out / "runs" / "seed1" / run / "adapter" / "adapter_model.safetensors")
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0)

@@ -586,3 +586,38 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, tiny_tokenizer):
     trainer = _trainer(tmp_path, tiny_tokenizer)
     with pytest.raises(ValueError, match="No checkpoint found in .* to resume from"):
         trainer.train(resume_from_checkpoint=True)
+
+
+@pytest.mark.parametrize(
+    "method,params",
+    [("metis", {"temperature": 2.0, "delta": 0.3, "k": 2, "beta": 1.0}), ("ties", {"scale": 0.5})],
+)
+def test_a_run_branched_before_its_first_merge_equals_the_unbranched_run(
+    tmp_path, tiny_tokenizer, method, params
+):
+    """The trunk trains round 1 under another method and stops before merging; the branch resumes
+    there with its own method. Its merges, round records and final adapter are the unbranched run's."""
+    from metis_hf.training.trainer import training_signature
+
+    whole = _trainer(tmp_path / "whole", tiny_tokenizer, merge_method=method, merge_params=params)
+    whole.train()
+    trunk = _trainer(tmp_path / "trunk", tiny_tokenizer, merge_method="task_arithmetic")
+    assert training_signature(trunk.args) == training_signature(whole.args)
+    checkpoint = trunk.train_to_branch_point(0)
+    assert trunk.state.global_step == trunk.plan.round_ends[0] and not trunk.round_records
+    branch = _trainer(
+        tmp_path / "branch",
+        tiny_tokenizer,
+        merge_method=method,
+        merge_params=params,
+        output_dir=str(tmp_path / "branch" / "run"),
+    )
+    branch.train(resume_from_checkpoint=checkpoint)
+    assert [r["round"] for r in branch.round_records] == [1, 2]
+    for mine, theirs in zip(branch.round_records, whole.round_records):
+        assert mine == pytest.approx(theirs, abs=1e-6)
+    expected, got = lora_state(whole.peft_model, "default"), lora_state(branch.peft_model, "default")
+    assert any(float(v.abs().max()) > 0 for v in expected.values())
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0)
+    assert json.loads(Path(checkpoint, "metis_state.json").read_text())["pending_merge"] == 0

@@ -14,6 +14,10 @@ adapters start from one LoRA initialisation. The extension points used, all publ
 * a callback: after the last step of a round, measure the loss gaps, merge, write the merge into
   every adapter in place (parameter identity kept), reset the optimizer's moments, log the round;
   on save, add the round state to the checkpoint.
+
+``train_to_branch_point`` stops a run before a round's merge and checkpoints it there; runs that
+differ only in how they merge resume from that checkpoint (``train(resume_from_checkpoint=...)``)
+and start with their own merge, as if they had trained that far themselves.
 """
 
 from __future__ import annotations
@@ -71,6 +75,33 @@ CARD_SETTINGS = (
     "max_length",
     "completion_only_loss",
     "seed",
+)
+# MetisConfig fields that act only at a merge (or on what is logged): runs differing in these alone
+# train identically up to their first merge, so they can branch from one checkpoint there.
+MERGE_ONLY_SETTINGS = frozenset(
+    {
+        "merge_method",
+        "merge_params",
+        "merge_space",
+        "temperature",
+        "delta",
+        "k",
+        "beta",
+        "gap_tokens",
+        "gap_batch_size",
+        "reset_optimizer_each_round",
+        "output_dir",
+        "logging_dir",
+        "run_name",
+        "save_task_adapters",
+        "save_merged_model",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_token",
+        "report_to",
+        "disable_tqdm",
+        "logging_steps",
+    }
 )
 
 
@@ -201,6 +232,8 @@ class MetisTrainer(SFTTrainer):
         self._merged_val_losses: dict[str, float] | None = None
         self._merged_gap_losses: dict[str, float] | None = None  # under gap_tokens='completion'
         self.round_records: list[dict[str, Any]] = []
+        self._branch_round: int | None = None  # train_to_branch_point: stop before this round's merge
+        self._pending_merge: int | None = None  # resumed from a branch point: merge this round first
         # Ours first: a round's merge and a checkpoint's round state precede what user callbacks see.
         callbacks = [_RoundCallback(self), *(callbacks or [])]
         super().__init__(
@@ -277,10 +310,25 @@ class MetisTrainer(SFTTrainer):
             self._merged_val_losses = state["merged_val_losses"]
             self._merged_gap_losses = state.get("merged_gap_losses")
             self.round_records = state["round_records"]
+            self._pending_merge = state.get("pending_merge")
         self._reset_rounds_file(keep=len(self.round_records) if path else 0)
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         self._activate(MERGED)
         return output
+
+    def train_to_branch_point(self, round_index: int = 0) -> str:
+        """Train up to the last step of round ``round_index`` (0-based) and checkpoint there, before
+        its merge; return the checkpoint folder. Trainers whose settings differ from this one's
+        only in ``MERGE_ONLY_SETTINGS`` continue from it with ``train(resume_from_checkpoint=...)``:
+        they merge that round with their own method and train on, exactly as an unbranched run."""
+        if not 0 <= round_index < self.plan.rounds:
+            raise ValueError(f"round_index {round_index} is outside the run's {self.plan.rounds} rounds.")
+        self._branch_round = round_index
+        try:
+            super().train()
+        finally:
+            self._branch_round = None
+        return os.path.join(self.args.output_dir, f"checkpoint-{self.plan.round_ends[round_index]}")
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoints (internal calls) hold every adapter. A user call writes the merged adapter
@@ -537,6 +585,7 @@ class MetisTrainer(SFTTrainer):
             "merged_val_losses": self._merged_val_losses,
             "merged_gap_losses": self._merged_gap_losses,
             "round_records": self.round_records,
+            "pending_merge": self._branch_round,
         }
         with open(os.path.join(checkpoint_dir, STATE_FILE), "w") as handle:
             json.dump(state, handle, indent=2)
@@ -556,16 +605,33 @@ class _RoundCallback(TrainerCallback):
     def __init__(self, trainer: MetisTrainer):
         self.trainer = trainer
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if trainer._pending_merge is not None:  # resumed from a branch point: its merge comes first
+            round_index, trainer._pending_merge = trainer._pending_merge, None
+            trainer._end_round(round_index)
+
     def on_step_end(self, args, state, control, **kwargs):
-        plan = self.trainer.plan
-        if state.global_step in plan.round_ends:
-            self.trainer._end_round(plan.round_ends.index(state.global_step))
+        trainer = self.trainer
+        if state.global_step not in trainer.plan.round_ends:
+            return
+        round_index = trainer.plan.round_ends.index(state.global_step)
+        if round_index == trainer._branch_round:
+            control.should_save = control.should_training_stop = True
+            return
+        trainer._end_round(round_index)
 
     def on_save(self, args, state, control, **kwargs):
         if self.trainer.is_world_process_zero():
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
                 self.trainer._save_round_state(folder)
+
+
+def training_signature(args: MetisConfig) -> dict[str, Any]:
+    """The settings that decide training up to the first merge: runs with equal signatures (and
+    the same data) can share a branch point (``MetisTrainer.train_to_branch_point``)."""
+    return {k: v for k, v in args.to_dict().items() if k not in MERGE_ONLY_SETTINGS}
 
 
 def _check_tasks(

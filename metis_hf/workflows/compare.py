@@ -11,6 +11,8 @@ normalization. Output folder::
     runs/seed<S>/multitask/adapter/               multi-task SFT: one adapter on the mixed data
     runs/seed<S>/post_hoc-<method>/adapter/       a merged adapter (PEFT, safetensors)
     runs/seed<S>/many_shot-<method>/adapter/      the same, plus rounds.jsonl
+    runs/seed<S>/branch_point-<digest>/           round 1 trained once for the many-shot runs that
+                                                  train alike; each resumes there (removed at the end)
     results.json, results.md, radar_post_hoc.png, radar_many_shot.png, round_curves.png
 
 A run whose ``result.json`` exists is read back, not recomputed: an interrupted compare resumes.
@@ -19,6 +21,7 @@ A run whose ``result.json`` exists is read back, not recomputed: an interrupted 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -244,15 +247,13 @@ class Comparison:
     def _result(self, run: Run) -> dict[str, Any]:
         return json.loads((self.output_dir / "runs" / run.folder / RESULT_FILE).read_text())
 
-    def _train(self, run: Run, folder: Path, protocol: str, args=None, train=None, validation=None):
-        """A MetisTrainer run: the recipe's tasks and this run's settings unless given."""
+    def _trainer(self, args, train=None, validation=None):
+        """A MetisTrainer on the recipe's model and LoRA: the recipe's tasks unless given."""
         from metis_hf.training import MetisTrainer
 
-        shutil.rmtree(folder / "trainer", ignore_errors=True)  # a run interrupted before: start over
-        if args is None:
-            args = self._args(folder, run, protocol=protocol, save_task_adapters=protocol == "post_hoc")
+        shutil.rmtree(args.output_dir, ignore_errors=True)  # a run interrupted before: start over
         model, tokenizer = load_model_and_tokenizer(self.recipe.model)
-        trainer = MetisTrainer(
+        return MetisTrainer(
             model=model,
             args=args,
             train_dataset=train or {t: task.train for t, task in self.tasks.items()},
@@ -260,11 +261,64 @@ class Comparison:
             processing_class=tokenizer,
             peft_config=lora_config_from_recipe(self.recipe),
         )
+
+    def _train(
+        self, run: Run, folder: Path, protocol: str, args=None, train=None, validation=None, resume_from=None
+    ):
+        """A MetisTrainer run (this run's settings unless given), from ``resume_from`` if given."""
+        if args is None:
+            args = self._args(folder, run, protocol=protocol, save_task_adapters=protocol == "post_hoc")
+        trainer = self._trainer(args, train, validation)
         start = time.time()
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         seconds = time.time() - start
         trainer.save_model(str(folder / "adapter"))
-        return trainer, tokenizer, seconds
+        return trainer, trainer.processing_class, seconds
+
+    def _branch_group(self, run: Run) -> tuple[list[Run], str]:
+        """The seed's many-shot runs that train exactly as ``run`` up to round 1's merge, and a
+        digest of those training settings."""
+        from metis_hf.training.trainer import training_signature
+
+        def signature(other: Run) -> str:
+            args = self._args(self.output_dir, other, protocol="many_shot")
+            return json.dumps(training_signature(args), sort_keys=True, default=str)
+
+        mine = signature(run)
+        runs = [Run("many_shot", run.seed, m) for m in self.recipe.compare.many_shot_methods]
+        group = [other for other in runs if signature(other) == mine]
+        return group, hashlib.sha256(mine.encode()).hexdigest()[:10]
+
+    def _branch_point(self, run: Run) -> tuple[Path, float] | None:
+        """The checkpoint before round 1's merge that ``run`` shares with the seed's other many-shot
+        runs that train alike (trained by the first of them to need it), and the seconds it took;
+        None when the run trains alone."""
+        if not self.recipe.compare.branch_many_shot:
+            return None
+        group, digest = self._branch_group(run)
+        if len(group) < 2:
+            return None
+        folder = self.output_dir / "runs" / f"seed{run.seed}" / f"branch_point-{digest}"
+        if not (folder / "branch_point.json").is_file():
+            tmp = folder.with_name(folder.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            trainer = self._trainer(self._args(tmp, run, protocol="many_shot"))
+            start = time.time()
+            checkpoint = Path(trainer.train_to_branch_point(0))
+            info = {"checkpoint": str(checkpoint.relative_to(tmp)), "seconds": time.time() - start}
+            info["runs"] = [other.method for other in group]
+            write_json(tmp / "branch_point.json", info)
+            replace_dir(tmp, folder)
+        info = json.loads((folder / "branch_point.json").read_text())
+        return folder / info["checkpoint"], info["seconds"]
+
+    def _drop_branch_point(self, run: Run) -> None:
+        """Once every run of a branch point's group has its result, the checkpoint goes."""
+        group, digest = self._branch_group(run)
+        if all((self.output_dir / "runs" / other.folder / RESULT_FILE).is_file() for other in group):
+            shutil.rmtree(
+                self.output_dir / "runs" / f"seed{run.seed}" / f"branch_point-{digest}", ignore_errors=True
+            )
 
     # --- the four kinds of run ----------------------------------------------------------------
 
@@ -433,13 +487,17 @@ class Comparison:
         return result
 
     def run_many_shot(self, run: Run, folder: Path) -> dict[str, Any]:
-        trainer, tokenizer, seconds = self._train(run, folder, "many_shot")
+        branch = self._branch_point(run)
+        trainer, tokenizer, seconds = self._train(run, folder, "many_shot", resume_from=branch and branch[0])
         trainer.peft_model.set_adapter("default")
-        return {
+        result = {
             **self._evaluate(trainer.peft_model, tokenizer),
             "rounds": trainer.round_records,
             "train_seconds": seconds,
         }
+        if branch is not None:  # round 1's training is shared: counted once, in branch_seconds
+            result["branch_seconds"] = branch[1]
+        return result
 
     # --- driver -------------------------------------------------------------------------------
 
@@ -456,6 +514,8 @@ class Comparison:
         result.update(kind=run.kind, seed=run.seed, method=run.method, seconds=time.time() - start)
         shutil.rmtree(folder / "trainer", ignore_errors=True)  # checkpoints of a finished run
         write_json(result_path, result)
+        if run.kind == "many_shot":
+            self._drop_branch_point(run)
         print(f"[metis-hf compare] run {index}/{total} finished in {result['seconds']:.0f} s", flush=True)
         return result
 
