@@ -274,3 +274,55 @@ def test_the_dense_space_is_named_dense_and_delta_still_works(adapter_dirs, tmp_
     assert (tmp_path / "dense" / "adapter_model.safetensors").read_bytes() == (
         tmp_path / "delta" / "adapter_model.safetensors"
     ).read_bytes()
+
+
+@pytest.mark.parametrize("max_shard_bytes", [0, 300, 1 << 20])
+def test_streaming_writer_output_reads_back_with_safetensors(tmp_path, max_shard_bytes):
+    """Tensors of every kind a checkpoint holds (bf16, f16, int64, bool, a 0-dim scalar), written
+    one at a time, read back equal through safetensors itself (which checks headers and offsets),
+    one shard or several with an index transformers follows."""
+    from safetensors import safe_open
+
+    from metis_hf.workflows.merge import StreamingShardWriter
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.weight": torch.randn(7, 5, generator=g),
+        "b.weight": torch.randn(3, 11, generator=g).to(torch.bfloat16),
+        "c.half": torch.randn(13, generator=g).half(),
+        "d.ids": torch.arange(9, dtype=torch.int64),
+        "e.mask": torch.rand(4, 4, generator=g) > 0.5,
+        "f.scale": torch.tensor(2.5),
+    }
+    layout = [(k, list(v.shape), v.dtype) for k, v in tensors.items()]
+    writer = StreamingShardWriter(tmp_path, "model", layout, max_shard_bytes)
+    for key, value in tensors.items():
+        writer.add(key, value)
+    writer.close()
+    files = sorted(tmp_path.glob("*.safetensors"))
+    read = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            read.update({k: handle.get_tensor(k) for k in handle.keys()})
+    assert set(read) == set(tensors)
+    for key, value in tensors.items():
+        assert read[key].dtype == value.dtype and torch.equal(read[key], value)
+    index = tmp_path / "model.safetensors.index.json"
+    if max_shard_bytes == 1 << 20:
+        assert [p.name for p in files] == ["model.safetensors"] and not index.exists()
+    else:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        assert set(weight_map) == set(tensors) and len(files) == len(set(weight_map.values())) > 1
+
+
+def test_streaming_writer_refuses_a_tensor_out_of_plan(tmp_path):
+    from metis_hf.workflows.merge import StreamingShardWriter
+
+    writer = StreamingShardWriter(
+        tmp_path, "model", [("a", [2], torch.float32), ("b", [3], torch.float32)], 1 << 20
+    )
+    with pytest.raises(RuntimeError, match="is not the planned next output 'a'"):
+        writer.add("b", torch.zeros(3))
+    writer.add("a", torch.zeros(2))
+    with pytest.raises(RuntimeError, match="Only 1 of the 2 planned tensors"):
+        writer.close()

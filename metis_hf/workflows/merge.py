@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +38,6 @@ import torch
 import yaml
 from pydantic import Field, ValidationInfo, field_validator
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from metis_hf.files import replace_dir
@@ -195,70 +195,130 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 
 class TensorSource:
-    """Lazy access to every tensor of a folder's safetensors files."""
+    """Every tensor of a folder's safetensors files, read one at a time. Each read opens and closes
+    its file: a memory map held open would keep every page read so far resident, so a streaming
+    merge would end up holding all of its inputs."""
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.where: dict[str, Any] = {}
-        self.file_of: dict[str, Path] = {}
+        self.where: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[list[int], str]] = {}
         for path in safetensors_files(folder):
             try:
-                handle = safe_open(str(path), framework="pt")
+                with safe_open(str(path), framework="pt") as handle:
+                    for key in handle.keys():
+                        tensor_slice = handle.get_slice(key)
+                        self.where[key] = path
+                        self.shapes[key] = (tensor_slice.get_shape(), tensor_slice.get_dtype())
             except Exception as err:  # safetensors' own errors do not name the file
                 raise ValueError(f"{path}: not a readable safetensors file ({err}).") from err
-            for key in handle.keys():
-                self.where[key], self.file_of[key] = handle, path
 
     def keys(self) -> list[str]:
         return list(self.where)
 
     def get(self, key: str) -> torch.Tensor:
         try:
-            return self.where[key].get_tensor(key)
+            with safe_open(str(self.where[key]), framework="pt") as handle:
+                return handle.get_tensor(key)
         except Exception as err:
-            raise ValueError(f"{self.file_of[key]}: tensor {key!r} cannot be read ({err}).") from err
+            raise ValueError(f"{self.where[key]}: tensor {key!r} cannot be read ({err}).") from err
 
 
 # --- writing ----------------------------------------------------------------------------------
 
+# safetensors' names of torch dtypes, and the dtypes of names read from input headers.
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
-class ShardWriter:
-    """Accumulates tensors and writes ``model-0000i-of-0000n.safetensors`` shards plus an index."""
 
-    def __init__(self, folder: Path, prefix: str, max_shard_bytes: int):
-        self.folder, self.prefix, self.max_bytes = folder, prefix, max_shard_bytes
-        self.current: dict[str, torch.Tensor] = {}
-        self.current_bytes = 0
-        self.shards: list[dict[str, torch.Tensor] | list[str]] = []
-        self.paths: list[Path] = []
+class StreamingShardWriter:
+    """Writes ``<prefix>.safetensors`` (or ``<prefix>-0000i-of-0000n.safetensors`` plus an index)
+    tensor by tensor as they are produced. The output's layout (key, shape, dtype, in writing
+    order) is known before the first tensor, so each shard's header is written first and each
+    tensor goes to disk as it comes: no shard is ever held in memory."""
+
+    def __init__(
+        self,
+        folder: Path,
+        prefix: str,
+        layout: list[tuple[str, list[int], torch.dtype]],
+        max_shard_bytes: int,
+    ):
+        self.folder = folder
+        self.layout = layout
+        shards: list[list[int]] = [[]]
+        size = 0
+        for index, (_, shape, dtype) in enumerate(layout):
+            nbytes = math.prod(shape) * dtype.itemsize
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(index)
+            size += nbytes
+        total = len(shards)
+        self.names = [
+            f"{prefix}.safetensors" if total == 1 else f"{prefix}-{i + 1:05d}-of-{total:05d}.safetensors"
+            for i in range(total)
+        ]
+        self.shard_of = {i: shard for shard, members in enumerate(shards) for i in members}
+        self.shards = shards
+        self.index_name = f"{prefix}.safetensors.index.json"
+        self.written = 0
+        self.handle = None
+
+    def _open_shard(self, shard: int) -> None:
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for index in self.shards[shard]:
+            key, shape, dtype = self.layout[index]
+            end = offset + math.prod(shape) * dtype.itemsize
+            header[key] = {
+                "dtype": SAFETENSORS_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, end],
+            }
+            offset = end
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+        self.handle = open(self.folder / self.names[shard], "wb")
+        self.handle.write(struct.pack("<Q", len(encoded)) + encoded)
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.current and self.current_bytes + size > self.max_bytes:
-            self._flush()
-        self.current[key] = tensor.contiguous()
-        self.current_bytes += size
-
-    def _flush(self) -> None:
-        path = self.folder / f"{self.prefix}-part{len(self.paths):05d}.safetensors"
-        save_file(self.current, str(path), metadata={"format": "pt"})
-        self.paths.append(path)
-        self.shards.append(list(self.current))
-        self.current, self.current_bytes = {}, 0
+        if self.written >= len(self.layout):
+            raise RuntimeError(f"{key!r}: the output layout has only {len(self.layout)} tensors.")
+        expected_key, shape, dtype = self.layout[self.written]
+        if (key, list(tensor.shape), tensor.dtype) != (expected_key, list(shape), dtype):
+            raise RuntimeError(
+                f"Tensor {key!r} {list(tensor.shape)} {tensor.dtype} is not the planned next output "
+                f"{expected_key!r} {list(shape)} {dtype}."
+            )
+        shard = self.shard_of[self.written]
+        if self.handle is None:
+            self._open_shard(shard)
+        self.handle.write(memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+        self.written += 1
+        if self.written == len(self.layout) or self.shard_of[self.written] != shard:
+            self.handle.close()
+            self.handle = None
 
     def close(self) -> None:
-        if self.current or not self.paths:
-            self._flush()
-        if len(self.paths) == 1:
-            self.paths[0].rename(self.folder / f"{self.prefix}.safetensors")
-            return
-        weight_map, total = {}, len(self.paths)
-        for i, (path, keys) in enumerate(zip(self.paths, self.shards)):
-            final = self.folder / f"{self.prefix}-{i + 1:05d}-of-{total:05d}.safetensors"
-            path.rename(final)
-            weight_map.update({k: final.name for k in keys})
-        index = {"metadata": {}, "weight_map": weight_map}
-        (self.folder / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        if self.written != len(self.layout):
+            raise RuntimeError(f"Only {self.written} of the {len(self.layout)} planned tensors were written.")
+        if len(self.names) > 1:
+            weight_map = {key: self.names[self.shard_of[i]] for i, (key, _, _) in enumerate(self.layout)}
+            index = {"metadata": {}, "weight_map": weight_map}
+            (self.folder / self.index_name).write_text(json.dumps(index, indent=2))
 
 
 def check_output_dir(output_dir: Path, inputs: list[Path]) -> None:
@@ -423,7 +483,8 @@ def _merge_adapters(config, folders, params, out: Path, progress: bool) -> Merge
         dtype=torch.float32,  # the factors are cast to the output dtype when written
         **params,
     )
-    writer = ShardWriter(out, "adapter_model", config.max_shard_size_mb << 20)
+    layout = [(key, list(merged[key].shape), dtype) for key in sorted(merged)]
+    writer = StreamingShardWriter(out, "adapter_model", layout, config.max_shard_size_mb << 20)
     for key in tqdm(sorted(merged), desc="writing", disable=not progress):
         writer.add(key, merged[key].to(dtype))
     writer.close()
@@ -453,10 +514,20 @@ def _merge_checkpoints(config, folders, params, out: Path, progress: bool) -> Me
     )
     method = get_merge_method(config.merge_method)
     seed = params.pop("seed", None)
-    writer = ShardWriter(out, "model", config.max_shard_size_mb << 20)
-    for index, key in enumerate(tqdm(keys, desc="merging", disable=not progress)):
+
+    def output_dtype(key: str) -> torch.dtype:
+        name = base.shapes[key][1]
+        if name not in TORCH_DTYPES:
+            raise ValueError(
+                f"{base.where[key]}: tensor {key!r} has dtype {name}, which metis-hf does not merge."
+            )
+        dtype = TORCH_DTYPES[name]
+        return DTYPES[config.dtype] if config.dtype and dtype.is_floating_point else dtype
+
+    layout = [(key, base.shapes[key][0], output_dtype(key)) for key in keys]
+    writer = StreamingShardWriter(out, "model", layout, config.max_shard_size_mb << 20)
+    for index, (key, _, dtype) in enumerate(tqdm(layout, desc="merging", disable=not progress)):
         base_tensor = base.get(key)
-        dtype = DTYPES.get(config.dtype) if config.dtype else base_tensor.dtype
         if not base_tensor.is_floating_point():
             writer.add(key, base_tensor)
             continue
