@@ -396,30 +396,32 @@ def test_save_model_writes_merged_adapter_full_model_and_task_adapters(tmp_path,
         torch.testing.assert_close(full(ids).logits, loaded(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("schedule", ["sequential", "parallel"])
-def test_two_cpu_processes_match_one_at_the_same_global_batch(tmp_path, schedule):
-    """Plain SGD, so a wrong gradient scale across processes (AdamW normalises it away) changes
-    the merge; both the per-task schedule and the parallel one (per-task token counts reduced
-    across processes)."""
-    import shutil
+def _torchrun(processes: int) -> list[str]:
     import socket
     import sys
 
     with socket.socket() as probe:  # a free loopback port for the gloo rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    torchrun = [
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc-per-node",
-        "2",
+        str(processes),
         "--master-addr",
         "127.0.0.1",
         "--master-port",
         str(port),
     ]
-    assert shutil.which(sys.executable)
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "parallel"])
+def test_two_cpu_processes_match_one_at_the_same_global_batch(tmp_path, schedule):
+    """Plain SGD, so a wrong gradient scale across processes (AdamW normalises it away) changes
+    the merge; both the per-task schedule and the parallel one (per-task token counts reduced
+    across processes)."""
+    torchrun = _torchrun(2)
     common = ["--sgd", "--schedule", schedule]
     single = _child(tmp_path / "one", *common, "--accum", "4")  # micro-batch rows x 4 per step
     assert single.returncode == 0, single.stderr[-3000:]
@@ -621,3 +623,61 @@ def test_a_run_branched_before_its_first_merge_equals_the_unbranched_run(
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0)
     assert json.loads(Path(checkpoint, "metis_state.json").read_text())["pending_merge"] == 0
+
+
+@pytest.mark.parametrize("method", ["metis", "task_arithmetic"])
+def test_task_parallel_over_2_and_4_processes_ends_with_the_sequential_merge(tmp_path, method):
+    """Four tasks, plain SGD: one process training them in turn, and 2 and 4 gloo processes each
+    training its own tasks (no per-step communication, the adapters exchanged once a round) end
+    with the same merged adapter and the same round records; the exchange is T adapters a round."""
+    common = ["--sgd", "--four-tasks", "--merge-method", method, "--accum", "2"]
+    single = _child(tmp_path / "one", *common)
+    assert single.returncode == 0, single.stderr[-3000:]
+    one = _final_adapter(tmp_path / "one")
+    one_rounds = [json.loads(x) for x in (tmp_path / "one" / "rounds.jsonl").read_text().splitlines()]
+    assert any(float(v.abs().sum()) > 0 for k, v in one.items() if "lora_B" in k)
+    for processes in (2, 4):
+        folder = tmp_path / f"tp{processes}"
+        run = _child(folder, *common, "--schedule", "task_parallel", launcher=_torchrun(processes))
+        assert run.returncode == 0, run.stderr[-3000:]
+        got = _final_adapter(folder)
+        for key in one:
+            torch.testing.assert_close(got[key], one[key], atol=1e-5, rtol=1e-4)
+        rounds = [json.loads(x) for x in (folder / "rounds.jsonl").read_text().splitlines()]
+        adapter_bytes = sum(v.numel() * v.element_size() for v in one.values())  # one adapter's factors
+        for mine, theirs in zip(rounds, one_rounds, strict=True):
+            assert mine.pop("merge/exchanged_bytes") == 4 * adapter_bytes
+            assert mine["step"] == theirs["step"] // processes  # each process trains T / processes tasks
+            assert {**mine, "step": 0} == pytest.approx({**theirs, "step": 0}, abs=1e-5)
+
+
+def test_task_parallel_needs_a_process_count_dividing_the_tasks():
+    from metis_hf.training.plan import RoundPlan
+
+    with pytest.raises(ValueError, match="3 tasks cannot be split between 2 processes"):
+        RoundPlan(["a", "b", "c"], [2, 2, 2], rounds=1, schedule="task_parallel", processes=2)
+    plan = RoundPlan(["a", "b", "c", "d"], [2, 2, 2, 2], rounds=2, schedule="task_parallel", processes=2)
+    assert plan.process_tasks == [[0, 2], [1, 3]] and plan.round_ends == [4, 8]
+    assert [s.task for s in plan.process_steps[1][:4]] == [1, 1, 3, 3]
+
+
+def test_task_parallel_checkpoints_at_round_ends_and_resumes_to_the_same_merge(tmp_path):
+    """Two processes, killed right after round 1's checkpoint: checkpoints exist only at round ends
+    (mid-round each process holds only its own tasks' adapters), and the resumed run ends with
+    the uninterrupted run's merge."""
+    common = ["--sgd", "--four-tasks", "--accum", "2", "--schedule", "task_parallel", "--checkpoints"]
+    whole = _child(tmp_path / "whole", *common, launcher=_torchrun(2))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "whole").glob("checkpoint-*")) == [
+        "checkpoint-12",
+        "checkpoint-6",
+    ]
+    killed = _child(tmp_path / "broken", *common, "--kill-at-step", "6", launcher=_torchrun(2))
+    assert killed.returncode != 0
+    resumed = _child(tmp_path / "broken", *common, "--resume", launcher=_torchrun(2))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = _final_adapter(tmp_path / "whole"), _final_adapter(tmp_path / "broken")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0)
+    rounds = [json.loads(x) for x in (tmp_path / "broken" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]

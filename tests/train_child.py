@@ -1,7 +1,8 @@
 """A training run in a child process, for the kill-and-resume test.
 
     python -m tests.train_child OUTPUT_DIR [--kill-at-step N [--no-save-at-kill]] [--resume] [--accum N]
-        [--checkpoints --save-steps N] [--schedule sequential|interleaved|parallel]
+        [--checkpoints --save-steps N] [--schedule sequential|interleaved|parallel|task_parallel]
+        [--four-tasks] [--merge-method M]
     torchrun --nproc-per-node 2 -m tests.train_child OUTPUT_DIR --accum 1
 
 Writes the final merged adapter and the Trainer's log history to OUTPUT_DIR/final. With --kill-at-step, the process SIGKILLs
@@ -18,7 +19,10 @@ import signal
 from transformers import TrainerCallback
 
 from tests.conftest import make_tiny_model, make_tokenizer
-from tests.test_trainer import LORA, TRAIN, VAL
+from tests.test_trainer import LORA, TRAIN, VAL, _data
+
+# A fourth task, so that 2 and 4 processes split the tasks evenly (task_parallel).
+FOURTH_TRAIN, FOURTH_VAL = {"add4": _data(14, 4)}, {"add4": _data(5, 4, 50)}
 
 
 class KillAt(TrainerCallback):
@@ -56,14 +60,18 @@ def main() -> None:
     parser.add_argument(
         "--sgd", action="store_true", help="Plain SGD (lr 0.5): gradients reach the update 1:1."
     )
+    parser.add_argument("--four-tasks", action="store_true", help="Train add1..add4.")
+    parser.add_argument("--merge-method", default="metis")
     args = parser.parse_args()
+    train, val = ({**TRAIN, **FOURTH_TRAIN}, {**VAL, **FOURTH_VAL}) if args.four_tasks else (TRAIN, VAL)
     parallel = args.schedule == "parallel"
     tokenizer = make_tokenizer()
     config = MetisConfig(
         output_dir=args.output_dir,
         num_rounds=2,
         local_steps=3,
-        per_device_train_batch_size=2 * len(TRAIN) if parallel else 2,
+        per_device_train_batch_size=2 * len(train) if parallel else 2,
+        merge_method=args.merge_method,
         gradient_accumulation_steps=args.accum,
         task_schedule=args.schedule,
         **(dict(optim="sgd", learning_rate=0.5) if args.sgd else {}),
@@ -77,8 +85,8 @@ def main() -> None:
     trainer = MetisTrainer(
         model=make_tiny_model(len(tokenizer), seed=0),
         args=config,
-        train_dataset=TRAIN,
-        eval_dataset=VAL,
+        train_dataset=train,
+        eval_dataset=val,
         processing_class=tokenizer,
         peft_config=LoraConfig(**LORA),
         callbacks=[KillAt(args.kill_at_step, save=not args.no_save_at_kill)] if args.kill_at_step else None,

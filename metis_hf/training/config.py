@@ -16,7 +16,7 @@ from metis_hf.redact import register_secret
 from metis_hf.training.rounds import check_merge_settings, is_per_round
 
 PROTOCOLS = ("many_shot", "post_hoc")
-TASK_SCHEDULES = ("sequential", "interleaved", "parallel")
+TASK_SCHEDULES = ("sequential", "interleaved", "parallel", "task_parallel")
 ROUND_LR_SCHEDULES = ("linear", "constant")
 GAP_TOKENS = ("trained", "completion")
 MERGE_PARAMETER_ALIASES = ("temperature", "delta", "k", "beta")
@@ -103,7 +103,9 @@ class MetisConfig(SFTConfig):
             "help": "'sequential': each task's round in turn (the reference); 'interleaved': one "
             "optimizer step per task in turn; 'parallel': every task in every step, each row of a "
             "batched forward routed to its task's adapter (per_device_train_batch_size counts the rows "
-            "of all tasks together and must be a multiple of the task count).",
+            "of all tasks together and must be a multiple of the task count); 'task_parallel': under "
+            "several processes, each trains its own tasks with no per-step communication and the "
+            "processes exchange the task adapters once a round, before the merge.",
             "choices": list(TASK_SCHEDULES),
         },
     )

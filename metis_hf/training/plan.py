@@ -24,11 +24,19 @@ class RoundPlan:
     steps_per_task: list[int]  # optimizer steps of each task in each round
     rounds: int  # merges: num_rounds for many-shot, 1 for post-hoc
     schedule: str = "sequential"
-    steps: list[Step] = field(init=False)
+    processes: int = 1  # task_parallel: the processes that split the tasks between them
+    steps: list[Step] = field(init=False)  # task_parallel: process 0's steps
     round_ends: list[int] = field(init=False)  # global step counts after which a merge happens
+    # task_parallel: each process's tasks (task t belongs to process t % processes) and steps.
+    process_tasks: list[list[int]] = field(init=False)
+    process_steps: list[list[Step]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.steps, self.round_ends = [], []
+        self.process_tasks = [list(range(len(self.tasks)))]
+        if self.schedule == "task_parallel":
+            self._task_parallel()
+            return
         if self.schedule == "parallel":
             if len(set(self.steps_per_task)) != 1:
                 raise ValueError(
@@ -48,6 +56,35 @@ class RoundPlan:
                 counters[task] += 1
             self.round_ends.append(len(self.steps))
 
+    def _task_parallel(self) -> None:
+        """Each process trains its own tasks one after another (sequential within the process), all
+        processes in lockstep, so a round ends on every process at the same global step."""
+        count = len(self.tasks)
+        if count % self.processes:
+            raise ValueError(
+                f"task_schedule='task_parallel' splits the tasks evenly between processes: {count} tasks "
+                f"cannot be split between {self.processes} processes. Use a process count dividing {count}."
+            )
+        self.process_tasks = [list(range(p, count, self.processes)) for p in range(self.processes)]
+        lengths = {sum(self.steps_per_task[t] for t in tasks) for tasks in self.process_tasks}
+        if len(lengths) != 1:
+            raise ValueError(
+                "task_schedule='task_parallel' needs the same optimizer steps per round on every process; "
+                f"got {dict(zip(self.tasks, self.steps_per_task))} per task. Set local_steps."
+            )
+        self.process_steps = [[] for _ in range(self.processes)]
+        for r in range(self.rounds):
+            for p, tasks in enumerate(self.process_tasks):
+                for t in tasks:
+                    n = self.steps_per_task[t]
+                    self.process_steps[p].extend(Step(r, t, j, n) for j in range(n))
+            self.round_ends.append(len(self.process_steps[0]))
+        self.steps = self.process_steps[0]
+
+    def owner(self, task: int) -> int:
+        """The process that trains ``task`` (task_parallel; 0 in every other schedule)."""
+        return task % self.processes if self.schedule == "task_parallel" else 0
+
     def _round_order(self) -> list[int]:
         if self.schedule == "sequential":
             return [t for t, n in enumerate(self.steps_per_task) for _ in range(n)]
@@ -63,15 +100,18 @@ class RoundPlan:
     def total_steps(self) -> int:
         return len(self.steps)
 
-    def step(self, global_step: int) -> Step:
-        return self.steps[min(global_step, len(self.steps) - 1)]
+    def step(self, global_step: int, process: int = 0) -> Step:
+        """The step ``global_step`` of ``process`` (every process has the same steps except in
+        task_parallel)."""
+        steps = self.process_steps[process] if self.schedule == "task_parallel" else self.steps
+        return steps[min(global_step, len(steps) - 1)]
 
-    def lr_factor(self, global_step: int, mode: str) -> float:
+    def lr_factor(self, global_step: int, mode: str, process: int = 0) -> float:
         """Linear decay to 0 within each task's round (no warm-up), as the reference's per-round
         Trainer with ``lr_scheduler_type='linear'``; or constant."""
         if mode == "constant":
             return 1.0
-        s = self.step(global_step)
+        s = self.step(global_step, process)
         return max(0.0, 1.0 - s.local_index / s.local_steps)
 
     def example_order(self, task_ranges: list[range], rows: int, micro_batches: int, seed: int) -> list[int]:
@@ -82,8 +122,12 @@ class RoundPlan:
         another when it runs out) and takes ``rows * micro_batches`` of them per step. A
         sequential or interleaved step lays out its task's examples in order; a parallel step
         builds every micro-batch from each task's next ``rows`` examples, tasks in order, so
-        every task sees exactly the examples the other schedules give it.
+        every task sees exactly the examples the other schedules give it. A task-parallel step
+        gives micro-batch ``m`` of process ``p`` the slot ``m * processes + p`` (accelerate hands
+        process p every processes-th micro-batch from p on), filled from p's own task.
         """
+        if self.schedule == "task_parallel":
+            return self._task_parallel_order(task_ranges, rows, micro_batches // self.processes, seed)
         per_step = rows * micro_batches
         streams: dict[tuple[int, int], list[int]] = {}
 
@@ -109,6 +153,27 @@ class RoundPlan:
             for m in range(micro_batches):
                 for task_chunk in chunks:
                     order.extend(task_chunk[m * rows : (m + 1) * rows])
+        return order
+
+    def _task_parallel_order(
+        self, task_ranges: list[range], rows: int, accumulation: int, seed: int
+    ) -> list[int]:
+        single = RoundPlan(self.tasks, self.steps_per_task, self.rounds)  # each task's own stream
+        streams = single.example_order(task_ranges, rows, accumulation, seed)
+        per_step = rows * accumulation
+        position = {}  # (round, task, local step) -> where that step's examples sit in `streams`
+        for index, s in enumerate(single.steps):
+            position[s.round, s.task, s.local_index] = index * per_step
+        order: list[int] = []
+        for g in range(len(self.steps)):
+            chunks = []
+            for p in range(self.processes):
+                s = self.process_steps[p][g]
+                start = position[s.round, s.task, s.local_index]
+                chunks.append(streams[start : start + per_step])
+            for m in range(accumulation):
+                for chunk in chunks:
+                    order.extend(chunk[m * rows : (m + 1) * rows])
         return order
 
 

@@ -25,6 +25,7 @@ TASK_FIELDS = {
 }
 ALPHA_KEY, DENSITY_KEY = "merge/alpha", "merge/mask_density"
 MULTITASK_KEY, TRUNCATION_KEY = "merge/multitask_loss", "merge/truncation_error"
+EXCHANGED_KEY = "merge/exchanged_bytes"
 
 
 @dataclass
@@ -43,6 +44,7 @@ class RoundRecord:
     completion_loss_local: dict[str, float] | None = None
     multitask_loss: float | None = None  # the merged adapter's mean validation loss over tasks
     truncation_error: float | None = None  # dense space: the share of the merge rank r dropped
+    exchanged_bytes: int | None = None  # task_parallel: the adapter bytes broadcast before the merge
 
     @property
     def tasks(self) -> list[str]:
@@ -59,6 +61,8 @@ class RoundRecord:
             row[MULTITASK_KEY] = self.multitask_loss
         if self.truncation_error is not None:
             row[TRUNCATION_KEY] = self.truncation_error
+        if self.exchanged_bytes is not None:
+            row[EXCHANGED_KEY] = self.exchanged_bytes
         return row
 
     @classmethod
@@ -75,6 +79,7 @@ class RoundRecord:
             alphas=per_task(ALPHA_KEY) or {},
             multitask_loss=row.get(MULTITASK_KEY),
             truncation_error=row.get(TRUNCATION_KEY),
+            exchanged_bytes=row.get(EXCHANGED_KEY),
             **{name: per_task(prefix) for name, prefix in TASK_FIELDS.items()},
         )
 

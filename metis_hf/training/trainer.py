@@ -7,7 +7,7 @@ adapters start from one LoRA initialisation. The extension points used, all publ
 * ``_get_train_sampler``: the round plan's example order, so every optimizer step holds one task's
   micro-batches (sequential, interleaved) or every task's, in per-task row blocks (parallel);
 * ``training_step``: activates the step's task adapter (parallel: routes each row block to its
-  task's adapter), then ``super()``;
+  task's adapter; task_parallel: this process's task, gradients kept local), then ``super()``;
 * ``create_optimizer``: one AdamW over every task adapter. A parameter without a gradient is
   skipped by AdamW, so each task keeps its own moments and step count;
 * ``create_scheduler``: linear decay to 0 within each task's round (the reference's);
@@ -163,6 +163,15 @@ class MetisTrainer(SFTTrainer):
                     "MetisTrainer merges LoRA A and B only (they would never be merged)."
                 )
         self._parallel = args.task_schedule == "parallel"
+        self._task_parallel = args.task_schedule == "task_parallel"
+        if self._task_parallel:
+            # Each process's loss is normalised by its own tokens: no process averages with another.
+            args.average_tokens_across_devices = False
+            if args.save_strategy != "no" and not args.reset_optimizer_each_round:
+                raise ValueError(
+                    "task_schedule='task_parallel' checkpoints only with reset_optimizer_each_round=True: "
+                    "each process holds the optimizer state of its own tasks, which a checkpoint cannot gather."
+                )
         self._rows_per_task = args.per_device_train_batch_size
         self._step_tokens = [0] * len(self.task_names)
         self._clip_norm = args.max_grad_norm
@@ -260,6 +269,12 @@ class MetisTrainer(SFTTrainer):
         )
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._task_parallel:  # this process's task; its gradients stay here (no all-reduce)
+            self._activate(
+                self.task_names[self.plan.step(self.state.global_step, self.args.process_index).task]
+            )
+            with self.accelerator.no_sync(model):
+                return super().training_step(model, inputs, num_items_in_batch)
         if not self._parallel:
             self._activate(self.task_names[self.plan.step(self.state.global_step).task])
             return super().training_step(model, inputs, num_items_in_batch)
@@ -296,7 +311,10 @@ class MetisTrainer(SFTTrainer):
         if self.lr_scheduler is None:
             mode = self.args.round_lr_schedule
             plan = self.plan
-            self.lr_scheduler = LambdaLR(optimizer or self.optimizer, lambda step: plan.lr_factor(step, mode))
+            process = self.args.process_index
+            self.lr_scheduler = LambdaLR(
+                optimizer or self.optimizer, lambda step: plan.lr_factor(step, mode, process)
+            )
         return self.lr_scheduler
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
@@ -464,7 +482,7 @@ class MetisTrainer(SFTTrainer):
             token_sets.append("completion")
         trained: dict[str, float] = {}
         completion: dict[str, float] = {}
-        for task in self.task_names:
+        for task in self._owned_tasks():
             self._activate(adapter or task)
             losses = per_example_losses_on(
                 self.peft_model,
@@ -476,7 +494,35 @@ class MetisTrainer(SFTTrainer):
             trained[task] = float(losses[0].mean())
             if len(losses) > 1:
                 completion[task] = float(losses[1].mean())
+        if self._task_parallel:  # each process measured its own tasks: every process gets them all
+            gathered: list[Any] = [None] * self.args.world_size
+            torch.distributed.all_gather_object(gathered, (trained, completion))
+            trained = {t: v for part, _ in gathered for t, v in part.items()}
+            completion = {t: v for _, part in gathered for t, v in part.items()}
+            trained = {t: trained[t] for t in self.task_names}  # the tasks' order, not the owners'
+            completion = {t: completion[t] for t in self.task_names if t in completion}
         return trained, (completion if len(token_sets) > 1 else None)
+
+    def _owned_tasks(self) -> list[str]:
+        """The tasks this process trains and measures (all of them but in task_parallel)."""
+        if not self._task_parallel:
+            return self.task_names
+        return [self.task_names[t] for t in self.plan.process_tasks[self.args.process_index]]
+
+    def _exchange_task_adapters(self) -> int:
+        """task_parallel, at a round's end: every task adapter goes from the process that trained
+        it to all the others (one broadcast of its flattened factors); returns the bytes sent."""
+        sent = 0
+        for index, task in enumerate(self.task_names):
+            params = list(lora_parameters(self.peft_model, task).values())
+            flat = torch.cat([p.detach().reshape(-1) for p in params])
+            torch.distributed.broadcast(flat, src=self.plan.owner(index))
+            sent += flat.numel() * flat.element_size()
+            offset = 0
+            for p in params:
+                p.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+        return sent
 
     @property
     def _separate_gap_tokens(self) -> bool:
@@ -487,6 +533,7 @@ class MetisTrainer(SFTTrainer):
     def _end_round(self, round_index: int) -> None:
         """After a round's last step: measure the loss gaps, merge, record the round."""
         previous_adapter = self.peft_model.active_adapter
+        exchanged = self._exchange_task_adapters() if self._task_parallel else None
         gaps = self._measure_gaps() if self.validation else None
         params, alphas = merge_parameters(
             self.args,
@@ -504,6 +551,7 @@ class MetisTrainer(SFTTrainer):
             mask_density=sum(int(torch.count_nonzero(v)) for v in merged.values()) / total,
             alphas=dict(zip(self.task_names, alphas)),
             truncation_error=truncation,
+            exchanged_bytes=exchanged,
         )
         if gaps is not None:
             self._merged_val_losses, self._merged_gap_losses = self._val_losses(MERGED)
@@ -614,8 +662,12 @@ class _RoundCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self.trainer
         if state.global_step not in trainer.plan.round_ends:
+            if trainer._task_parallel:  # mid-round, each process holds only its own tasks' adapters
+                control.should_save = False
             return
         round_index = trainer.plan.round_ends.index(state.global_step)
+        if trainer._task_parallel and args.save_strategy != "no":
+            control.should_save = True  # the adapters are in sync at a round's end only: save there
         if round_index == trainer._branch_round:
             control.should_save = control.should_training_stop = True
             return
@@ -720,11 +772,16 @@ def _build_adapters(model: torch.nn.Module, config: LoraConfig, tasks: list[str]
 
 
 def make_round_plan(args: MetisConfig, tasks: list[str], sizes: list[int], rows_per_task: int) -> RoundPlan:
-    per_step = rows_per_task * args.gradient_accumulation_steps * args.world_size
+    task_parallel = args.task_schedule == "task_parallel"
+    processes = args.world_size if task_parallel else 1
+    # A task's step takes micro-batches from every process, except in task_parallel (its own only).
+    per_step = rows_per_task * args.gradient_accumulation_steps * (1 if task_parallel else args.world_size)
     if args.local_steps is not None:
         steps = [args.local_steps] * len(tasks)
     else:
         steps = [max(1, math.ceil(n * args.local_epochs / per_step)) for n in sizes]
     if args.protocol == "post_hoc":  # the same optimizer steps per task, one merge at the end
-        return RoundPlan(tasks, [s * args.num_rounds for s in steps], rounds=1, schedule=args.task_schedule)
-    return RoundPlan(tasks, steps, rounds=args.num_rounds, schedule=args.task_schedule)
+        steps, rounds = [s * args.num_rounds for s in steps], 1
+    else:
+        rounds = args.num_rounds
+    return RoundPlan(tasks, steps, rounds=rounds, schedule=args.task_schedule, processes=processes)
