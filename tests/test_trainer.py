@@ -681,3 +681,16 @@ def test_task_parallel_checkpoints_at_round_ends_and_resumes_to_the_same_merge(t
         torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0)
     rounds = [json.loads(x) for x in (tmp_path / "broken" / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
+
+
+def test_task_parallel_in_one_process_is_the_sequential_schedule(tmp_path, tiny_tokenizer):
+    results = []
+    for schedule in ("sequential", "task_parallel"):
+        trainer = _trainer(tmp_path / schedule, tiny_tokenizer, task_schedule=schedule)
+        trainer.train()
+        results.append((lora_state(trainer.peft_model, "default"), trainer.round_records))
+    (sequential, sequential_rounds), (task_parallel, rounds) = results
+    for key in sequential:
+        torch.testing.assert_close(task_parallel[key], sequential[key], atol=0, rtol=0)
+    assert [r.pop("merge/exchanged_bytes") for r in rounds] == [0, 0]
+    assert rounds == sequential_rounds

@@ -494,7 +494,7 @@ class MetisTrainer(SFTTrainer):
             trained[task] = float(losses[0].mean())
             if len(losses) > 1:
                 completion[task] = float(losses[1].mean())
-        if self._task_parallel:  # each process measured its own tasks: every process gets them all
+        if self._task_parallel and self.args.world_size > 1:  # each process measured its own tasks
             gathered: list[Any] = [None] * self.args.world_size
             torch.distributed.all_gather_object(gathered, (trained, completion))
             trained = {t: v for part, _ in gathered for t, v in part.items()}
@@ -533,7 +533,9 @@ class MetisTrainer(SFTTrainer):
     def _end_round(self, round_index: int) -> None:
         """After a round's last step: measure the loss gaps, merge, record the round."""
         previous_adapter = self.peft_model.active_adapter
-        exchanged = self._exchange_task_adapters() if self._task_parallel else None
+        exchanged = None
+        if self._task_parallel:  # one process alone holds every adapter already
+            exchanged = self._exchange_task_adapters() if self.args.world_size > 1 else 0
         gaps = self._measure_gaps() if self.validation else None
         params, alphas = merge_parameters(
             self.args,
