@@ -482,3 +482,37 @@ def test_reference_rows_base_and_multitask_sft_are_normalized_paired_and_drawn(t
     assert md.count("| base | ") == 1 and "| References base model |" not in md
     written = {p.name for p in write_report(report, tmp_path)}
     assert "radar_reference.png" not in written and "radar_many_shot.png" in written
+
+
+def test_paired_gains_and_the_score_tables_gain_column():
+    """Base right on items 0-19 of 100, merged on 0-49: a gain of 0.30 whose per-item differences
+    are 1 on 30 items, so the paired interval is 0.30 +- 1.96 sqrt(0.3 * 0.7 / 100) = [0.21, 0.39];
+    a second task the two get equally right (different items) gains 0 and is a tie."""
+    from metis_hf.evaluation import TaskScore, format_score_table
+    from metis_hf.evaluation.uncertainty import paired_gains
+
+    def score(task, right):
+        items = [1.0 if i in right else 0.0 for i in range(100)]
+        return TaskScore(
+            task, sum(items) / 100, sum(items) / 100, 100, item_scores=items, item_exact_matches=items
+        )
+
+    base = {"a": score("a", range(20)), "b": score("b", range(0, 60, 2))}
+    merged = {"a": score("a", range(50)), "b": score("b", range(1, 60, 2))}
+    gains = paired_gains(
+        {t: s.item_exact_matches for t, s in base.items()},
+        {t: s.item_exact_matches for t, s in merged.items()},
+    )
+    value, low, high = gains["a"]
+    assert (
+        value == pytest.approx(0.30)
+        and low == pytest.approx(0.21, abs=0.02)
+        and high == pytest.approx(0.39, abs=0.02)
+    )
+    assert gains["b"][0] == pytest.approx(0.0) and gains["b"][1] < 0 < gains["b"][2]
+    assert gains["mean"][0] == pytest.approx(0.15)
+    table = format_score_table({"base": base, "merged": merged})
+    assert "| a | 0.200 | 0.200 | 0.500 | 0.500 | +0.300 [" in table
+    assert (
+        "merged is above base beyond the 95% interval on 1 of 2 tasks; mean exact-match gain +0.150" in table
+    )

@@ -98,21 +98,47 @@ def score_tasks(model, tokenizer, tasks: Mapping[str, Task], **kwargs) -> dict[s
 
 
 def format_score_table(results: Mapping[str, Mapping[str, TaskScore]]) -> str:
-    """A markdown table: one row per task, a score and exact-match column pair per model."""
+    """A markdown table: one row per task, a score and exact-match column pair per model; with two
+    models scored item by item, a last column with the second's exact-match gain over the first
+    and its 95% paired-bootstrap interval over the test items, and a line saying what it shows."""
+    from metis_hf.evaluation.uncertainty import paired_gains
+
     models = list(results)
     tasks = list(next(iter(results.values()))) if results else []
-    header = "| task | " + " | ".join(f"{m} score | {m} exact" for m in models) + " |"
-    lines = [header, "|---" * (1 + 2 * len(models)) + "|"]
+    gains = None
+    if len(models) == 2 and tasks and all(results[m][t].item_exact_matches for m in models for t in tasks):
+        first, second = (results[m] for m in models)
+        gains = paired_gains(
+            {t: first[t].item_exact_matches for t in tasks}, {t: second[t].item_exact_matches for t in tasks}
+        )
+    gain_header = f" {models[1]} - {models[0]} exact [95%] |" if gains else ""
+    header = "| task | " + " | ".join(f"{m} score | {m} exact" for m in models) + " |" + gain_header
+    lines = [header, "|---" * (1 + 2 * len(models) + bool(gains)) + "|"]
+
+    def gain_cell(key: str) -> str:
+        if not gains:
+            return ""
+        value, low, high = gains[key]
+        return f" {value:+.3f} [{low:+.3f}, {high:+.3f}] |"
+
     for task in tasks:
         cells = " | ".join(
             f"{results[m][task].score:.3f} | {results[m][task].exact_match:.3f}" for m in models
         )
-        lines.append(f"| {task} | {cells} |")
+        lines.append(f"| {task} | {cells} |{gain_cell(task)}")
     if tasks:
         means = " | ".join(
             f"{sum(results[m][t].score for t in tasks) / len(tasks):.3f} | "
             f"{sum(results[m][t].exact_match for t in tasks) / len(tasks):.3f}"
             for m in models
         )
-        lines.append(f"| **mean** | {means} |")
+        lines.append(f"| **mean** | {means} |{gain_cell('mean')}")
+    if gains:
+        above = [t for t in tasks if gains[t][1] > 0]
+        below = [t for t in tasks if gains[t][2] < 0]
+        lines.append(
+            f"\n{models[1]} is above {models[0]} beyond the 95% interval on {len(above)} of {len(tasks)} "
+            f"tasks{f', below it on {len(below)}' if below else ''}; mean exact-match gain "
+            f"{gains['mean'][0]:+.3f} [{gains['mean'][1]:+.3f}, {gains['mean'][2]:+.3f}]."
+        )
     return "\n".join(lines)

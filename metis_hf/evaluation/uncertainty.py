@@ -98,6 +98,30 @@ def interval(values: np.ndarray) -> list[float]:
     return [float(low), float(high)]
 
 
+def paired_gains(
+    before: Mapping[str, Sequence[float]],
+    after: Mapping[str, Sequence[float]],
+    replicates: int = REPLICATES,
+    seed: int = 0,
+) -> dict[str, tuple[float, float, float]]:
+    """Per task, and over tasks (key ``"mean"``), the gain of ``after`` over ``before`` on the same
+    test items (per-item values of each), with its 95% paired-bootstrap interval: (gain, low, high).
+    Each replicate resamples every task's items once; the mean is over tasks within a replicate."""
+    rng = np.random.default_rng(seed)
+    out, replicated = {}, []
+    for task, items in before.items():
+        a, b = np.asarray(items, dtype=np.float64), np.asarray(after[task], dtype=np.float64)
+        if a.shape != b.shape or a.size == 0:
+            raise ValueError(f"{task}: the two models were scored on different items ({a.size} and {b.size}).")
+        sample = rng.integers(0, a.size, size=(replicates, a.size))
+        gains = (b[sample] - a[sample]).mean(axis=1)
+        replicated.append(gains)
+        out[task] = (float((b - a).mean()), *interval(gains))
+    if replicated:
+        out["mean"] = (float(np.mean([g[0] for g in out.values()])), *interval(np.mean(replicated, axis=0)))
+    return out
+
+
 def sign_flip_p(differences: Sequence[float]) -> float:
     """Two-sided exact p of the paired sign-flip test: the share of the 2^n sign assignments whose
     mean is at least as far from 0 as the observed one (nan for no seeds)."""
