@@ -275,9 +275,9 @@ class Comparison:
         trainer.save_model(str(folder / "adapter"))
         return trainer, trainer.processing_class, seconds
 
-    def _branch_group(self, run: Run) -> tuple[list[Run], str]:
-        """The seed's many-shot runs that train exactly as ``run`` up to round 1's merge, and a
-        digest of those training settings."""
+    def _branch_group(self, run: Run) -> tuple[list[Run], Path]:
+        """The seed's many-shot runs that train exactly as ``run`` up to round 1's merge, and the
+        folder of their shared branch point (named by a digest of those training settings)."""
         from metis_hf.training.trainer import training_signature
 
         def signature(other: Run) -> str:
@@ -287,7 +287,8 @@ class Comparison:
         mine = signature(run)
         runs = [Run("many_shot", run.seed, m) for m in self.recipe.compare.many_shot_methods]
         group = [other for other in runs if signature(other) == mine]
-        return group, hashlib.sha256(mine.encode()).hexdigest()[:10]
+        digest = hashlib.sha256(mine.encode()).hexdigest()[:10]
+        return group, self.output_dir / "runs" / f"seed{run.seed}" / f"branch_point-{digest}"
 
     def _branch_point(self, run: Run) -> tuple[Path, float] | None:
         """The checkpoint before round 1's merge that ``run`` shares with the seed's other many-shot
@@ -295,10 +296,9 @@ class Comparison:
         None when the run trains alone."""
         if not self.recipe.compare.branch_many_shot:
             return None
-        group, digest = self._branch_group(run)
+        group, folder = self._branch_group(run)
         if len(group) < 2:
             return None
-        folder = self.output_dir / "runs" / f"seed{run.seed}" / f"branch_point-{digest}"
         if not (folder / "branch_point.json").is_file():
             tmp = folder.with_name(folder.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -314,11 +314,9 @@ class Comparison:
 
     def _drop_branch_point(self, run: Run) -> None:
         """Once every run of a branch point's group has its result, the checkpoint goes."""
-        group, digest = self._branch_group(run)
+        group, folder = self._branch_group(run)
         if all((self.output_dir / "runs" / other.folder / RESULT_FILE).is_file() for other in group):
-            shutil.rmtree(
-                self.output_dir / "runs" / f"seed{run.seed}" / f"branch_point-{digest}", ignore_errors=True
-            )
+            shutil.rmtree(folder, ignore_errors=True)
 
     # --- the four kinds of run ----------------------------------------------------------------
 
