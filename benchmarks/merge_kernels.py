@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -23,6 +24,7 @@ from collections.abc import Callable
 import torch
 
 from metis_hf.merging import merge
+from metis_hf.merging.dare import keep_masks
 
 
 def _rss_kib(field: str) -> int:
@@ -96,9 +98,32 @@ def peers(vectors: list[torch.Tensor]) -> dict[str, dict[str, Callable[[], torch
             "peft": seeded(lambda: merge_utils.dare_ties(vectors, ones, density=0.5)),
             "mergekit": mergekit("dare_ties", density=0.5),
         },
-        "consensus_ta": {"metis-hf": lambda: merge("consensus_ta", vectors, delta=0.3, k=2)},
-        "metis": {"metis-hf": lambda: merge("metis", vectors, loss_gaps=[0.5 * i for i in range(count)])},
+        # No peer has these; the peers' task arithmetic, a part of the same work, bounds theirs.
+        "consensus_ta": {
+            "metis-hf": lambda: merge("consensus_ta", vectors, delta=0.3, k=2),
+            "peft (task_arithmetic)": lambda: merge_utils.task_arithmetic(vectors, ones),
+            "mergekit (task_arithmetic)": mergekit("task_arithmetic"),
+        },
+        "metis": {
+            "metis-hf": lambda: merge("metis", vectors, loss_gaps=[0.5 * i for i in range(count)]),
+            "peft (task_arithmetic)": lambda: merge_utils.task_arithmetic(vectors, ones),
+            "mergekit (task_arithmetic)": mergekit("task_arithmetic"),
+        },
+        "metis_robust": {
+            "metis-hf": lambda: merge(
+                "metis_robust",
+                vectors,
+                loss_gaps=[0.5 * i for i in range(count)],
+                gap_normalization="standardized",
+            )
+        },
     }
+
+
+def read_seconds(vectors: list[torch.Tensor]) -> float:
+    """One pass over every input (a sum of each): the read-bandwidth limit of any merge. Cheap,
+    so taken as the best of many runs: the share of it a merge reaches is then a lower bound."""
+    return best_time(lambda: torch.stack([v.sum() for v in vectors]), 30)
 
 
 def make_vectors(size: int, tasks: int) -> list[torch.Tensor]:
@@ -113,6 +138,7 @@ def memory_child(args: argparse.Namespace) -> None:
         if args.methods and method not in args.methods:
             continue
         for name, fn in runs.items():
+            fn()  # warm: numba compiles (or loads its cache) on the first call
             print(json.dumps({"method": method, "impl": name, "extra_mib": peak_extra_mib(fn)}), flush=True)
 
 
@@ -161,6 +187,10 @@ def timings(args: argparse.Namespace) -> None:
     for size in args.sizes:
         vectors = make_vectors(size, args.tasks)
         vector_mib = size * 4 / 2**20
+        input_gb = args.tasks * size * 4 / 1e9
+        limit = input_gb / read_seconds(vectors)
+        # DARE must draw its masks from torch's CPU generator (to equal PEFT under a seed): a bound.
+        masks = best_time(functools.partial(keep_masks, vectors, 0.5, 0), args.repeats)
         times = {}
         for method, runs in peers(vectors).items():
             if args.methods and method not in args.methods:
@@ -185,15 +215,21 @@ def timings(args: argparse.Namespace) -> None:
         memory = {
             (r["method"], r["impl"]): r["extra_mib"] for r in map(json.loads, child.stdout.splitlines())
         }
-        print(f"\nT={args.tasks}, N={size} float32 ({vector_mib:.0f} MiB per task vector)\n")
-        print("| method | implementation | seconds | metis-hf speed-up | extra MiB | extra / one vector |")
-        print("|---|---|---|---|---|---|")
+        print(f"\nT={args.tasks}, N={size} float32 ({vector_mib:.0f} MiB per task vector)")
+        print(f"single-pass read of the inputs: {limit:.1f} GB/s; DARE's masks alone: {masks:.3f} s\n")
+        print(
+            "| method | implementation | seconds | input GB/s | share of read bandwidth "
+            "| metis-hf speed-up | extra MiB | extra / one vector |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
         for (method, name), seconds in times.items():
             ours = times[method, "metis-hf"]
             speedup = "" if name == "metis-hf" else f"{seconds / ours:.1f}x"
             extra = memory[method, name]
+            rate = input_gb / seconds
             print(
-                f"| {method} | {name} | {seconds:.3f} | {speedup} | {extra:.0f} | {extra / vector_mib:.2f} |"
+                f"| {method} | {name} | {seconds:.3f} | {rate:.1f} | {rate / limit:.0%} | {speedup} "
+                f"| {extra:.0f} | {extra / vector_mib:.2f} |"
             )
 
 

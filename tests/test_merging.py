@@ -532,3 +532,55 @@ def test_merged_norm_stays_bounded_over_rounds():
         merged = merge("metis_robust", tasks, loss_gaps=gaps, reference_losses=[2.0] * count)
         assert merged.norm() <= max(t.norm() for t in tasks) + 1e-4
     assert merged.norm() < 30 * min(d.norm() for d in directions)  # no blow-up across 30 rounds
+
+
+# --- fused CPU loops (numba) against the eager chunked kernels ---------------------------------
+
+
+FUSED_CASES = {
+    "task_arithmetic": {"weights": [0.3, -1.0, 2.0, 0.25, 1.5]},
+    "ties": {"weights": [1.0, 0.5, 2.0, 0.8, 1.2], "density": 0.3},
+    "dare_linear": {"weights": [1.0, 0.5, 2.0, 0.8, 1.2], "density": 0.4, "seed": 3},
+    "dare_ties": {"weights": [1.0, 0.5, 2.0, 0.8, 1.2], "density": 0.4, "seed": 3},
+    "consensus_ta": {"weights": [0.2, 0.2, 0.2, 0.2, 0.2], "delta": 0.5, "k": 2},
+    "metis": {"loss_gaps": [0.3, -0.2, 1.1, 0.0, 0.7]},
+    "metis_robust": {"loss_gaps": [0.3, -0.2, 1.1, 0.0, 0.7], "gap_normalization": "standardized"},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", sorted(FUSED_CASES))
+def test_fused_loops_equal_the_eager_kernels(method, dtype, monkeypatch):
+    from metis_hf.merging import fused
+
+    assert fused.numba is not None, "numba is a dependency: the fused loops must be tested"
+    # Five tasks over two chunks and a ragged tail; values on a grid of halves, so that magnitude
+    # ties at TIES's threshold, zero sums in the election and mask ties are all common. (A tail of
+    # one element would not do: torch sums a [T, 1] slice in another order than a [T, c] one.)
+    size = 2 * (1 << 18) + 4099
+    g = torch.Generator().manual_seed(5)
+    vs = [(torch.randint(-6, 7, (size,), generator=g) / 2).to(dtype) for _ in range(5)]
+    vs[1] = vs[1] + torch.randn(size, generator=g, dtype=dtype)  # and one task off the grid
+    assert fused.fusable(vs)
+    ours = merge(method, vs, **FUSED_CASES[method])
+    monkeypatch.setenv("METIS_HF_FUSED", "0")
+    assert not fused.fusable(vs)
+    eager = merge(method, vs, **FUSED_CASES[method])
+    assert ours.dtype == eager.dtype == dtype
+    # Same operations; only the order of the weighted sum may differ (the fused loop adds in task
+    # order; torch sums some slices pairwise, and TIES's and DARE's chunked path uses a matrix
+    # product): one rounding on a few coordinates.
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-14
+    torch.testing.assert_close(ours, eager, atol=tolerance, rtol=tolerance)
+    assert (ours != eager).double().mean() < 1e-3
+    assert torch.equal(ours == 0, eager == 0)  # the same coordinates kept
+
+
+def test_fused_loops_leave_other_dtypes_and_layouts_to_the_eager_kernels():
+    from metis_hf.merging import fused
+
+    vs = vectors(3, size=64)
+    assert fused.fusable(vs)
+    assert not fused.fusable([v.bfloat16() for v in vs])
+    assert not fused.fusable([v.reshape(8, 8).T for v in vs])  # not contiguous
+    assert not fused.fusable([vs[0], vs[1].double(), vs[2]])

@@ -112,7 +112,9 @@ def paired_gains(
     for task, items in before.items():
         a, b = np.asarray(items, dtype=np.float64), np.asarray(after[task], dtype=np.float64)
         if a.shape != b.shape or a.size == 0:
-            raise ValueError(f"{task}: the two models were scored on different items ({a.size} and {b.size}).")
+            raise ValueError(
+                f"{task}: the two models were scored on different items ({a.size} and {b.size})."
+            )
         sample = rng.integers(0, a.size, size=(replicates, a.size))
         gains = (b[sample] - a[sample]).mean(axis=1)
         replicated.append(gains)

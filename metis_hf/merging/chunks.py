@@ -2,7 +2,8 @@
 
 Every method here is elementwise once its per-task statistics are known (TIES's magnitude
 threshold, DARE's drop masks), so it runs over slices of the flattened task vectors: memory
-beyond the inputs is the output plus a few cache-sized slices, never a T-fold stack.
+beyond the inputs is the output plus a few cache-sized slices, never a T-fold stack. This is the
+path for GPUs and half precision; float32/64 on CPU takes the fused loops of ``fused.py``.
 """
 
 from __future__ import annotations

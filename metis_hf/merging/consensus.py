@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from metis_hf.merging import fused
 from metis_hf.merging.checks import (
     check_convex_weights,
     check_delta,
@@ -34,6 +35,8 @@ def consensus_merge(
     strict: bool,
 ) -> torch.Tensor:
     """``scale * [#{t: |w_t v_t| (>|>=) delta |V - w_t v_t|} >= k] * V`` with ``V = sum_t w_t v_t``."""
+    if fused.fusable(task_vectors):
+        return fused.consensus(task_vectors, weights, delta, k, scale, strict)
     w = as_column(weights, task_vectors[0])
     compare = torch.gt if strict else torch.ge
 

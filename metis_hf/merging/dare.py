@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from metis_hf.merging import fused
 from metis_hf.merging.checks import check_density, check_finite_number, check_seed, check_weights
 from metis_hf.merging.chunks import CHUNK_ELEMENTS, as_column, chunked_merge
 from metis_hf.merging.registry import register_merge_method
@@ -21,14 +22,12 @@ from metis_hf.merging.ties import elect_and_average
 Seed = int | Sequence[int] | None
 
 
-def keep_masks(
-    task_vectors: Sequence[torch.Tensor], density: float, seed: Seed
-) -> list[list[torch.Tensor | None]]:
-    """Boolean keep-masks, ``masks[chunk][task]``, drawn task after task in chunks.
+def keep_masks(task_vectors: Sequence[torch.Tensor], density: float, seed: Seed) -> list[torch.Tensor]:
+    """One flat boolean keep-mask per task, drawn task after task in chunks.
 
     ``rand < density`` is the draw ``torch.bernoulli(full(density))`` makes, and drawing in
-    chunks from one generator yields the same stream as one draw over the whole tensor. Masks are
-    kept per chunk so that the merge can free each chunk's masks once it is merged.
+    chunks from one generator yields the same stream as one draw over the whole tensor, without a
+    full-size float buffer.
     """
     count = len(task_vectors)
     device = task_vectors[0].device
@@ -43,12 +42,13 @@ def keep_masks(
     else:
         generators = [torch.Generator(device=device).manual_seed(s) for s in seed]
     n = task_vectors[0].numel()
-    starts = range(0, n, CHUNK_ELEMENTS)
-    masks: list[list[torch.Tensor | None]] = [[None] * count for _ in starts]
-    for task, generator in enumerate(generators):
-        for chunk, start in enumerate(starts):
+    masks = [torch.empty(n, dtype=torch.bool, device=device) for _ in range(count)]
+    for mask, generator in zip(masks, generators):
+        for start in range(0, n, CHUNK_ELEMENTS):
             size = min(CHUNK_ELEMENTS, n - start)
-            masks[chunk][task] = torch.rand(size, generator=generator, device=device) < density
+            torch.lt(
+                torch.rand(size, generator=generator, device=device), density, out=mask[start : start + size]
+            )
     return masks
 
 
@@ -65,12 +65,12 @@ def _dare(
     density = check_density(density)
     scale = check_finite_number(scale, "scale")
     masks = keep_masks(task_vectors, density, seed)
+    if fused.fusable(task_vectors):
+        return fused.dare(task_vectors, masks, density, weights, scale, elect=combine is elect_and_average)
     w = as_column(weights, task_vectors[0])
 
     def kernel(stacked: torch.Tensor, where: slice) -> torch.Tensor:
-        chunk = where.start // CHUNK_ELEMENTS
-        keep = torch.stack(masks[chunk])
-        masks[chunk] = []  # merged: free this chunk's masks
+        keep = torch.stack([mask[where] for mask in masks])
         return combine(stacked * keep / density, w).mul_(scale)
 
     return chunked_merge(task_vectors, kernel)

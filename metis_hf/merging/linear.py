@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from metis_hf.merging import fused
 from metis_hf.merging.checks import check_finite_number, check_weights
 from metis_hf.merging.chunks import compute_dtype
 from metis_hf.merging.registry import register_merge_method
@@ -13,6 +14,8 @@ from metis_hf.merging.registry import register_merge_method
 
 def weighted_sum(task_vectors: Sequence[torch.Tensor], coefficients: Sequence[float]) -> torch.Tensor:
     """sum_t c_t * v_t in one output buffer: T reads and one write, no stacked copy."""
+    if fused.fusable(task_vectors):
+        return fused.weighted_sum(task_vectors, coefficients)
     first = task_vectors[0]
     work = compute_dtype(first.dtype)
     out = task_vectors[0].to(work) * coefficients[0]

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from metis_hf.merging import fused
 from metis_hf.merging.checks import check_delta, check_finite_number, check_k, check_positive, check_weights
 from metis_hf.merging.chunks import as_column, chunked_merge
 from metis_hf.merging.consensus import gap_weights
@@ -104,6 +105,8 @@ def metis_robust(
         lambda gaps: robust_weights(gaps, reference_losses, temperature, floor, gap_normalization),
     )
     delta, k, beta = check_delta(delta), check_k(k, count), check_finite_number(beta, "beta")
+    if fused.fusable(task_vectors):
+        return fused.consensus(task_vectors, alphas, delta, k, beta, strict=False, weighted_mask=False)
     w = as_column(alphas, task_vectors[0])
 
     def kernel(stacked: torch.Tensor, where: slice) -> torch.Tensor:

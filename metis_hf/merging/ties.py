@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from metis_hf.merging import fused
 from metis_hf.merging.checks import check_density, check_finite_number, check_weights
 from metis_hf.merging.chunks import CHUNK_ELEMENTS, as_column, chunked_merge
 from metis_hf.merging.registry import register_merge_method
@@ -51,13 +52,16 @@ def magnitude_threshold(vector: torch.Tensor, density: float) -> float:
     high_index = math.ceil((rank / n + margin) * s)
     low = float(sample[low_index]) if low_index > 0 else 0.0
     high = float(sample[high_index]) if high_index < s else math.inf
-    below, inside = 0, []
-    for start in range(0, n, CHUNK_ELEMENTS):
-        magnitudes = flat[start : start + CHUNK_ELEMENTS].abs()
-        at_least_low = magnitudes >= low
-        below += magnitudes.numel() - int(at_least_low.sum())
-        inside.append(magnitudes[at_least_low & (magnitudes <= high)])
-    candidates = torch.cat(inside)
+    if fused.fusable([flat]):
+        below, candidates = fused.magnitude_bracket(flat, low, high)
+    else:
+        below, inside = 0, []
+        for start in range(0, n, CHUNK_ELEMENTS):
+            magnitudes = flat[start : start + CHUNK_ELEMENTS].abs()
+            at_least_low = magnitudes >= low
+            below += magnitudes.numel() - int(at_least_low.sum())
+            inside.append(magnitudes[at_least_low & (magnitudes <= high)])
+        candidates = torch.cat(inside)
     if below < rank <= below + candidates.numel():
         return float(candidates.kthvalue(rank - below).values)
     return float(flat.abs().kthvalue(rank).values)  # the sample was unrepresentative
@@ -93,7 +97,10 @@ def ties(
     weights = check_weights(weights, len(task_vectors))
     density = check_density(density)
     scale = check_finite_number(scale, "scale")
-    thresholds = as_column([magnitude_threshold(v, density) for v in task_vectors], task_vectors[0])
+    thresholds = [magnitude_threshold(v, density) for v in task_vectors]
+    if fused.fusable(task_vectors):
+        return fused.ties(task_vectors, thresholds, weights, scale)
+    thresholds = as_column(thresholds, task_vectors[0])
     w = as_column(weights, task_vectors[0])
 
     def kernel(stacked: torch.Tensor, where: slice) -> torch.Tensor:
