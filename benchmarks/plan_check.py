@@ -6,7 +6,7 @@ baseline is compared with the plan's memory estimate, at the longest tokenized t
 (what the activation term assumes) and at max_length. Optimizer steps: the plan's count against
 the steps the trainer logged.
 
-    python benchmarks/plan_check.py recipes/offline/cpu-4tasks.yaml \
+    python benchmarks/plan_check.py recipes/offline/cpu-4tasks-all-tokens.yaml \
         --set training.num_rounds=1 --set training.local_steps=4
 """
 

@@ -183,13 +183,13 @@ def test_parameter_counts_match_the_model_and_peft(tiny_tokenizer):
 
 
 def test_plan_counts_and_memory_by_hand():
-    """The offline CPU recipe: 4 tasks x 15 steps x 3 rounds; 8 sequences a step; validation
+    """The all-token offline CPU recipe: 4 tasks x 15 steps x 3 rounds; 8 sequences a step; validation
     (2 R + 1) x 4 x 24; SmolLM2-135M's LoRA on q/k/v/o at r 16: 30 x 16 x (1152 + 768 + 768 + 1152)."""
     from metis_hf.recipe import load_recipe
     from metis_hf.workflows.plan import plan_recipe
 
     plan = plan_recipe(
-        load_recipe(RECIPES[0].parent.parent / "offline" / "cpu-4tasks.yaml"), sequence_length=100
+        load_recipe(RECIPES[0].parent.parent / "offline" / "cpu-4tasks-all-tokens.yaml"), sequence_length=100
     )
     assert plan["optimizer_steps"] == 180 and plan["sequences_per_step"] == 8
     assert plan["training_sequences"] == 1440 and plan["validation_sequences"] == 7 * 4 * 24
@@ -223,7 +223,7 @@ def test_plan_counts_and_memory_by_hand():
 def test_plan_names_what_would_fail(overrides, code, message, capsys):
     from metis_hf.commands import main
 
-    path = RECIPES[0].parent.parent / "offline" / "cpu-4tasks.yaml"
+    path = RECIPES[0].parent.parent / "offline" / "cpu-4tasks-all-tokens.yaml"
     assert main(["plan", str(path), *[f"--set={o}" for o in overrides]]) == code
     captured = capsys.readouterr()
     assert message in (captured.out if code == 1 else captured.err)
