@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 
 import pytest
 import torch
@@ -584,3 +585,21 @@ def test_fused_loops_leave_other_dtypes_and_layouts_to_the_eager_kernels():
     assert not fused.fusable([v.bfloat16() for v in vs])
     assert not fused.fusable([v.reshape(8, 8).T for v in vs])  # not contiguous
     assert not fused.fusable([vs[0], vs[1].double(), vs[2]])
+
+
+def test_fused_loops_work_without_a_writable_cache_directory():
+    """A read-only install with a read-only home: numba finds no cache directory and refuses
+    cache=True; the loops must then compile uncached rather than break every import."""
+    import subprocess
+    import sys
+
+    # Only the zip-archive locator: it applies to no file here, as no locator would on a read-only system.
+    env = {**os.environ, "NUMBA_CACHE_LOCATOR_CLASSES": "ZipCacheLocator", "METIS_HF_FUSED": "1"}
+    code = (
+        "import torch; from metis_hf.merging import fused, merge; "
+        "assert fused.fusable([torch.ones(3)]); "
+        "print(merge('task_arithmetic', [torch.ones(3), 2 * torch.ones(3)], weights=[1.0, 0.5]).tolist())"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[2.0, 2.0, 2.0]"

@@ -62,7 +62,13 @@ def _run(kernel, task_vectors: Sequence[torch.Tensor], *args) -> torch.Tensor:
 BLOCK = 2048  # coordinates per block: a block's inputs and buffers stay in the L1/L2 cache
 
 if numba is not None:
-    _jit = numba.njit(parallel=True, cache=True, nogil=True)
+
+    def _jit(function):
+        try:
+            return numba.njit(parallel=True, cache=True, nogil=True)(function)
+        except RuntimeError:  # no writable cache directory (read-only install and home): no cache
+            return numba.njit(parallel=True, nogil=True)(function)
+
     _inline = numba.njit(inline="always")
 
     # Task arithmetic and the consensus merges run coordinate by coordinate (LLVM unrolls the task
