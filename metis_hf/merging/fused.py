@@ -1,4 +1,4 @@
-"""Fused CPU loops for the elementwise merges (numba), used when numba is installed.
+"""Fused CPU loops for the elementwise merges (numba).
 
 The eager kernels of each method module run as a chain of torch operations over cache-sized
 chunks: about ten passes over every chunk and thousands of short parallel regions, which reads
@@ -6,11 +6,10 @@ the inputs at 1-15% of the memory bandwidth and stalls whenever another process 
 (each region waits for its slowest thread). Here each merge is one loop over the coordinates in
 one parallel region: every input is read once, nothing is materialised but the output.
 
-Same arithmetic as the eager kernels, operation by operation and in task order, in the inputs'
-dtype (float32 or float64); only sums the eager path does as a matrix product (TIES's and DARE's
-weighted sums) may differ in the last bit. Other dtypes, devices and non-contiguous inputs take
-the eager path (``fusable``). ``METIS_HF_FUSED=0`` turns the fused loops off.
-"""
+The same operations as the eager kernels, in the inputs' dtype (float32 or float64); weighted
+sums are added in task order, where torch sums some slices pairwise and the eager TIES and DARE
+use a matrix product, so a few coordinates differ by one rounding. Other dtypes, devices and
+non-contiguous inputs take the eager path (``fusable``); ``METIS_HF_FUSED=0`` turns these off."""
 
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ import torch
 
 try:
     import numba
-except ImportError:  # an optional extra: metis-hf[fast]
+except ImportError:  # a dependency, but a platform without its wheels keeps the eager path
     numba = None
 
 _DTYPES = (torch.float32, torch.float64)
