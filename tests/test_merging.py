@@ -509,6 +509,41 @@ def test_standardized_gaps_by_hand():
         robust_weights([0.1, 0.2], None, gap_normalization="zscore")
 
 
+def test_erased_shares_by_hand():
+    # base, local (each task's adapter) and merged losses of four tasks
+    base, local, merged = [2.0, 3.0, 1.5, 1.0], [1.0, 1.0, 1.0, 1.2], [1.5, 1.5, 2.0, 1.1]
+    gaps = [m - loc for m, loc in zip(merged, local)]  # 0.5, 0.5, 1.0, -0.1
+    # lost / achievable: 0.5 / 1 = 0.5; 0.5 / 2 = 0.25; 1.0 / 0.5 = 2 -> clipped to 1 (the merge is
+    # worse than the base); the fourth adapter is worse than the base: nothing to lose, 0
+    shares = [0.5, 0.25, 1.0, 0.0]
+    total = sum(math.exp(v / 0.1) for v in shares)
+    expected = [0.5 / 4 + 0.5 * math.exp(v / 0.1) / total for v in shares]
+    weights = robust_weights(gaps, merged, gap_normalization="erased", base_losses=base)
+    assert weights == pytest.approx(expected)
+    # scale-free: every loss times 7 gives the same weights
+    scaled = robust_weights(
+        [7 * g for g in gaps],
+        [7 * m for m in merged],
+        gap_normalization="erased",
+        base_losses=[7 * b for b in base],
+    )
+    assert scaled == pytest.approx(expected)
+    vs = [torch.randn(64, generator=torch.Generator().manual_seed(t)) for t in range(4)]
+    torch.testing.assert_close(
+        merge(
+            "metis_robust",
+            vs,
+            loss_gaps=gaps,
+            reference_losses=merged,
+            base_losses=base,
+            gap_normalization="erased",
+        ),
+        merge("metis_robust", vs, alphas=expected),
+    )
+    with pytest.raises(ValueError, match="needs reference_losses .* and base_losses"):
+        robust_weights(gaps, merged, gap_normalization="erased")
+
+
 def test_robust_mask_by_hand():
     # coordinate 0: all agree; 1: only task a is nonzero (selfish); 2: a and b agree, c opposes
     a, b, c = torch.tensor([1.0, 2.0, 1.0]), torch.tensor([1.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, -1.0])

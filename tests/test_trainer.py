@@ -491,6 +491,33 @@ def test_metis_robust_weights_use_relative_gaps_of_the_previous_merge(tmp_path, 
     assert min(expected) >= 0.5 / len(tasks) - 1e-9
 
 
+def test_erased_share_weights_use_the_base_models_losses(tmp_path, tiny_tokenizer):
+    from metis_hf.merging import robust_weights
+
+    base = make_tiny_model(len(tiny_tokenizer), seed=0)
+    trainer = _trainer(
+        tmp_path,
+        tiny_tokenizer,
+        model=copy.deepcopy(base),
+        merge_method="metis_robust",
+        merge_params={"gap_normalization": "erased"},
+        num_rounds=2,
+    )
+    trainer.train()
+    first, second = trainer.round_records
+    tasks = list(TRAIN)
+    base_losses = [_example_mean_loss(base, tiny_tokenizer, list(VAL[t])) for t in tasks]
+    gaps = [second[f"merge/loss_gap/{t}"] for t in tasks]
+    before = [first[f"merge/val_loss_merged/{t}"] for t in tasks]
+    expected = robust_weights(gaps, before, gap_normalization="erased", base_losses=base_losses)
+    # abs 1e-3: the share divides by the small gain a tiny model makes, which magnifies the float
+    # difference between the fused training loss and this test's plain cross-entropy (measured 2e-4)
+    assert [second[f"merge/alpha/{t}"] for t in tasks] == pytest.approx(expected, abs=1e-3)
+    # and not the relative gaps' weights: the base losses matter
+    relative = robust_weights(gaps, before)
+    assert max(abs(a - b) for a, b in zip(expected, relative)) > 1e-2, (expected, relative)
+
+
 def test_gaps_on_completion_tokens_under_all_token_training(tmp_path, tiny_tokenizer):
     from metis_hf.merging import robust_weights
 

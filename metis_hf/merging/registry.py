@@ -27,6 +27,7 @@ PER_TASK_PARAMETERS = {
     "loss_gaps": "loss_gap",
     "alphas": "alpha",
     "reference_losses": "reference_loss",
+    "base_losses": "base_loss",
     "seed": "seed",  # one integer for all tasks, or one per task
 }
 
@@ -64,6 +65,10 @@ class MergeMethod:
     @property
     def uses_reference_losses(self) -> bool:
         return "reference_losses" in self.parameters
+
+    @property
+    def uses_base_losses(self) -> bool:
+        return "base_losses" in self.parameters
 
     @property
     def seeded(self) -> bool:
@@ -126,7 +131,8 @@ def register_merge_method(
         return scale * torch.stack(task_vectors).mean(0)
 
     Its keyword-only parameters and their defaults are read from the signature; one whose name is a
-    per-task parameter (weights, example_counts, loss_gaps, alphas, reference_losses, seed) takes one
+    per-task parameter (weights, example_counts, loss_gaps, alphas, reference_losses, base_losses,
+    seed) takes one
     value per task. Keyword-only parameters whose name starts with ``_`` are not user settings: the
     merge spaces pass them (``_full_shape`` for matrix methods merged in the core space).
     """

@@ -2,8 +2,9 @@
 
 Three changes to the paper's ``metis`` (which stays exact; why: docs/merging.md, "metis_robust"):
 
-1. scale-free gaps: relative, ``g_t / L_merged_t`` (the default), or standardized,
-   ``(g_t - mean g) / sd g``;
+1. scale-free gaps: relative, ``g_t / L_merged_t`` (the default); standardized,
+   ``(g_t - mean g) / sd g``; or erased, the share of the task's achievable gain that the merge has
+   lost, ``g_t / (L_base_t - L_local_t)`` (``L_local_t = L_merged_t - g_t``), clipped to [0, 1];
 2. a floor on the weights: ``alpha = floor + (1 - T * floor) * softmax(gaps / temperature)``,
    default floor ``0.5 / T``;
 3. a mask on each task's *unweighted* vector against the weighted merge V:
@@ -25,8 +26,8 @@ from metis_hf.merging.chunks import as_column, chunked_merge
 from metis_hf.merging.consensus import gap_weights
 from metis_hf.merging.registry import register_merge_method
 
-GAP_NORMALIZATIONS = ("relative", "standardized")
-DEFAULT_TEMPERATURES = {"relative": 0.1, "standardized": 1.0}
+GAP_NORMALIZATIONS = ("relative", "standardized", "erased")
+DEFAULT_TEMPERATURES = {"relative": 0.1, "standardized": 1.0, "erased": 0.1}
 
 
 def robust_weights(
@@ -35,11 +36,14 @@ def robust_weights(
     temperature: float | None = None,
     floor: float | None = None,
     gap_normalization: str = "relative",
+    base_losses: Sequence[float] | None = None,
 ) -> list[float]:
     """Floored softmax of the scale-free gaps: ``g_t / L_t`` under ``"relative"`` (raw gaps when no
-    reference losses), ``(g_t - mean) / sd`` under ``"standardized"`` (reference losses unused).
-    The default temperature suits each: 0.1 for relative gaps (fractions of a loss), 1 for
-    standardized ones (units of the gaps' spread)."""
+    reference losses), ``(g_t - mean) / sd`` under ``"standardized"`` (reference losses unused),
+    the erased share of each task's gain under ``"erased"`` (needs the merged model's losses as
+    ``reference_losses`` and the base model's as ``base_losses``). The default temperature suits
+    each: 0.1 for relative gaps and erased shares (fractions), 1 for standardized ones (units of the
+    gaps' spread)."""
     count = len(loss_gaps)
     gaps = [check_finite_number(g, "loss_gaps entry") for g in loss_gaps]
     if gap_normalization not in GAP_NORMALIZATIONS:
@@ -49,6 +53,8 @@ def robust_weights(
         spread = math.sqrt(sum((g - mean) ** 2 for g in gaps) / count)
         # Equal gaps carry no ranking: uniform weights rather than a division by zero.
         gaps = [(g - mean) / spread if spread > 0 else 0.0 for g in gaps]
+    elif gap_normalization == "erased":
+        gaps = erased_shares(gaps, reference_losses, base_losses)
     elif reference_losses is not None:
         losses = check_weights(reference_losses, count, "reference_losses")
         if any(loss <= 0 for loss in losses):
@@ -66,18 +72,41 @@ def robust_weights(
     return [floor + (1 - count * floor) * e / total for e in exps]
 
 
+def erased_shares(
+    loss_gaps: Sequence[float],
+    merged_losses: Sequence[float] | None,
+    base_losses: Sequence[float] | None,
+) -> list[float]:
+    """Per task, the share of its achievable gain that the merge has lost:
+    ``(L_merged - L_local) / (L_base - L_local)`` with ``L_local = L_merged - gap``, clipped to
+    [0, 1]. A task whose adapter is no better than the base has nothing to lose: share 0."""
+    count = len(loss_gaps)
+    if merged_losses is None or base_losses is None:
+        raise ValueError(
+            "gap_normalization 'erased' needs reference_losses (the merged model's) and base_losses "
+            "(the base model's) per task."
+        )
+    merged = check_weights(merged_losses, count, "reference_losses")
+    base = check_weights(base_losses, count, "base_losses")
+    shares = []
+    for gap, merged_loss, base_loss in zip(loss_gaps, merged, base):
+        achievable = base_loss - (merged_loss - gap)
+        shares.append(min(max(gap / achievable, 0.0), 1.0) if achievable > 0 else 0.0)
+    return shares
+
+
 def _robust_weights(params: dict, count: int) -> list[float]:
     if params.get("alphas") is not None:
         return [float(a) for a in params["alphas"]]
-    keys = ("loss_gaps", "reference_losses", "temperature", "floor", "gap_normalization")
-    return robust_weights(*(params[key] for key in keys))
+    keys = ("loss_gaps", "reference_losses", "temperature", "floor", "gap_normalization", "base_losses")
+    return robust_weights(*(params.get(key) for key in keys))
 
 
 @register_merge_method(
     "metis_robust",
     pretty_name="METIS, robust weights and mask (metis-hf)",
     reference_url="https://arxiv.org/abs/2606.16501",
-    description="METIS with scale-free (relative or standardized) loss gaps, a floor on every task's "
+    description="METIS with scale-free (relative, standardized or erased-share) loss gaps, a floor on every task's "
     "weight, and a mask that asks whether each task's own vector agrees with the merge; only "
     "coordinates that at least k tasks agree on are kept.",
     task_weights=_robust_weights,
@@ -87,6 +116,7 @@ def metis_robust(
     *,
     loss_gaps: Sequence[float] | None = None,
     reference_losses: Sequence[float] | None = None,
+    base_losses: Sequence[float] | None = None,
     alphas: Sequence[float] | None = None,
     temperature: float | None = None,
     floor: float | None = None,
@@ -102,7 +132,9 @@ def metis_robust(
         count,
         loss_gaps,
         alphas,
-        lambda gaps: robust_weights(gaps, reference_losses, temperature, floor, gap_normalization),
+        lambda gaps: robust_weights(
+            gaps, reference_losses, temperature, floor, gap_normalization, base_losses
+        ),
     )
     delta, k, beta = check_delta(delta), check_k(k, count), check_finite_number(beta, "beta")
     if fused.fusable(task_vectors):

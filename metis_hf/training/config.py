@@ -238,7 +238,9 @@ class MetisConfig(SFTConfig):
                 value = value[0]
             self.merge_params[name] = list(value) if isinstance(value, (list, tuple)) else value
         # a loss-gap method's gaps (and the weights they give) come from training, not from the user
-        reserved = {"loss_gaps", "alphas", "reference_losses"} if method.uses_loss_gaps else set()
+        reserved = (
+            {"loss_gaps", "alphas", "reference_losses", "base_losses"} if method.uses_loss_gaps else set()
+        )
         unknown = sorted(
             set(self.merge_params) - set(method.parameters) | (set(self.merge_params) & reserved)
         )

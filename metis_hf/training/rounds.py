@@ -98,14 +98,15 @@ def merge_parameters(
     gaps: Mapping[str, float] | None,
     reference_losses: Mapping[str, float] | None = None,
     example_counts: Mapping[str, int] | None = None,
+    base_losses: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, Any], list[float]]:
     """The keyword arguments of ``method``'s merge in round ``round_index`` under MetisConfig
     ``args``, and the per-task weights that merge applies (logged as alpha).
 
     ``args.merge_params`` (when ``method`` is ``args.merge_method``) come first, a list for a
     one-value parameter giving one value per round; then what the method's registry entry asks for:
-    1/T for methods that sum tasks, a per-round seed for seeded ones, the loss gaps (and reference
-    losses) for those that use them, each task's training examples for those that weight by them.
+    1/T for methods that sum tasks, a per-round seed for seeded ones, the loss gaps (and the
+    merged model's and the base model's losses) for those that use them, each task's training examples for those that weight by them.
     The method's own defaults fill the rest, except that a default consensus count ``k`` above T
     is capped at T.
     """
@@ -130,6 +131,8 @@ def merge_parameters(
         params["loss_gaps"] = [gaps[t] for t in task_names]
         if spec.uses_reference_losses and reference_losses is not None:
             params["reference_losses"] = [reference_losses[t] for t in task_names]
+        if spec.uses_base_losses and base_losses is not None:
+            params["base_losses"] = [base_losses[t] for t in task_names]
     return params, spec.weights_of(params, count)
 
 
@@ -139,12 +142,13 @@ def check_merge_settings(args, task_names: Sequence[str]) -> None:
     method = get_merge_method(args.merge_method)
     gaps = dict.fromkeys(task_names, 0.0)
     losses = dict.fromkeys(task_names, 1.0)
+    base_losses = dict.fromkeys(task_names, 2.0)
     counts = dict.fromkeys(task_names, 1)
     rounds = args.num_rounds if args.protocol == "many_shot" else 1
     for round_index in range(rounds):
         try:
             params, _ = merge_parameters(
-                args, args.merge_method, task_names, round_index, gaps, losses, counts
+                args, args.merge_method, task_names, round_index, gaps, losses, counts, base_losses
             )
             method.check(len(task_names), **params)
         except ValueError as err:

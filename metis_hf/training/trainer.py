@@ -240,6 +240,7 @@ class MetisTrainer(SFTTrainer):
             start += len(self.train_parts[t])
         self._merged_val_losses: dict[str, float] | None = None
         self._merged_gap_losses: dict[str, float] | None = None  # under gap_tokens='completion'
+        self._base_gap_losses: dict[str, float] | None = None  # for methods that use base_losses
         self.round_records: list[dict[str, Any]] = []
         self._branch_round: int | None = None  # train_to_branch_point: stop before this round's merge
         self._pending_merge: int | None = None  # resumed from a branch point: merge this round first
@@ -327,6 +328,7 @@ class MetisTrainer(SFTTrainer):
             state = json.loads(open(os.path.join(path, STATE_FILE)).read())
             self._merged_val_losses = state["merged_val_losses"]
             self._merged_gap_losses = state.get("merged_gap_losses")
+            self._base_gap_losses = state.get("base_gap_losses")
             self.round_records = state["round_records"]
             self._pending_merge = state.get("pending_merge")
         self._reset_rounds_file(keep=len(self.round_records) if path else 0)
@@ -545,6 +547,7 @@ class MetisTrainer(SFTTrainer):
             gaps and gaps["gaps"],
             gaps and gaps["before"],
             {t: len(self.train_parts[t]) for t in self.task_names},
+            gaps and gaps["base"],
         )
         merged, truncation = self._merge(params, last_round=round_index == self.plan.rounds - 1)
         total = sum(v.numel() for v in merged.values())
@@ -571,16 +574,23 @@ class MetisTrainer(SFTTrainer):
 
     def _measure_gaps(self) -> dict[str, dict[str, float]]:
         """Each task's loss gap: the merged adapter's validation loss (``before``) minus the task
-        adapter's (``local``; ``local_gap`` on the gap's tokens)."""
+        adapter's (``local``; ``local_gap`` on the gap's tokens); and for methods that use them,
+        the base model's losses on the gap's tokens (``base``, measured once per run)."""
         # Round 1: G_0, the shared initial adapter (or a checkpoint saved without gap losses).
         separate = self._separate_gap_tokens
         if self._merged_val_losses is None or (separate and self._merged_gap_losses is None):
             self._merged_val_losses, self._merged_gap_losses = self._val_losses(MERGED)
         local, local_gap = self._val_losses(None)
         before, after = (self._merged_gap_losses, local_gap) if separate else (self._merged_val_losses, local)
+        if self._base_gap_losses is None and get_merge_method(self.args.merge_method).uses_base_losses:
+            self._activate(MERGED)
+            with self.peft_model.disable_adapter():  # the base model, once per run
+                base, base_gap = self._val_losses(MERGED)
+            self._base_gap_losses = base_gap if separate else base
         return {
             "gaps": {t: before[t] - after[t] for t in self.task_names},
             "before": before,
+            "base": self._base_gap_losses,
             "local": local,
             "local_gap": local_gap,
         }
@@ -634,6 +644,7 @@ class MetisTrainer(SFTTrainer):
             "global_step": self.state.global_step,
             "merged_val_losses": self._merged_val_losses,
             "merged_gap_losses": self._merged_gap_losses,
+            "base_gap_losses": self._base_gap_losses,
             "round_records": self.round_records,
             "pending_merge": self._branch_round,
         }

@@ -440,7 +440,7 @@ class Comparison:
         args = self._args(folder, run)
         method = args.merge_method  # a variant's registered method
         sizes = {t: len(self.tasks[t].train) for t in self.task_names}
-        params, weights = merge_parameters(args, method, self.task_names, 0, gaps, base, sizes)
+        params, weights = merge_parameters(args, method, self.task_names, 0, gaps, base, sizes, base)
         adapter_config = json.loads((experts_dir / self.task_names[0] / "adapter_config.json").read_text())
         rank = adapter_config["r"]
         scaling = lora_scaling(rank, adapter_config["lora_alpha"], adapter_config.get("use_rslora", False))
