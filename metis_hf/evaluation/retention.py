@@ -170,11 +170,15 @@ def choice_log_likelihoods(model, tokenizer, prompt: str, choices: Sequence[str]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences], device=device)
     attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=device)
-    logits = model(input_ids=ids, attention_mask=attention).logits.float()
-    log_probs = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    # Only the positions that predict a choice token need logits (the vocabulary projection and
+    # its softmax over every prompt position were most of the cost): the last `kept` positions.
+    first = len(prompt_ids) - 1
+    kept = width - first
+    logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=kept).logits.float()
+    log_probs = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, first + 1 :, None])[..., 0]
     totals = []
-    for row, sequence in enumerate(sequences):  # token j + 1 is predicted at position j
-        totals.append(float(log_probs[row, len(prompt_ids) - 1 : len(sequence) - 1].sum()))
+    for row, sequence in enumerate(sequences):  # token first + 1 + j is predicted at kept position j
+        totals.append(float(log_probs[row, : len(sequence) - 1 - first].sum()))
     return totals
 
 
