@@ -132,8 +132,7 @@ def register_merge_method(
 
     Its keyword-only parameters and their defaults are read from the signature; one whose name is a
     per-task parameter (weights, example_counts, loss_gaps, alphas, reference_losses, base_losses,
-    seed) takes one
-    value per task. Keyword-only parameters whose name starts with ``_`` are not user settings: the
+    seed) takes one value per task. Keyword-only parameters whose name starts with ``_`` are not user settings: the
     merge spaces pass them (``_full_shape`` for matrix methods merged in the core space).
     """
 

@@ -106,8 +106,8 @@ def _robust_weights(params: dict, count: int) -> list[float]:
     "metis_robust",
     pretty_name="METIS, robust weights and mask (metis-hf)",
     reference_url="https://arxiv.org/abs/2606.16501",
-    description="METIS with scale-free (relative, standardized or erased-share) loss gaps, a floor on every task's "
-    "weight, and a mask that asks whether each task's own vector agrees with the merge; only "
+    description="METIS with scale-free (relative, standardized or erased-share) loss gaps, a floor "
+    "on every task's weight, and a mask that asks whether each task's own vector agrees with the merge; only "
     "coordinates that at least k tasks agree on are kept.",
     task_weights=_robust_weights,
 )

@@ -106,9 +106,9 @@ def merge_parameters(
     ``args.merge_params`` (when ``method`` is ``args.merge_method``) come first, a list for a
     one-value parameter giving one value per round; then what the method's registry entry asks for:
     1/T for methods that sum tasks, a per-round seed for seeded ones, the loss gaps (and the
-    merged model's and the base model's losses) for those that use them, each task's training examples for those that weight by them.
-    The method's own defaults fill the rest, except that a default consensus count ``k`` above T
-    is capped at T.
+    merged model's and the base model's losses) for those that use them, each task's training
+    examples for those that weight by them. The method's own defaults fill the rest, except that a
+    default consensus count ``k`` above T is capped at T.
     """
     spec = get_merge_method(method)
     count = len(task_names)
