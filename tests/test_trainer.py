@@ -491,22 +491,34 @@ def test_metis_robust_weights_use_relative_gaps_of_the_previous_merge(tmp_path, 
     assert min(expected) >= 0.5 / len(tasks) - 1e-9
 
 
+def _robust_trainer(tmp_path, tokenizer, base, lora=None, **overrides):
+    """A metis_robust trainer on a copy of ``base`` (kept untouched, to compute expectations on)."""
+    return MetisTrainer(
+        model=copy.deepcopy(base),
+        args=_config(tmp_path, merge_method="metis_robust", **overrides),
+        train_dataset=TRAIN,
+        eval_dataset=VAL,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**{**LORA, **(lora or {})}),
+    )
+
+
 def test_erased_share_weights_use_the_base_models_losses(tmp_path, tiny_tokenizer):
     from metis_hf.merging import robust_weights
 
     base = make_tiny_model(len(tiny_tokenizer), seed=0)
-    trainer = _trainer(
-        tmp_path,
-        tiny_tokenizer,
-        model=copy.deepcopy(base),
-        merge_method="metis_robust",
-        merge_params={"gap_normalization": "erased"},
-        num_rounds=2,
+    # lora_B random, not zero: G_0 differs from the base model, whose losses the shares need
+    lora = {"init_lora_weights": False}
+    trainer = _robust_trainer(
+        tmp_path, tiny_tokenizer, base, lora, merge_params={"gap_normalization": "erased"}, num_rounds=2
     )
     trainer.train()
     first, second = trainer.round_records
     tasks = list(TRAIN)
     base_losses = [_example_mean_loss(base, tiny_tokenizer, list(VAL[t])) for t in tasks]
+    assert [first[f"merge/base_loss/{t}"] for t in tasks] == pytest.approx(base_losses, abs=1e-4)
+    g0_losses = [first[f"merge/loss_gap/{t}"] + first[f"merge/val_loss_local/{t}"] for t in tasks]
+    assert max(abs(a - b) for a, b in zip(base_losses, g0_losses)) > 1e-2  # a real difference
     gaps = [second[f"merge/loss_gap/{t}"] for t in tasks]
     before = [first[f"merge/val_loss_merged/{t}"] for t in tasks]
     expected = robust_weights(gaps, before, gap_normalization="erased", base_losses=base_losses)
@@ -522,11 +534,10 @@ def test_gaps_on_completion_tokens_under_all_token_training(tmp_path, tiny_token
     from metis_hf.merging import robust_weights
 
     base = make_tiny_model(len(tiny_tokenizer), seed=0)
-    trainer = _trainer(
+    trainer = _robust_trainer(
         tmp_path,
         tiny_tokenizer,
-        model=copy.deepcopy(base),
-        merge_method="metis_robust",
+        base,
         merge_params={"gap_normalization": "standardized"},
         gap_tokens="completion",
         num_rounds=1,
@@ -551,6 +562,8 @@ def test_gaps_on_completion_tokens_under_all_token_training(tmp_path, tiny_token
     all_tokens = _example_mean_loss(trainer.peft_model, tiny_tokenizer, list(VAL["add3"]))
     assert record["merge/val_loss_local/add3"] == pytest.approx(all_tokens, abs=1e-4)
     assert abs(all_tokens - local[2]) > 1e-3
+    # standardized gaps do not read the base model's losses, so they are not measured
+    assert not any(key.startswith("merge/base_loss/") for key in record)
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,8 @@ class MergeMethod:
     ``"elements"`` (any shape, coordinate by coordinate, so LoRA factors can be merged apart) or
     ``"matrices"`` (each 2-D tensor is a layer's update matrix, as for the SVD methods; needs the
     dense or core space for LoRA adapters). Whether it uses loss gaps, reference losses, example
-    counts or a seed follows from its parameters.
+    counts or a seed follows from its parameters; ``reads_base_losses``: for a method that takes
+    ``base_losses`` but reads them only under some settings, which (given its parameters).
     """
 
     name: str
@@ -57,6 +58,7 @@ class MergeMethod:
     task_weights: Callable[[dict[str, Any], int], list[float]] | None = None
     operates_on: Operand = "elements"
     internal: tuple[str, ...] = ()  # keyword-only parameters starting with "_": passed by callers
+    reads_base_losses: Callable[[dict[str, Any]], bool] | None = None
 
     @property
     def uses_loss_gaps(self) -> bool:
@@ -69,6 +71,13 @@ class MergeMethod:
     @property
     def uses_base_losses(self) -> bool:
         return "base_losses" in self.parameters
+
+    def needs_base_losses(self, params: dict[str, Any]) -> bool:
+        """Whether a merge with ``params`` (over the method's defaults) reads the base model's
+        losses: callers measure them only then (a validation pass over every task)."""
+        if not self.uses_base_losses:
+            return False
+        return self.reads_base_losses is None or self.reads_base_losses({**self.defaults, **params})
 
     @property
     def seeded(self) -> bool:
@@ -121,6 +130,7 @@ def register_merge_method(
     sums_tasks: bool = False,
     task_weights: Callable[[dict[str, Any], int], list[float]] | None = None,
     operates_on: Operand = "elements",
+    reads_base_losses: Callable[[dict[str, Any]], bool] | None = None,
     overwrite: bool = False,
 ) -> Callable[[MergeFunction], MergeFunction]:
     """Decorator that registers ``fn`` under ``name``, with what callers need to know (see
@@ -164,6 +174,7 @@ def register_merge_method(
             task_weights=task_weights,
             operates_on=operates_on,
             internal=internal,
+            reads_base_losses=reads_base_losses,
         )
         return fn
 

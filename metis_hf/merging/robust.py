@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -102,6 +103,11 @@ def _robust_weights(params: dict, count: int) -> list[float]:
     return robust_weights(*(params.get(key) for key in keys))
 
 
+def _per_round(value: Any) -> list[Any]:
+    """A setting's values over rounds: many-shot runs may give a list, one value per round."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 @register_merge_method(
     "metis_robust",
     pretty_name="METIS, robust weights and mask (metis-hf)",
@@ -110,6 +116,7 @@ def _robust_weights(params: dict, count: int) -> list[float]:
     "on every task's weight, and a mask that asks whether each task's own vector agrees with the merge; only "
     "coordinates that at least k tasks agree on are kept.",
     task_weights=_robust_weights,
+    reads_base_losses=lambda params: "erased" in _per_round(params["gap_normalization"]),
 )
 def metis_robust(
     task_vectors: Sequence[torch.Tensor],

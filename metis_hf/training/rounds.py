@@ -22,6 +22,7 @@ TASK_FIELDS = {
     "val_loss_local": "merge/val_loss_local",
     "completion_loss_merged": "merge/completion_loss_merged",
     "completion_loss_local": "merge/completion_loss_local",
+    "base_loss": "merge/base_loss",
 }
 ALPHA_KEY, DENSITY_KEY = "merge/alpha", "merge/mask_density"
 MULTITASK_KEY, TRUNCATION_KEY = "merge/multitask_loss", "merge/truncation_error"
@@ -42,6 +43,7 @@ class RoundRecord:
     # Only when the gaps use the completion tokens under all-token training (gap_tokens='completion').
     completion_loss_merged: dict[str, float] | None = None
     completion_loss_local: dict[str, float] | None = None
+    base_loss: dict[str, float] | None = None  # the base model's, on the gap tokens: when the merge reads it
     multitask_loss: float | None = None  # the merged adapter's mean validation loss over tasks
     truncation_error: float | None = None  # dense space: the share of the merge rank r dropped
     exchanged_bytes: int | None = None  # task_parallel: the adapter bytes broadcast before the merge

@@ -240,7 +240,7 @@ class MetisTrainer(SFTTrainer):
             start += len(self.train_parts[t])
         self._merged_val_losses: dict[str, float] | None = None
         self._merged_gap_losses: dict[str, float] | None = None  # under gap_tokens='completion'
-        self._base_gap_losses: dict[str, float] | None = None  # for methods that use base_losses
+        self._base_gap_losses: dict[str, float] | None = None  # for merges that read base_losses
         self.round_records: list[dict[str, Any]] = []
         self._branch_round: int | None = None  # train_to_branch_point: stop before this round's merge
         self._pending_merge: int | None = None  # resumed from a branch point: merge this round first
@@ -562,6 +562,7 @@ class MetisTrainer(SFTTrainer):
             self._merged_val_losses, self._merged_gap_losses = self._val_losses(MERGED)
             record.loss_gaps, record.val_loss_local = gaps["gaps"], gaps["local"]
             record.val_loss_merged = self._merged_val_losses
+            record.base_loss = gaps["base"]
             record.multitask_loss = sum(self._merged_val_losses.values()) / len(self.task_names)
             if self._separate_gap_tokens:
                 record.completion_loss_merged = self._merged_gap_losses
@@ -582,7 +583,8 @@ class MetisTrainer(SFTTrainer):
             self._merged_val_losses, self._merged_gap_losses = self._val_losses(MERGED)
         local, local_gap = self._val_losses(None)
         before, after = (self._merged_gap_losses, local_gap) if separate else (self._merged_val_losses, local)
-        if self._base_gap_losses is None and get_merge_method(self.args.merge_method).uses_base_losses:
+        method = get_merge_method(self.args.merge_method)
+        if self._base_gap_losses is None and method.needs_base_losses(self.args.merge_params):
             self._activate(MERGED)
             with self.peft_model.disable_adapter():  # the base model, once per run
                 base, base_gap = self._val_losses(MERGED)
