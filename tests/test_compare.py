@@ -205,6 +205,27 @@ def test_compare_resumes_without_recomputing(compared, monkeypatch):
     assert json.loads((out / "results.json").read_text())["summaries"] == json.loads(before)["summaries"]
 
 
+def test_compare_refuses_results_computed_under_other_settings(compared, tmp_path, capsys):
+    import yaml
+
+    recipe, out = compared
+    copy = tmp_path / "cmp"
+    shutil.copytree(out, copy)
+    data = yaml.safe_load(recipe.read_text())
+    data["training"]["learning_rate"] = 0.5
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(data))
+    before = {p: p.read_bytes() for p in copy.rglob("result.json")}
+    assert main(["compare", str(changed), "--output-dir", str(copy)]) == 2
+    err = capsys.readouterr().err
+    # the base model's result does not depend on training; seed 0's experts do
+    assert str(copy / "runs" / "seed0" / "experts") in err
+    assert "training.learning_rate" in err and "0.5 now" in err
+    assert {p: p.read_bytes() for p in copy.rglob("result.json")} == before  # nothing rewritten
+    recorded = json.loads((out / "runs" / "seed0" / "experts" / "result.json").read_text())
+    assert recorded["versions"]["torch"] == torch.__version__
+
+
 def test_post_hoc_metis_reads_losses_from_older_result_files(compared, tmp_path):
     """Result files of earlier versions kept each validation loss inside the task's scores."""
     recipe, out = compared

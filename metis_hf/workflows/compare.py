@@ -15,13 +15,17 @@ normalization. Output folder::
                                                   train alike; each resumes there (removed at the end)
     results.json, results.md, radar_post_hoc.png, radar_many_shot.png, round_curves.png
 
-A run whose ``result.json`` exists is read back, not recomputed: an interrupted compare resumes.
+A run whose ``result.json`` exists is read back, not recomputed: an interrupted compare resumes, and
+methods or seeds added to the recipe compute only their own runs. Each result records the recipe
+settings it depends on; a folder whose results were computed under other settings is refused,
+with the differences named, rather than mixed into the tables.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -30,6 +34,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from pydantic import TypeAdapter
 
 from metis_hf.data import build_tasks
 from metis_hf.evaluation.report import multitask_loss, run_losses
@@ -499,23 +505,80 @@ class Comparison:
 
     # --- driver -------------------------------------------------------------------------------
 
+    def settings(self, run: Run) -> dict[str, Any]:
+        """What the recipe sets that ``run``'s result depends on (as written: defaults left out, so
+        that a new default in a later metis-hf does not disown earlier results)."""
+        data = TypeAdapter(Recipe).dump_python(self.recipe, mode="json", exclude_defaults=True)
+        sections = ["model", "tasks", "evaluation"] if run.kind == "base" else [*_TRAINED_SECTIONS]
+        settings = {key: data.get(key) for key in sections}
+        if run.kind in ("experts", "post_hoc"):
+            settings["experts"] = data.get("compare", {}).get("experts")
+        if run.method is not None:
+            method, params = self.recipe.compare.resolve(run.method)
+            settings["method"] = {
+                "name": method,
+                "params": params,
+                "training": self.recipe.compare.training_overrides(run.method),
+            }
+        return json.loads(json.dumps(settings))  # as it reads back from result.json
+
     def run(self, run: Run, index: int, total: int) -> dict[str, Any]:
         folder = self.output_dir / "runs" / run.folder
         result_path = folder / RESULT_FILE
+        settings = self.settings(run)
         if result_path.is_file():
+            result = json.loads(result_path.read_text())
+            recorded = result.get("settings")  # None: written before metis-hf recorded them
+            if recorded is not None and recorded != settings:
+                raise RecipeError(
+                    f"{folder} holds a result computed with other settings ("
+                    + "; ".join(_differences(recorded, settings)[:3])
+                    + "): give compare another --output-dir, or delete that folder to recompute it."
+                )
             print(f"[metis-hf compare] run {index}/{total}: {run.label}: done before, reading it back")
-            return json.loads(result_path.read_text())
+            return result
         print(f"[metis-hf compare] run {index}/{total}: {run.label}", flush=True)
         folder.mkdir(parents=True, exist_ok=True)
         start = time.time()
         result = getattr(self, f"run_{run.kind}")(run, folder)
         result.update(kind=run.kind, seed=run.seed, method=run.method, seconds=time.time() - start)
+        result.update(settings=settings, versions=_versions())
         shutil.rmtree(folder / "trainer", ignore_errors=True)  # checkpoints of a finished run
         write_json(result_path, result)
         if run.kind == "many_shot":
             self._drop_branch_point(run)
         print(f"[metis-hf compare] run {index}/{total} finished in {result['seconds']:.0f} s", flush=True)
         return result
+
+
+_TRAINED_SECTIONS = ("model", "tasks", "evaluation", "lora", "training")
+_VERSIONED = ("metis-hf", "torch", "transformers", "peft", "trl", "reasoning-gym")
+
+
+def _versions() -> dict[str, str]:
+    """The installed versions a run's numbers may depend on (recorded, not checked)."""
+    found = {}
+    for package in _VERSIONED:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def _differences(recorded: Any, current: Any, path: str = "") -> list[str]:
+    """Dotted paths where two settings trees differ, with both values."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        found = []
+        for key in sorted(set(recorded) | set(current), key=str):
+            where = f"{path}.{key}" if path else str(key)
+            found += _differences(recorded.get(key), current.get(key), where)
+        return found
+    if isinstance(recorded, list) and isinstance(current, list) and len(recorded) == len(current):
+        return [
+            d for i, (a, b) in enumerate(zip(recorded, current)) for d in _differences(a, b, f"{path}.{i}")
+        ]
+    return [] if recorded == current else [f"{path}: {json.dumps(recorded)} then, {json.dumps(current)} now"]
 
 
 def run_compare(
