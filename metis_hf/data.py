@@ -16,6 +16,9 @@ import dataclasses
 import json
 import os
 import random
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -183,8 +186,25 @@ def _reasoning_gym_task(spec: TaskSpec) -> Task:
     except Exception as err:
         raise ValueError(f"Task {spec.name!r}: reasoning-gym cannot build {generator!r}: {err}") from err
 
-    seen_questions: set[str] = set()
+    rows = _generated_rows(spec) if sys.flags.hash_randomization == 0 else _rows_under_hash_seed_zero(spec)
     splits: dict[str, Dataset] = {}
+    for split in SPLITS:
+        _require_rows(spec.name, split, rows[split])
+        splits[split] = Dataset.from_list(rows[split])
+
+    def score(prediction: str, example: Mapping[str, Any]) -> float:
+        return float(scorer_dataset.score_answer(answer=prediction, entry=json.loads(example["entry"])))
+
+    return Task(spec.name, splits["train"], splits["validation"], splits["test"], scorer=score)
+
+
+def _generated_rows(spec: TaskSpec) -> dict[str, list[dict[str, str]]]:
+    """Each split's rows, from the generator with its own seed per split."""
+    import reasoning_gym
+
+    generator = spec.dataset or spec.name
+    seen_questions: set[str] = set()
+    splits: dict[str, list[dict[str, str]]] = {}
     for split in SPLITS:  # train first: later splits drop questions that training has seen
         size = getattr(spec, f"{split}_size")
         # Draw a few extra so that removing overlaps with earlier splits still leaves `size` items.
@@ -194,7 +214,7 @@ def _reasoning_gym_task(spec: TaskSpec) -> Task:
             seed=spec.seed + _SPLIT_SEED_OFFSET[split],
             **spec.generator_config,
         )
-        rows = []
+        rows = splits[split] = []
         for item in items:
             if item["question"] in seen_questions or item["answer"] is None:
                 continue
@@ -209,13 +229,32 @@ def _reasoning_gym_task(spec: TaskSpec) -> Task:
             )
             if len(rows) == size:
                 break
-        _require_rows(spec.name, split, rows)
-        splits[split] = Dataset.from_list(rows)
+    return splits
 
-    def score(prediction: str, example: Mapping[str, Any]) -> float:
-        return float(scorer_dataset.score_answer(answer=prediction, entry=json.loads(example["entry"])))
 
-    return Task(spec.name, splits["train"], splits["validation"], splits["test"], scorer=score)
+def _rows_under_hash_seed_zero(spec: TaskSpec) -> dict[str, list[dict[str, str]]]:
+    """``_generated_rows`` in a child interpreter under PYTHONHASHSEED=0.
+
+    Some generators draw from Python sets of strings (isomorphic_strings), whose order follows the
+    interpreter's hash seed, which Python draws anew for every process: in-process, such a task's
+    items would differ from one run (or resumed compare) to the next."""
+    code = (
+        "import json, sys; from metis_hf.data import TaskSpec, _generated_rows; "
+        "json.dump(_generated_rows(TaskSpec(**json.loads(sys.argv[1]))), open(sys.argv[2], 'w'))"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rows.json")
+        child = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(dataclasses.asdict(spec)), out],
+            env={**os.environ, "PYTHONHASHSEED": "0"},
+            capture_output=True,
+            text=True,
+        )
+        if child.returncode != 0:
+            last = (child.stderr.strip().splitlines() or ["no message"])[-1]
+            raise ValueError(f"Task {spec.name!r}: generating its items failed: {last}")
+        with open(out) as f:
+            return json.load(f)
 
 
 # --- files and Hub datasets ------------------------------------------------------------------

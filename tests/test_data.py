@@ -1,9 +1,12 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from datasets import Dataset
 
-from metis_hf.data import TaskSpec, build_task, build_tasks, exact_match, extract_answer
+from metis_hf.data import TaskSpec, build_task, build_tasks, exact_match, extract_answer, format_prompt
 
 
 def test_reasoning_gym_splits_are_disjoint_and_sized():
@@ -29,6 +32,33 @@ def test_reasoning_gym_is_reproducible_from_seed():
         {"name": "spell_backward", "train_size": 5, "validation_size": 2, "test_size": 2, "seed": 7}
     )
     assert a.train["prompt"] == b.train["prompt"]
+
+
+def _child(code: str, hash_seed: str, *args: str):
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+    run = subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, check=True
+    )
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_reasoning_gym_items_do_not_depend_on_the_hash_seed():
+    """isomorphic_strings draws letters from a Python set, whose order follows the interpreter's
+    hash seed (drawn anew per process): a task must be the same in every process."""
+    spec = json.dumps({"name": "isomorphic_strings", "train_size": 6, "validation_size": 2, "test_size": 6})
+    build = (
+        "import json, sys; from metis_hf.data import build_task; t = build_task(json.loads(sys.argv[1])); "
+        "print(json.dumps(list(t.train['prompt']) + list(t.test['prompt'])))"
+    )
+    first, second = _child(build, "1", spec), _child(build, "2", spec)
+    assert first == second
+    # the generator itself, under hash seed 0 (metis-hf's canonical order) and another
+    direct = (
+        "import json, reasoning_gym; "
+        "print(json.dumps([i['question'] for i in reasoning_gym.create_dataset('isomorphic_strings', size=6, seed=0)]))"
+    )
+    assert first[:6] == [format_prompt(q) for q in _child(direct, "0")]
+    assert _child(direct, "0") != _child(direct, "1")  # else this test guards nothing
 
 
 def _rows(n, prefix="q"):
