@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from metis_hf.commands import main
-from metis_hf.workflows.compare import Comparison
+from metis_hf.workflows.compare import RESULT_FILE, Comparison
 from tests.conftest import write_tiny_recipe
 
 TASKS = ("chain_sum", "gcd", "letter_counting")
@@ -224,6 +224,41 @@ def test_compare_refuses_results_computed_under_other_settings(compared, tmp_pat
     assert {p: p.read_bytes() for p in copy.rglob("result.json")} == before  # nothing rewritten
     recorded = json.loads((out / "runs" / "seed0" / "experts" / "result.json").read_text())
     assert recorded["versions"]["torch"] == torch.__version__
+
+
+def test_a_folder_kept_with_its_results_only_resumes(compared, tmp_path, monkeypatch):
+    """Results copied without adapters (what a results archive keeps): a post-hoc run still to do
+    gets its seed's experts trained again, the same as before; other seeds' experts are not."""
+    from metis_hf.data import build_tasks
+    from metis_hf.recipe import load_recipe
+
+    recipe, out = compared
+    copy = tmp_path / "cmp"
+    for path in out.rglob(RESULT_FILE):
+        target = copy / path.relative_to(out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    shutil.rmtree(copy / "runs" / "seed0" / "post_hoc-task_arithmetic")
+    tasks = build_tasks(load_recipe(recipe).tasks)
+    right = {row["prompt"]: row["answer"] for task in tasks.values() for row in task.test}
+    monkeypatch.setattr(
+        "metis_hf.evaluation.generation.generate_answers", _answers_that_depend_on_the_model(right)
+    )
+    trained = []
+    original = Comparison.run_experts
+    monkeypatch.setattr(
+        Comparison,
+        "run_experts",
+        lambda self, run, folder: trained.append(run.seed) or original(self, run, folder),
+    )
+    assert main(["compare", str(recipe), "--output-dir", str(copy)]) == 0
+    assert trained == [0]
+    redone, first = (
+        json.loads((root / "runs" / "seed0" / "post_hoc-task_arithmetic" / RESULT_FILE).read_text())
+        for root in (copy, out)
+    )
+    for task in TASKS:
+        assert redone["losses"][task] == pytest.approx(first["losses"][task], rel=1e-5)
 
 
 def test_post_hoc_metis_reads_losses_from_older_result_files(compared, tmp_path):

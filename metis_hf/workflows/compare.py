@@ -522,6 +522,17 @@ class Comparison:
             }
         return json.loads(json.dumps(settings))  # as it reads back from result.json
 
+    def _experts_to_rebuild(self, run: Run) -> bool:
+        """Whether a finished experts run must run again: its adapters are gone (a folder kept
+        with its results only) and a post-hoc run of its seed has yet to merge them."""
+        if run.kind != "experts":
+            return False
+        adapters = self.output_dir / "runs" / run.folder / "adapter" / "task_adapters"
+        if all((adapters / t / "adapter_model.safetensors").is_file() for t in self.task_names):
+            return False
+        pending = [Run("post_hoc", run.seed, m) for m in self.recipe.compare.post_hoc_methods]
+        return any(not (self.output_dir / "runs" / p.folder / RESULT_FILE).is_file() for p in pending)
+
     def run(self, run: Run, index: int, total: int) -> dict[str, Any]:
         folder = self.output_dir / "runs" / run.folder
         result_path = folder / RESULT_FILE
@@ -535,8 +546,10 @@ class Comparison:
                     + "; ".join(_differences(recorded, settings)[:3])
                     + "): give compare another --output-dir, or delete that folder to recompute it."
                 )
-            print(f"[metis-hf compare] run {index}/{total}: {run.label}: done before, reading it back")
-            return result
+            if not self._experts_to_rebuild(run):
+                print(f"[metis-hf compare] run {index}/{total}: {run.label}: done before, reading it back")
+                return result
+            print(f"[metis-hf compare] {run.label}: adapters missing, which post-hoc runs still need")
         print(f"[metis-hf compare] run {index}/{total}: {run.label}", flush=True)
         folder.mkdir(parents=True, exist_ok=True)
         start = time.time()
