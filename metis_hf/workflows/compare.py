@@ -549,7 +549,7 @@ class Comparison:
             if not self._experts_to_rebuild(run):
                 print(f"[metis-hf compare] run {index}/{total}: {run.label}: done before, reading it back")
                 return result
-            print(f"[metis-hf compare] {run.label}: adapters missing, which post-hoc runs still need")
+            print(f"[metis-hf compare] {run.label}: adapters missing and post-hoc runs need them: again")
         print(f"[metis-hf compare] run {index}/{total}: {run.label}", flush=True)
         folder.mkdir(parents=True, exist_ok=True)
         start = time.time()
