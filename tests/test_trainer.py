@@ -51,7 +51,8 @@ def _config(tmp_path, **overrides):
     return MetisConfig(**values)
 
 
-def _trainer(tmp_path, tokenizer, model=None, train=TRAIN, val=VAL, **overrides):
+def _trainer(tmp_path, tokenizer, model=None, train=TRAIN, val=VAL, lora=None, **overrides):
+    """``lora``: LoraConfig fields over the tests' LORA."""
     model = model if model is not None else make_tiny_model(len(tokenizer), seed=0)
     return MetisTrainer(
         model=model,
@@ -59,7 +60,7 @@ def _trainer(tmp_path, tokenizer, model=None, train=TRAIN, val=VAL, **overrides)
         train_dataset=train,
         eval_dataset=val,
         processing_class=tokenizer,
-        peft_config=LoraConfig(**LORA),
+        peft_config=LoraConfig(**{**LORA, **(lora or {})}),
     )
 
 
@@ -493,13 +494,8 @@ def test_metis_robust_weights_use_relative_gaps_of_the_previous_merge(tmp_path, 
 
 def _robust_trainer(tmp_path, tokenizer, base, lora=None, **overrides):
     """A metis_robust trainer on a copy of ``base`` (kept untouched, to compute expectations on)."""
-    return MetisTrainer(
-        model=copy.deepcopy(base),
-        args=_config(tmp_path, merge_method="metis_robust", **overrides),
-        train_dataset=TRAIN,
-        eval_dataset=VAL,
-        processing_class=tokenizer,
-        peft_config=LoraConfig(**{**LORA, **(lora or {})}),
+    return _trainer(
+        tmp_path, tokenizer, copy.deepcopy(base), lora=lora, merge_method="metis_robust", **overrides
     )
 
 
