@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from metis_hf.evaluation.retention import (
+    batch_choice_log_likelihoods,
     bigbench_task_file,
     choice_log_likelihoods,
     extract_bigbench,
@@ -51,12 +52,21 @@ def _log_likelihood_by_hand(model, tokenizer, prompt, choice):
 
 def test_choice_log_likelihoods_and_accuracy_against_unpadded_forwards(tiny_model, tiny_tokenizer):
     items = load_multiple_choice(FIXTURE)
-    for item in items:  # choices of different token lengths share one padded batch
-        got = choice_log_likelihoods(tiny_model, tiny_tokenizer, item["prompt"], item["choices"])
-        expected = [
-            _log_likelihood_by_hand(tiny_model, tiny_tokenizer, item["prompt"], c) for c in item["choices"]
-        ]
-        assert got == pytest.approx(expected, abs=1e-4)
+    expected = [
+        [_log_likelihood_by_hand(tiny_model, tiny_tokenizer, item["prompt"], c) for c in item["choices"]]
+        for item in items
+    ]
+    for item, want in zip(items, expected):  # choices of different token lengths share one padded batch
+        assert choice_log_likelihoods(
+            tiny_model, tiny_tokenizer, item["prompt"], item["choices"]
+        ) == pytest.approx(want, abs=1e-4)
+    # every item in one batch: prompts of different lengths (left-padded), 2 or 3 choices each
+    assert len({len(tiny_tokenizer(item["prompt"])["input_ids"]) for item in items}) > 1
+    assert len({len(item["choices"]) for item in items}) > 1
+    got = batch_choice_log_likelihoods(tiny_model, tiny_tokenizer, items)
+    assert [len(g) for g in got] == [len(w) for w in expected]
+    for row, want in zip(got, expected):
+        assert row == pytest.approx(want, abs=1e-4)
     # the model's own best choice marked right on the first 4 items, a worse one on the last 2
     relabelled = []
     for i, item in enumerate(items):
@@ -65,7 +75,7 @@ def test_choice_log_likelihoods_and_accuracy_against_unpadded_forwards(tiny_mode
         ]
         best = max(range(len(scores)), key=scores.__getitem__)
         relabelled.append({**item, "correct": best if i < 4 else (best + 1) % len(scores)})
-    result = multiple_choice_accuracy(tiny_model, tiny_tokenizer, relabelled)
+    result = multiple_choice_accuracy(tiny_model, tiny_tokenizer, relabelled, batch_size=4)  # 4 + 2
     assert result["items"] == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0] and result["accuracy"] == pytest.approx(4 / 6)
 
 

@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import transformers.utils.generic
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from metis_hf.data import format_prompt
 from metis_hf.models import cache_dir
@@ -36,6 +38,8 @@ BIGBENCH_SDIST_URL = (
 )
 BIGBENCH_SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 BIGBENCH_TASKS_DIR = "bigbench/benchmark_tasks"
+# transformers 5.x renamed a forward's `past_key_values` to `cache` (the old name warns)
+CACHE_KEYWORD = "cache" if hasattr(transformers.utils.generic, "_rename_kwargs_for_bc") else "past_key_values"
 
 
 def bigbench_cache() -> Path:
@@ -161,36 +165,75 @@ def load_multiple_choice(path: str | os.PathLike, size: int | None = None, seed:
 
 
 @torch.no_grad()
+def batch_choice_log_likelihoods(model, tokenizer, items: Sequence[Mapping[str, Any]]) -> list[list[float]]:
+    """Per item, the summed log-probability of each choice's tokens (" " + choice) after its prompt.
+
+    The items' prompts run once, as one left-padded batch; their key/value cache then serves every
+    choice of its item, one row per choice: the prompts, not the few choice tokens, are most of the
+    work, and one batch of many items keeps the CPU's matrix products wide (docs/benchmarks.md)."""
+    device = next(model.parameters()).device
+    prompts = [tokenizer(item["prompt"], add_special_tokens=False)["input_ids"] for item in items]
+    choices = [
+        [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in item["choices"]] for item in items
+    ]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    prompt_width = max(len(p) for p in prompts)
+    prompt_mask = torch.tensor([[0] * (prompt_width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    prompt_ids = torch.tensor([[pad] * (prompt_width - len(p)) + p for p in prompts], device=device)
+    prompt_lengths = prompt_mask.sum(-1)
+    cache = DynamicCache()
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),  # left padding: positions start at 0
+        use_cache=True,
+        logits_to_keep=1,
+        **{CACHE_KEYWORD: cache},
+    )
+    first_token_log_probs = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each choice's token 0
+    owner = torch.tensor([i for i, item_choices in enumerate(choices) for _ in item_choices], device=device)
+    cache.batch_select_indices(owner)  # one cache row per choice
+    rows = [c for item_choices in choices for c in item_choices]
+    width = max(len(c) for c in rows)
+    ids = torch.tensor([c + [pad] * (width - len(c)) for c in rows], device=device)
+    choice_mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in rows], device=device)
+    logits = model(
+        input_ids=ids,
+        attention_mask=torch.cat([prompt_mask[owner], choice_mask], dim=-1),
+        position_ids=prompt_lengths[owner, None] + torch.arange(width, device=device),
+        **{CACHE_KEYWORD: cache},
+    ).logits.float()
+    # choice token j + 1 is predicted at choice position j
+    later = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    totals = [
+        float(first_token_log_probs[owner[row], c[0]] + later[row, : len(c) - 1].sum())
+        for row, c in enumerate(rows)
+    ]
+    out_lists, start = [], 0
+    for item_choices in choices:
+        out_lists.append(totals[start : start + len(item_choices)])
+        start += len(item_choices)
+    return out_lists
+
+
 def choice_log_likelihoods(model, tokenizer, prompt: str, choices: Sequence[str]) -> list[float]:
     """The summed log-probability of each choice's tokens (" " + choice) after ``prompt``."""
-    device = next(model.parameters()).device
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    sequences = [prompt_ids + tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in choices]
-    width = max(len(s) for s in sequences)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences], device=device)
-    attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=device)
-    # Only the positions that predict a choice token need logits, the last `kept` ones: no
-    # vocabulary projection and softmax over the prompt (1.05-1.17x, docs/benchmarks.md).
-    first = len(prompt_ids) - 1
-    kept = width - first
-    logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=kept).logits.float()
-    log_probs = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, first + 1 :, None])[..., 0]
-    totals = []
-    for row, sequence in enumerate(sequences):  # token first + 1 + j is predicted at kept position j
-        totals.append(float(log_probs[row, : len(sequence) - 1 - first].sum()))
-    return totals
+    return batch_choice_log_likelihoods(model, tokenizer, [{"prompt": prompt, "choices": choices}])[0]
 
 
-def multiple_choice_accuracy(model, tokenizer, items: Sequence[Mapping[str, Any]], desc: str = "") -> dict:
-    """Accuracy of the highest-likelihood choice, with each item's 0/1 (for intervals)."""
+def multiple_choice_accuracy(
+    model, tokenizer, items: Sequence[Mapping[str, Any]], desc: str = "", batch_size: int = 16
+) -> dict:
+    """Accuracy of the highest-likelihood choice, with each item's 0/1 (for intervals);
+    ``batch_size`` items share a forward pass."""
     was_training = model.training
     model.eval()
     try:
         correct = []
-        for item in tqdm(items, desc=desc or "retention", leave=False):
-            scores = choice_log_likelihoods(model, tokenizer, item["prompt"], item["choices"])
-            correct.append(float(max(range(len(scores)), key=scores.__getitem__) == item["correct"]))
+        for start in tqdm(range(0, len(items), batch_size), desc=desc or "retention", leave=False):
+            batch = items[start : start + batch_size]
+            for item, scores in zip(batch, batch_choice_log_likelihoods(model, tokenizer, batch)):
+                correct.append(float(max(range(len(scores)), key=scores.__getitem__) == item["correct"]))
     finally:
         model.train(was_training)
     return {"accuracy": sum(correct) / len(correct), "n": len(correct), "items": correct}
