@@ -181,7 +181,7 @@ def batch_choice_log_likelihoods(model, tokenizer, items: Sequence[Mapping[str, 
     prompt_mask = torch.tensor([[0] * (prompt_width - len(p)) + [1] * len(p) for p in prompts], device=device)
     prompt_ids = torch.tensor([[pad] * (prompt_width - len(p)) + p for p in prompts], device=device)
     prompt_lengths = prompt_mask.sum(-1)
-    cache = DynamicCache()
+    cache = DynamicCache(config=model.config)  # the model's own layer kinds (sliding windows)
     out = model(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
