@@ -13,10 +13,10 @@ import collections
 import time
 
 from metis_hf.evaluation.retention import (
-    batch_choice_log_likelihoods,
     ensure_bigbench,
     fetch_bigbench,
     load_multiple_choice,
+    multiple_choice_accuracy,
 )
 from metis_hf.models import load_model_and_tokenizer
 
@@ -42,11 +42,9 @@ def main() -> None:
     print("| task | items | base accuracy | chance | most common pick | seconds |\n|---|---|---|---|---|---|")
     for task in args.tasks:
         items = load_multiple_choice(files[task], size=args.size)
-        start, picks = time.perf_counter(), []
-        for i in range(0, len(items), 16):
-            for scores in batch_choice_log_likelihoods(model, tokenizer, items[i : i + 16]):
-                picks.append(max(range(len(scores)), key=scores.__getitem__))
-        accuracy = sum(pick == item["correct"] for pick, item in zip(picks, items)) / len(items)
+        start = time.perf_counter()
+        result = multiple_choice_accuracy(model, tokenizer, items, desc=task)
+        accuracy, picks = result["accuracy"], result["picks"]
         chance = sum(1 / len(item["choices"]) for item in items) / len(items)
         same = max(collections.Counter(picks).values()) / len(items)
         print(

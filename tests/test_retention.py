@@ -77,6 +77,9 @@ def test_choice_log_likelihoods_and_accuracy_against_unpadded_forwards(tiny_mode
         relabelled.append({**item, "correct": best if i < 4 else (best + 1) % len(scores)})
     result = multiple_choice_accuracy(tiny_model, tiny_tokenizer, relabelled, batch_size=4)  # 4 + 2
     assert result["items"] == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0] and result["accuracy"] == pytest.approx(4 / 6)
+    assert result["picks"] == [item["correct"] for item in relabelled[:4]] + [
+        (item["correct"] - 1) % len(item["choices"]) for item in relabelled[4:]
+    ]
 
 
 def _sdist(path: Path, tasks: dict[str, bytes]) -> Path:

@@ -224,19 +224,21 @@ def choice_log_likelihoods(model, tokenizer, prompt: str, choices: Sequence[str]
 def multiple_choice_accuracy(
     model, tokenizer, items: Sequence[Mapping[str, Any]], desc: str = "", batch_size: int = 16
 ) -> dict:
-    """Accuracy of the highest-likelihood choice, with each item's 0/1 (for intervals);
+    """Accuracy of the highest-likelihood choice, with each item's 0/1 (for intervals) and the
+    index of the choice picked (a model that always picks one position measures nothing);
     ``batch_size`` items share a forward pass."""
     was_training = model.training
     model.eval()
     try:
-        correct = []
+        picks = []
         for start in tqdm(range(0, len(items), batch_size), desc=desc or "retention", leave=False):
             batch = items[start : start + batch_size]
-            for item, scores in zip(batch, batch_choice_log_likelihoods(model, tokenizer, batch)):
-                correct.append(float(max(range(len(scores)), key=scores.__getitem__) == item["correct"]))
+            for scores in batch_choice_log_likelihoods(model, tokenizer, batch):
+                picks.append(max(range(len(scores)), key=scores.__getitem__))
     finally:
         model.train(was_training)
-    return {"accuracy": sum(correct) / len(correct), "n": len(correct), "items": correct}
+    correct = [float(pick == item["correct"]) for pick, item in zip(picks, items)]
+    return {"accuracy": sum(correct) / len(correct), "n": len(correct), "items": correct, "picks": picks}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
