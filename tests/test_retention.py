@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,17 @@ def test_choice_log_likelihoods_and_accuracy_against_unpadded_forwards(tiny_mode
     assert result["picks"] == [item["correct"] for item in relabelled[:4]] + [
         (item["correct"] - 1) % len(item["choices"]) for item in relabelled[4:]
     ]
+
+
+def test_the_cache_travels_under_the_name_the_model_takes_also_under_peft(tiny_model, tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model, LoraConfig(r=2, target_modules=["q_proj"]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batch_choice_log_likelihoods(model, tiny_tokenizer, load_multiple_choice(FIXTURE)[:2])
+    # a renamed argument passed under its old name warns that it is deprecated
+    assert not [w for w in caught if "deprecated" in str(w.message)]
 
 
 def _sdist(path: Path, tasks: dict[str, bytes]) -> Path:

@@ -10,6 +10,7 @@ tasks come from the ``bigbench`` sdist on PyPI (``fetch_bigbench``), read into a
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import random
@@ -23,7 +24,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import transformers.utils.generic
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
@@ -38,8 +38,14 @@ BIGBENCH_SDIST_URL = (
 )
 BIGBENCH_SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 BIGBENCH_TASKS_DIR = "bigbench/benchmark_tasks"
-# transformers 5.x renamed a forward's `past_key_values` to `cache` (the old name warns)
-CACHE_KEYWORD = "cache" if hasattr(transformers.utils.generic, "_rename_kwargs_for_bc") else "past_key_values"
+
+
+def cache_keyword(model) -> str:
+    """The name of the key/value cache argument of the model's forward: transformers 5.x renamed
+    `past_key_values` to `cache` (the old name warns). Read from the signature of the model
+    under any PEFT wrapper."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def bigbench_cache() -> Path:
@@ -181,14 +187,14 @@ def batch_choice_log_likelihoods(model, tokenizer, items: Sequence[Mapping[str, 
     prompt_mask = torch.tensor([[0] * (prompt_width - len(p)) + [1] * len(p) for p in prompts], device=device)
     prompt_ids = torch.tensor([[pad] * (prompt_width - len(p)) + p for p in prompts], device=device)
     prompt_lengths = prompt_mask.sum(-1)
-    cache = DynamicCache(config=model.config)  # the model's own layer kinds (sliding windows)
+    cache, keyword = DynamicCache(config=model.config), cache_keyword(model)  # the model's layer kinds
     out = model(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
         position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),  # left padding: positions start at 0
         use_cache=True,
         logits_to_keep=1,
-        **{CACHE_KEYWORD: cache},
+        **{keyword: cache},
     )
     first_token_log_probs = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each choice's token 0
     owner = torch.tensor([i for i, item_choices in enumerate(choices) for _ in item_choices], device=device)
@@ -201,7 +207,7 @@ def batch_choice_log_likelihoods(model, tokenizer, items: Sequence[Mapping[str, 
         input_ids=ids,
         attention_mask=torch.cat([prompt_mask[owner], choice_mask], dim=-1),
         position_ids=prompt_lengths[owner, None] + torch.arange(width, device=device),
-        **{CACHE_KEYWORD: cache},
+        **{keyword: cache},
     ).logits.float()
     # choice token j + 1 is predicted at choice position j
     later = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
