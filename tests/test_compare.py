@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -152,7 +153,7 @@ def test_scale_auto_keeps_the_candidate_with_the_lowest_validation_loss(compared
     run = out / "runs" / "seed0" / "post_hoc-ta@auto"
     result = json.loads((run / "result.json").read_text())
     search = {float(k): v for k, v in result["scale_search"]["validation_loss"].items()}
-    assert sorted(search) == sorted(SCALE_CANDIDATES) and len({round(v, 6) for v in search.values()}) > 3
+    assert set(SCALE_CANDIDATES) <= set(search) and len({round(v, 6) for v in search.values()}) > 3
     chosen = result["scale_search"]["chosen"]
     assert search[chosen] == min(search.values())
     # the saved adapter is the merge at that scale, and its own validation loss is the one searched
@@ -166,6 +167,27 @@ def test_scale_auto_keeps_the_candidate_with_the_lowest_validation_loss(compared
     for key, value in load_file(run / "adapter" / "adapter_model.safetensors").items():
         torch.testing.assert_close(value, chosen * sum(e[key] for e in experts))
     assert result["weights"] == {t: chosen for t in TASKS}
+
+
+def test_the_scale_search_goes_past_an_edge_that_wins_and_stops_where_the_loss_rises():
+    from metis_hf.workflows.compare import SCALE_CANDIDATES, search_scale
+
+    def bowl(minimum: float):  # a loss whose minimum over log-scale lies at ``minimum``
+        return lambda scale: (math.log(scale) - math.log(minimum)) ** 2
+
+    chosen, losses = search_scale(bowl(1.2))  # inside the range: the candidates alone
+    assert chosen == 1.0 and sorted(losses) == sorted(SCALE_CANDIDATES)
+    chosen, losses = search_scale(bowl(5.0))  # past 3: 4.5 wins, 6.75 loses, the search stops
+    assert chosen == 4.5 and sorted(set(losses) - set(SCALE_CANDIDATES)) == [4.5, 6.75]
+    chosen, losses = search_scale(bowl(0.05))  # below 0.1: 0.1 / 1.5, then 0.1 / 1.5**2 ...
+    assert chosen == pytest.approx(0.1 / 1.5**2, rel=1e-4) and min(losses) == pytest.approx(
+        0.1 / 1.5**3, rel=1e-4
+    )
+    chosen, losses = search_scale(bowl(1e4))  # six more at most
+    assert len(losses) == len(SCALE_CANDIDATES) + 6 and chosen == max(losses)
+    # a merge whose loss is not finite (diverged) never wins, wherever it lies
+    chosen, _ = search_scale(lambda s: math.nan if s < 0.3 or s > 2 else (s - 1) ** 2)
+    assert chosen == 1.0
 
 
 def test_post_hoc_svd_merge_is_exact_in_the_core_space(compared):

@@ -27,10 +27,12 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -55,10 +57,46 @@ from metis_hf.recipe import (
     recipe_text,
 )
 
+logger = logging.getLogger(__name__)
+
 RESULT_FILE = "result.json"
 # `scale: auto` (post hoc): the candidates tried on the validation loss (the Iso-C and TSV-M authors
-# search 0.1 to 3.0 on validation data).
+# search 0.1 to 3.0 on validation data), widened past an edge that wins (search_scale).
 SCALE_CANDIDATES = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
+SCALE_WIDENING = 1.5
+SCALE_MAX_EXTRA = 6
+
+
+def search_scale(
+    loss_at: Callable[[float], float],
+    candidates: Sequence[float] = SCALE_CANDIDATES,
+    widening: float = SCALE_WIDENING,
+    max_extra: int = SCALE_MAX_EXTRA,
+) -> tuple[float, dict[float, float]]:
+    """The candidate scale with the lowest ``loss_at`` (a diverged, non-finite loss never wins),
+    and every candidate's loss. Where the best is the largest or the smallest candidate tried, the
+    search goes on past it by a factor ``widening`` until the loss rises, ``max_extra`` candidates
+    at most: a minimum on the edge of the range may lie beyond it (Iso-C's often does)."""
+
+    def key(scale: float) -> float:
+        return losses[scale] if math.isfinite(losses[scale]) else math.inf
+
+    losses = {float(c): float(loss_at(float(c))) for c in candidates}
+    for _ in range(max_extra):
+        best = min(losses, key=key)
+        if best == max(losses):
+            beyond = round(best * widening, 6)
+        elif best == min(losses):
+            beyond = round(best / widening, 6)
+        else:
+            break
+        losses[beyond] = float(loss_at(beyond))
+    best = min(losses, key=key)
+    if best in (max(losses), min(losses)):
+        logger.warning(f"scale search: the best scale, {best:g}, is still the edge of those tried.")
+    return best, losses
+
+
 RunKind = Literal["base", "experts", "multitask", "post_hoc", "many_shot"]
 MIXED_TASK = "all_tasks_mixed"  # the one task of the multi-task SFT run
 
@@ -470,13 +508,14 @@ class Comparison:
 
         search = None
         if self._scale_is_searched(run):
-            search = {}
-            for candidate in SCALE_CANDIDATES:  # the mean validation loss of each candidate's merge
-                merged_adapter({**params, "scale": candidate}, folder / "candidate")
+
+            def validation_loss(scale: float) -> float:  # the mean over tasks, of the merge at scale
+                merged_adapter({**params, "scale": scale}, folder / "candidate")
                 model, tokenizer = load_for_evaluation(folder / "candidate", tokenizer=self.recipe.model)
-                search[candidate] = multitask_loss(self._evaluate(model, tokenizer, losses_only=True))
+                return multitask_loss(self._evaluate(model, tokenizer, losses_only=True))
+
+            params["scale"], search = search_scale(validation_loss)
             shutil.rmtree(folder / "candidate", ignore_errors=True)
-            params["scale"] = min(search, key=search.get)
             weights = get_merge_method(method).weights_of(params, len(states))
         truncation = merged_adapter(params, folder / "adapter")
         model, tokenizer = load_for_evaluation(folder / "adapter", tokenizer=self.recipe.model)
