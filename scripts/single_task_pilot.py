@@ -47,6 +47,8 @@ def main() -> None:
     for given in args.config:
         task_name, _, settings = given.partition("=")
         configs[task_name] = json.loads(settings)
+    if set(configs) - set(args.tasks):
+        parser.error(f"--config for a task not listed: {sorted(set(configs) - set(args.tasks))}")
 
     from _shared import independent_adapters_trainer
 
