@@ -457,6 +457,40 @@ def test_gain_kept_on_answer_losses_by_hand_and_where_it_disagrees_with_exact_ma
     assert "gain kept, on answer-token" not in older["markdown"]
 
 
+def test_a_variant_of_a_loss_gap_method_is_paired_with_every_run_like_the_method():
+    """A METIS setting tried as a variant (metis_robust@erased) is what a user wants weighed against
+    the baselines: it is paired with them as metis_robust is; a variant of task arithmetic is not."""
+    tasks = ["t1", "t2"]
+    runs = [_run("experts", 0, None, dict(t1=0.5, t2=0.4))]
+    for method, exact in (
+        ("consensus_ta", dict(t1=0.2, t2=0.3)),
+        ("metis_robust@erased", dict(t1=0.4, t2=0.2)),
+        ("ta@0.5", dict(t1=0.1, t2=0.4)),
+    ):
+        runs.append(_run("many_shot", 0, method, exact))
+    spec = CompareSpec(
+        seeds=[0],
+        variants={
+            "metis_robust@erased": {"method": "metis_robust", "gap_normalization": "erased"},
+            "ta@0.5": {"method": "task_arithmetic", "scale": 0.5},
+        },
+        many_shot_methods=["consensus_ta", "metis_robust@erased", "ta@0.5"],
+    )
+    report = build_report(runs, tasks, spec)
+    pairs = {(" ".join(c["a"]), " ".join(c["b"])): c for c in report["paired_differences"]}
+    # normalized: erased (0.8, 0.5), consensus_ta (0.4, 0.75), ta@0.5 (0.2, 1.0)
+    vs_cta = pairs[("many_shot metis_robust@erased", "many_shot consensus_ta")]
+    assert vs_cta["average"]["per_seed"] == pytest.approx([0.65 - 0.575])
+    assert vs_cta["worst"]["per_seed"] == pytest.approx([0.5 - 0.4])
+    assert pairs[("many_shot metis_robust@erased", "many_shot ta@0.5")]["worst"]["per_seed"] == pytest.approx(
+        [0.5 - 0.2]
+    )
+    assert set(pairs) == {
+        ("many_shot metis_robust@erased", "many_shot consensus_ta"),
+        ("many_shot metis_robust@erased", "many_shot ta@0.5"),
+    }
+
+
 def test_reference_rows_base_and_multitask_sft_are_normalized_paired_and_drawn(tmp_path):
     """The base model (one run) is normalized by each seed's experts; the multi-task SFT runs by
     their own seed's; many-shot METIS is paired with multi-task SFT but not with the base."""

@@ -10,15 +10,18 @@ from __future__ import annotations
 import math
 import statistics
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from metis_hf.evaluation import uncertainty
 from metis_hf.evaluation.combine import summarize
 from metis_hf.files import write_json, write_text_atomic
+
+if TYPE_CHECKING:
+    from metis_hf.recipe import CompareSpec
 
 BLOCKS = (("reference", "References"), ("post_hoc", "Post-hoc"), ("many_shot", "Many-shot"))
 BASE_ROW, MULTITASK_ROW = "base model", "multi-task SFT"
@@ -133,7 +136,7 @@ def build_report(results: Sequence[Mapping[str, Any]], tasks: Sequence[str], spe
         return out
 
     pairs = [(("many_shot", m), ("post_hoc", m)) for m in sorted({m for _, m in per_run})]
-    for reference in reference_runs(per_run):
+    for reference in reference_runs(per_run, spec):
         pairs += [
             (reference, key) for key in sorted(per_run) if key not in (reference, ("reference", BASE_ROW))
         ]
@@ -208,13 +211,16 @@ def retention_ratios(run: Mapping[str, Any], base: Mapping[str, Any] | None) -> 
     return ratios
 
 
-def reference_runs(keys) -> list[tuple[str, str]]:
-    """The runs compared with every other run: many-shot runs of the registered loss-gap methods
-    (METIS and its kin)."""
+def reference_runs(keys: Iterable[tuple[str, str]], spec: CompareSpec) -> list[tuple[str, str]]:
+    """The runs compared with every other run: many-shot runs of the loss-gap methods (METIS and
+    its kin), variants of them included (a variant names the method it runs)."""
     from metis_hf.merging import available_methods, get_merge_method
 
-    gap_methods = [m for m in available_methods() if get_merge_method(m).uses_loss_gaps]
-    return [("many_shot", m) for m in gap_methods if ("many_shot", m) in keys]
+    def uses_loss_gaps(name: str) -> bool:
+        method = spec.resolve(name)[0]
+        return method in available_methods() and get_merge_method(method).uses_loss_gaps
+
+    return sorted(key for key in keys if key[0] == "many_shot" and uses_loss_gaps(key[1]))
 
 
 def round_summaries(by_seed: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
