@@ -92,6 +92,7 @@ def main(script_args: MetisScriptArguments, training_args: MetisConfig, model_ar
     if training_args.push_to_hub:
         url = trainer.push_to_hub()
         trainer.accelerator.print(f"Pushed to {url}.")
+    trainer.end()  # ends the trackers and the process group; a group left to exit can abort
 
 
 if __name__ == "__main__":

@@ -96,6 +96,8 @@ def main() -> None:
     if trainer.is_world_process_zero():
         with open(os.path.join(args.output_dir, "final", "log_history.json"), "w") as handle:
             json.dump(trainer.state.log_history, handle)
+    # A gloo process group left to the interpreter's exit can abort the process (SIGABRT).
+    trainer.end()
 
 
 if __name__ == "__main__":
