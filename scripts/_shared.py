@@ -1,6 +1,21 @@
-"""Shared by the benchmark scripts (run as `python benchmarks/<script>.py`, which puts this folder on the path)."""
+"""Shared by the scripts in this folder (run as `python scripts/<script>.py`, which puts this folder on the path)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def seed_folders(output_dir: Path) -> list[Path]:
+    """A compare output's runs/seed<N> folders, in seed order (seed10 after seed2)."""
+    return sorted(
+        (output_dir / "runs").glob("seed*"), key=lambda folder: int(folder.name.removeprefix("seed"))
+    )
 
 
 def independent_adapters_trainer(model, tokenizer, tasks, steps: int, output_dir: str, **config):

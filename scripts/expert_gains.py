@@ -12,26 +12,21 @@ expert barely above the base makes merged / expert move by a whole unit per test
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-from typing import Any
+
+from _shared import read_json, seed_folders
 
 from metis_hf.evaluation.uncertainty import paired_gains
 
 
-def _read(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
-
-
 def rows_for(output_dir: Path, bar: float) -> list[str]:
-    base = _read(output_dir / "runs" / "base" / "result.json")["scores"]
+    base = read_json(output_dir / "runs" / "base" / "result.json")["scores"]
     rows = []
-    seed_dirs = sorted((output_dir / "runs").glob("seed*"), key=lambda d: int(d.name.removeprefix("seed")))
-    for seed_dir in seed_dirs:
+    for seed_dir in seed_folders(output_dir):
         experts_file = seed_dir / "experts" / "result.json"
         if not experts_file.exists():
             continue
-        experts = _read(experts_file)["scores"]
+        experts = read_json(experts_file)["scores"]
         gains = paired_gains(
             {task: base[task]["item_exact_matches"] for task in experts},
             {task: score["item_exact_matches"] for task, score in experts.items()},

@@ -14,33 +14,25 @@ A collapsed merge keeps the base's loss; one that trains lowers it every round.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
-from typing import Any
+
+from _shared import read_json, seed_folders
 
 from metis_hf.evaluation.report import multitask_loss
 from metis_hf.training.rounds import RoundRecord
 
 
-def _read(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
-
-
-def _seed_of(folder: Path) -> int:
-    return int(folder.name.removeprefix("seed"))
-
-
 def rows_for(output_dir: Path, method: str) -> tuple[list[str], list[float]]:
     """Markdown rows (one per seed that ran ``method``) and each seed's loss drop."""
-    base = _read(output_dir / "runs" / "base" / "result.json")
+    base = read_json(output_dir / "runs" / "base" / "result.json")
     base_loss = multitask_loss(base)
     rows, drops = [], []
-    for seed_dir in sorted((output_dir / "runs").glob("seed*"), key=_seed_of):
+    for seed_dir in seed_folders(output_dir):
         result_file = seed_dir / f"many_shot-{method}" / "result.json"
         if not result_file.exists():
             continue
-        run = _read(result_file)
+        run = read_json(result_file)
         rounds = [RoundRecord.from_log(row) for row in run["rounds"]]
         density = ", ".join(f"{r.mask_density:.2f}" for r in rounds)
         losses = " -> ".join(f"{r.multitask_loss:.3f}" for r in rounds)
@@ -48,7 +40,7 @@ def rows_for(output_dir: Path, method: str) -> tuple[list[str], list[float]]:
         above = [t for t, s in run["scores"].items() if s["exact_match"] > base["scores"][t]["exact_match"]]
         drops.append(base_loss - rounds[-1].multitask_loss)
         rows.append(
-            f"| {len(run['scores'])} | {_seed_of(seed_dir)} | {density} | {base_loss:.3f} | {losses} "
+            f"| {len(run['scores'])} | {seed_dir.name.removeprefix('seed')} | {density} | {base_loss:.3f} | {losses} "
             f"| {min(alphas):.2f}-{max(alphas):.2f} | {', '.join(above) or 'none'} |"
         )
     return rows, drops
