@@ -200,36 +200,56 @@ def _reasoning_gym_task(spec: TaskSpec) -> Task:
 
 def _generated_rows(spec: TaskSpec) -> dict[str, list[dict[str, str]]]:
     """Each split's rows, from the generator with its own seed per split."""
-    import reasoning_gym
-
-    generator = spec.dataset or spec.name
     seen_questions: set[str] = set()
     splits: dict[str, list[dict[str, str]]] = {}
     for split in SPLITS:  # train first: later splits drop questions that training has seen
-        size = getattr(spec, f"{split}_size")
-        # Draw a few extra so that removing overlaps with earlier splits still leaves `size` items.
+        splits[split] = _distinct_items(spec, split, seen_questions)
+        seen_questions.update(json.loads(row["entry"])["question"] for row in splits[split])
+    return splits
+
+
+# How many items a split draws before it gives up, as multiples of the first draw.
+_DRAW_GROWTH = (1, 4, 16)
+
+
+def _distinct_items(spec: TaskSpec, split: str, seen_questions: set[str]) -> list[dict[str, str]]:
+    """The split's first `size` items whose questions are new (to it and to earlier splits).
+
+    Draws a few extra first; a generator with few distinct questions (number_sequence) draws again,
+    larger, from the same seed, so a split that the first draw fills is the same as it always was."""
+    import reasoning_gym
+
+    size = getattr(spec, f"{split}_size")
+    first_draw = size + size // 4 + 8
+    for growth in _DRAW_GROWTH:
         items = reasoning_gym.create_dataset(
-            generator,
-            size=size + size // 4 + 8,
+            spec.dataset or spec.name,
+            size=first_draw * growth,
             seed=spec.seed + _SPLIT_SEED_OFFSET[split],
             **spec.generator_config,
         )
-        rows = splits[split] = []
+        rows: list[dict[str, str]] = []
+        questions: set[str] = set()
         for item in items:
-            if item["question"] in seen_questions or item["answer"] is None:
+            question = item["question"]
+            if question in seen_questions or question in questions or item["answer"] is None:
                 continue
-            seen_questions.add(item["question"])
+            questions.add(question)
             rows.append(
                 {
-                    "prompt": format_prompt(item["question"]),
+                    "prompt": format_prompt(question),
                     "completion": format_completion(item["answer"]),
                     "answer": str(item["answer"]).strip(),
                     "entry": json.dumps(item, default=str),
                 }
             )
             if len(rows) == size:
-                break
-    return splits
+                return rows
+    raise ValueError(
+        f"Task {spec.name!r}: its generator gave only {len(rows)} distinct {split} items (new to "
+        f"earlier splits) in {first_draw * _DRAW_GROWTH[-1]} draws, not the {size} asked for: lower "
+        f"{split}_size or widen its generator_config."
+    )
 
 
 def _rows_under_hash_seed_zero(spec: TaskSpec) -> dict[str, list[dict[str, str]]]:

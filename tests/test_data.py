@@ -34,6 +34,52 @@ def test_reasoning_gym_is_reproducible_from_seed():
     assert a.train["prompt"] == b.train["prompt"]
 
 
+# number_sequence with 4 terms and the simplest rules has about 1,200 distinct questions: a 200-item test
+# split drawn once (258 items) finds only 93 that training's 300 have not seen.
+_FEW_QUESTIONS = {"min_terms": 4, "max_terms": 4, "min_value": -5, "max_value": 5, "max_complexity": 1}
+
+
+def _first_distinct_questions(seed: int, count: int, skip: set[str] = frozenset()) -> list[str]:
+    import reasoning_gym
+
+    found: list[str] = []
+    for item in reasoning_gym.create_dataset("number_sequence", size=50 * count, seed=seed, **_FEW_QUESTIONS):
+        if item["question"] not in skip and item["question"] not in found:
+            found.append(item["question"])
+        if len(found) == count:
+            return found
+    raise AssertionError("the generator ran out")
+
+
+def test_a_generator_that_repeats_itself_still_fills_every_split():
+    spec = {"name": "number_sequence", "generator_config": _FEW_QUESTIONS, "seed": 0}
+    task = build_task({**spec, "train_size": 300, "validation_size": 24, "test_size": 200})
+    assert (len(task.train), len(task.validation), len(task.test)) == (300, 24, 200)
+    # each split: the generator's first new questions from its own seed (train 0, validation
+    # 10000, test 20000), new to itself and to the splits before it
+    train = _first_distinct_questions(0, 300)
+    validation = _first_distinct_questions(10_000, 24, set(train))
+    test = _first_distinct_questions(20_000, 200, set(train) | set(validation))
+    assert list(task.train["prompt"]) == [format_prompt(q) for q in train]
+    assert list(task.validation["prompt"]) == [format_prompt(q) for q in validation]
+    assert list(task.test["prompt"]) == [format_prompt(q) for q in test]
+    assert len(set(task.test["prompt"])) == 200 and not set(task.test["prompt"]) & set(task.train["prompt"])
+
+
+def test_a_generator_with_too_few_questions_names_task_and_split():
+    one_animal = {"min_animals": 1, "max_animals": 1}  # about 555 distinct questions
+    with pytest.raises(
+        ValueError, match=r"'legs'.* distinct train items.* not the 600 asked for.*train_size"
+    ):
+        build_task(
+            {"name": "legs", "dataset": "leg_counting", "generator_config": one_animal}
+            | {"train_size": 600, "validation_size": 2, "test_size": 2}
+        )
+    # the same generator fills a split it can: the error is about the size, not the generator
+    fits = {"name": "legs", "dataset": "leg_counting", "generator_config": one_animal, "train_size": 400}
+    assert len(build_task(fits | {"validation_size": 2, "test_size": 2}).train) == 400
+
+
 def _child(code: str, hash_seed: str, *args: str):
     env = {**os.environ, "PYTHONHASHSEED": hash_seed}
     run = subprocess.run(
