@@ -37,16 +37,21 @@ def test_answers(base: dict, task: str) -> list[str]:
     return list(build_task(spec).test["answer"])
 
 
+def experts_by_seed(output_dir: Path) -> dict[str, dict]:
+    """Each seed's expert scores, by seed ("0", "1", ...), for the seeds whose experts have run."""
+    return {
+        seed_dir.name.removeprefix("seed"): read_json(seed_dir / "experts" / "result.json")["scores"]
+        for seed_dir in seed_folders(output_dir)
+        if (seed_dir / "experts" / "result.json").exists()
+    }
+
+
 def rows_for(output_dir: Path, bar: float) -> list[str]:
     base = read_json(output_dir / "runs" / "base" / "result.json")
     # each task's most common test answer, and the items that always giving it gets right
     majority: dict[str, tuple[str, list[float]]] = {}
     rows = []
-    for seed_dir in seed_folders(output_dir):
-        experts_file = seed_dir / "experts" / "result.json"
-        if not experts_file.exists():
-            continue
-        experts = read_json(experts_file)["scores"]
+    for seed, experts in experts_by_seed(output_dir).items():
         for task in experts.keys() - majority.keys():
             answers = test_answers(base, task)
             answer = Counter(answers).most_common(1)[0][0]
@@ -62,7 +67,7 @@ def rows_for(output_dir: Path, bar: float) -> list[str]:
             shown = answer if len(answer) <= 12 else answer[:11] + "…"
             over, over_low, over_high = over_majority[task]
             rows.append(
-                f"| {output_dir.name} | {seed_dir.name.removeprefix('seed')} | {task} | {score['n']} | "
+                f"| {output_dir.name} | {seed} | {task} | {score['n']} | "
                 f"{base['scores'][task]['exact_match']:.3f} | {score['exact_match']:.3f} | "
                 f"{gain:+.3f} [{low:+.3f}, {high:+.3f}] | {'yes' if gain >= bar - 1e-9 else 'no'} | "
                 f"{sum(always) / len(always):.3f} ({shown}) | {over:+.3f} [{over_low:+.3f}, {over_high:+.3f}] |"
@@ -74,10 +79,8 @@ def by_answer_rows(output_dir: Path, task: str) -> list[str]:
     base = read_json(output_dir / "runs" / "base" / "result.json")
     answers = test_answers(base, task)
     runs = {"base": base["scores"][task]["item_exact_matches"]}
-    for seed_dir in seed_folders(output_dir):
-        experts_file = seed_dir / "experts" / "result.json"
-        if experts_file.exists():
-            runs[f"expert, {seed_dir.name}"] = read_json(experts_file)["scores"][task]["item_exact_matches"]
+    for seed, experts in experts_by_seed(output_dir).items():
+        runs[f"expert, seed{seed}"] = experts[task]["item_exact_matches"]
     rows = []
     for run, matches in runs.items():
         right: dict[str, list[float]] = defaultdict(list)
