@@ -203,8 +203,8 @@ def _generated_rows(spec: TaskSpec) -> dict[str, list[dict[str, str]]]:
     seen_questions: set[str] = set()
     splits: dict[str, list[dict[str, str]]] = {}
     for split in SPLITS:  # train first: later splits drop questions that training has seen
-        splits[split] = _distinct_items(spec, split, seen_questions)
-        seen_questions.update(json.loads(row["entry"])["question"] for row in splits[split])
+        splits[split], questions = _distinct_items(spec, split, seen_questions)
+        seen_questions |= questions
     return splits
 
 
@@ -212,8 +212,11 @@ def _generated_rows(spec: TaskSpec) -> dict[str, list[dict[str, str]]]:
 _DRAW_GROWTH = (1, 4, 16)
 
 
-def _distinct_items(spec: TaskSpec, split: str, seen_questions: set[str]) -> list[dict[str, str]]:
-    """The split's first `size` items whose questions are new (to it and to earlier splits).
+def _distinct_items(
+    spec: TaskSpec, split: str, seen_questions: set[str]
+) -> tuple[list[dict[str, str]], set[str]]:
+    """The split's first `size` items whose questions are new (to it and to earlier splits), and
+    those questions.
 
     Draws a few extra first; a generator with few distinct questions (number_sequence) draws again,
     larger, from the same seed, so a split that the first draw fills is the same as it always was."""
@@ -244,7 +247,7 @@ def _distinct_items(spec: TaskSpec, split: str, seen_questions: set[str]) -> lis
                 }
             )
             if len(rows) == size:
-                return rows
+                return rows, questions
     raise ValueError(
         f"Task {spec.name!r}: its generator gave only {len(rows)} distinct {split} items (new to "
         f"earlier splits) in {first_draw * _DRAW_GROWTH[-1]} draws, not the {size} asked for: lower "

@@ -14,11 +14,12 @@ differences A - B on the seeds both ran (mean ± sd, each seed's value, wins, an
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 from pathlib import Path
 from typing import Any
+
+from _shared import read_json, seed_folders
 
 from metis_hf.evaluation.report import build_report, mean_sd, mean_sd_cell
 from metis_hf.recipe import CompareSpec
@@ -29,13 +30,13 @@ def collect_runs(output_dirs: list[Path], methods: list[str]) -> list[dict[str, 
     folders is refused (pooling it twice would count one seed as two)."""
     runs: dict[tuple[int, str, str | None], dict[str, Any]] = {}
     for output_dir in output_dirs:
-        seed_dirs = sorted((output_dir / "runs").glob("seed*"))
+        seed_dirs = seed_folders(output_dir)
         if not seed_dirs:
             raise SystemExit(f"{output_dir}: no runs/seed*/; is it a `metis-hf compare` output?")
         for seed_dir in seed_dirs:
             wanted = [seed_dir / "experts"] + [seed_dir / f"many_shot-{m}" for m in methods]
             for run_dir in (d for d in wanted if (d / "result.json").exists()):
-                run = json.loads((run_dir / "result.json").read_text())
+                run = read_json(run_dir / "result.json")
                 key = (run["seed"], run["kind"], run["method"])
                 if key in runs:
                     raise SystemExit(
