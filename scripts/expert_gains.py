@@ -21,26 +21,27 @@ answer distribution and not the task is right on one answer and wrong on the oth
 from __future__ import annotations
 
 import argparse
-from collections import Counter, defaultdict
+import dataclasses
+from collections import defaultdict
 from pathlib import Path
 
 from _shared import read_json, seed_folders
 
-from metis_hf.evaluation.uncertainty import paired_gains
+from metis_hf.evaluation import most_common_answer
+from metis_hf.evaluation.report import expert_checks
 
 
-def test_answers(base: dict, task: str) -> list[str]:
-    """The gold answers of ``task``'s test items, rebuilt from the task settings the run recorded."""
+def task_of(base: dict, task: str):
+    """``task`` rebuilt from the task settings the base run recorded."""
     from metis_hf.data import build_task
 
-    spec = next(t for t in base["settings"]["tasks"] if t["name"] == task)
-    return list(build_task(spec).test["answer"])
+    return build_task(next(t for t in base["settings"]["tasks"] if t["name"] == task))
 
 
-def experts_by_seed(output_dir: Path) -> dict[str, dict]:
-    """Each seed's expert scores, by seed ("0", "1", ...), for the seeds whose experts have run."""
+def experts_by_seed(output_dir: Path) -> dict[int, dict]:
+    """Each seed's experts run, by seed, for the seeds whose experts have run."""
     return {
-        seed_dir.name.removeprefix("seed"): read_json(seed_dir / "experts" / "result.json")["scores"]
+        int(seed_dir.name.removeprefix("seed")): read_json(seed_dir / "experts" / "result.json")
         for seed_dir in seed_folders(output_dir)
         if (seed_dir / "experts" / "result.json").exists()
     }
@@ -48,39 +49,34 @@ def experts_by_seed(output_dir: Path) -> dict[str, dict]:
 
 def rows_for(output_dir: Path, bar: float) -> list[str]:
     base = read_json(output_dir / "runs" / "base" / "result.json")
-    # each task's most common test answer, and the items that always giving it gets right
-    majority: dict[str, tuple[str, list[float]]] = {}
+    experts = experts_by_seed(output_dir)
+    tasks = list(next(iter(experts.values()))["scores"]) if experts else []
+    most_common = {}
+    for task in tasks:
+        answer, score = most_common_answer(task_of(base, task))
+        most_common[task] = {"answer": answer, **dataclasses.asdict(score)}
     rows = []
-    for seed, experts in experts_by_seed(output_dir).items():
-        for task in experts.keys() - majority.keys():
-            answers = test_answers(base, task)
-            answer = Counter(answers).most_common(1)[0][0]
-            majority[task] = (answer, [float(a == answer) for a in answers])
-        expert_items = {task: score["item_exact_matches"] for task, score in experts.items()}
-        gains = paired_gains(
-            {task: base["scores"][task]["item_exact_matches"] for task in experts}, expert_items
+    for check in expert_checks(base, experts, tasks, "exact_match", most_common):
+        gain, low, high = check["over_base"]
+        over, over_low, over_high = check["over_most_common"]
+        answer = check["most_common_answer"]
+        shown = answer if len(answer) <= 12 else answer[:11] + "…"
+        rows.append(
+            f"| {output_dir.name} | {check['seed']} | {check['task']} | "
+            f"{experts[check['seed']]['scores'][check['task']]['n']} | {check['base']:.3f} | "
+            f"{check['expert']:.3f} | {gain:+.3f} [{low:+.3f}, {high:+.3f}] | "
+            f"{'yes' if gain >= bar - 1e-9 else 'no'} | {check['most_common']:.3f} ({shown}) | "
+            f"{over:+.3f} [{over_low:+.3f}, {over_high:+.3f}] |"
         )
-        over_majority = paired_gains({task: majority[task][1] for task in experts}, expert_items)
-        for task, score in experts.items():
-            gain, low, high = gains[task]
-            answer, always = majority[task]
-            shown = answer if len(answer) <= 12 else answer[:11] + "…"
-            over, over_low, over_high = over_majority[task]
-            rows.append(
-                f"| {output_dir.name} | {seed} | {task} | {score['n']} | "
-                f"{base['scores'][task]['exact_match']:.3f} | {score['exact_match']:.3f} | "
-                f"{gain:+.3f} [{low:+.3f}, {high:+.3f}] | {'yes' if gain >= bar - 1e-9 else 'no'} | "
-                f"{sum(always) / len(always):.3f} ({shown}) | {over:+.3f} [{over_low:+.3f}, {over_high:+.3f}] |"
-            )
     return rows
 
 
 def by_answer_rows(output_dir: Path, task: str) -> list[str]:
     base = read_json(output_dir / "runs" / "base" / "result.json")
-    answers = test_answers(base, task)
+    answers = task_of(base, task).test["answer"]
     runs = {"base": base["scores"][task]["item_exact_matches"]}
     for seed, experts in experts_by_seed(output_dir).items():
-        runs[f"expert, seed{seed}"] = experts[task]["item_exact_matches"]
+        runs[f"expert, seed{seed}"] = experts["scores"][task]["item_exact_matches"]
     rows = []
     for run, matches in runs.items():
         right: dict[str, list[float]] = defaultdict(list)

@@ -74,7 +74,9 @@ def compared(tmp_path_factory, tiny_tokenizer):
 
 
 def test_compare_writes_every_run_table_and_plot(compared):
-    _, out = compared
+    from metis_hf.recipe import load_recipe
+
+    recipe, out = compared
     results = json.loads((out / "results.json").read_text())
     kinds = sorted((r["kind"], r["seed"] or 0, r["method"] or "") for r in results["runs"])
     assert len(kinds) == 1 + 2 * (
@@ -111,7 +113,24 @@ def test_compare_writes_every_run_table_and_plot(compared):
         multitask = json.loads((out / "runs" / f"seed{seed}" / "multitask" / "result.json").read_text())
         assert multitask["optimizer_steps"] == experts["optimizer_steps"] == len(TASKS) * 2 * 1
         assert set(multitask["scores"]) == set(TASKS) and "reference/multi-task SFT" in results["aggregate"]
+    # each expert against the base and against always giving its task's most common test answer
+    tasks = Comparison(load_recipe(recipe), out).tasks
+    for task in TASKS:
+        golds = [" ".join(a.split()) for a in tasks[task].test["answer"]]
+        top = max(golds.count(a) for a in golds)
+        assert results["most_common_answers"][task]["answer"] == next(
+            a for a in golds if golds.count(a) == top
+        )
+        assert results["most_common_answers"][task]["exact_match"] == pytest.approx(top / len(golds))
+    base_scores = json.loads((out / "runs" / "base" / "result.json").read_text())["scores"]
+    experts = json.loads((out / "runs" / "seed1" / "experts" / "result.json").read_text())["scores"]
+    check = next(c for c in results["expert_checks"] if (c["seed"], c["task"]) == (1, "gcd"))
+    assert check["over_base"][0] == pytest.approx(experts["gcd"]["score"] - base_scores["gcd"]["score"])
+    assert check["over_most_common"][0] == pytest.approx(
+        experts["gcd"]["score"] - results["most_common_answers"]["gcd"]["score"]
+    )
     markdown = (out / "results.md").read_text()
+    assert "### Do the experts learn their tasks?" in markdown
     assert "| many_shot metis | post_hoc metis |" in markdown
     assert "gain kept, on answer-token validation loss" in markdown
     assert (

@@ -550,3 +550,63 @@ def test_paired_gains_and_the_score_tables_gain_column():
     assert (
         "merged is above base beyond the 95% interval on 1 of 2 tasks; mean exact-match gain +0.150" in table
     )
+
+
+def test_most_common_answer_counts_answers_as_exact_match_does_and_breaks_ties_by_order():
+    """Gold answers No, Yes, " Yes ", No, Maybe: No and Yes (whitespace collapsed, as exact match
+    compares) tie at 2, and the first met, No, is kept: always answering it is right on items 0 and
+    3. On the first three items Yes leads 2 to 1. Scores come from the task's own scorer."""
+    from datasets import Dataset
+
+    from metis_hf.data import Task
+    from metis_hf.evaluation import most_common_answer
+
+    golds = ["No", "Yes", " Yes ", "No", "Maybe"]
+    data = Dataset.from_list([{"prompt": f"q{i}", "completion": g, "answer": g} for i, g in enumerate(golds)])
+    half_credit = lambda prediction, row: 0.5 if prediction in row["answer"] else 0.25  # noqa: E731
+    task = Task("t", data, data, data, scorer=half_credit)
+    answer, score = most_common_answer(task)
+    assert answer == "No" and score.n == 5
+    assert score.item_exact_matches == [1.0, 0.0, 0.0, 1.0, 0.0] and score.exact_match == pytest.approx(0.4)
+    assert score.item_scores == [0.5, 0.25, 0.25, 0.5, 0.25]
+    answer, score = most_common_answer(task, limit=3)
+    assert answer == "Yes" and score.item_exact_matches == [0.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="empty"):
+        most_common_answer(Task("t", data, data, data.select([])))
+
+
+def test_the_report_names_experts_no_better_than_the_base_or_the_most_common_answer():
+    """Two tasks of 100 items, two seeds. t1: always its most common answer is right on items 0-59,
+    the base on 0-9; seed 0's expert is right on exactly 0-59 (the answer distribution, +0.000
+    over it), seed 1's on 0-89 (+0.30, per-item differences 1 on 30 items: interval 0.30 +- 1.96
+    sqrt(0.21 / 100)). t2: the experts equal the base (right on 0-69), far above the most common
+    answer (0-19)."""
+    n = 100
+    right = lambda k: [1] * k + [0] * (n - k)  # noqa: E731
+    prior = {
+        "t1": {"answer": "Yes", "score": 0.6, "exact_match": 0.6, "n": n, "item_exact_matches": right(60)},
+        "t2": {"answer": "a|b", "score": 0.2, "exact_match": 0.2, "n": n, "item_exact_matches": right(20)},
+    }
+    runs = [_itemized("base", None, None, {"t1": right(10), "t2": right(70)})]
+    for seed, t1 in ((0, 60), (1, 90)):
+        runs.append(_itemized("experts", seed, None, {"t1": right(t1), "t2": right(70)}))
+        runs.append(_itemized("many_shot", seed, "metis", {"t1": right(50), "t2": right(50)}))
+    report = build_report(runs, ["t1", "t2"], CompareSpec(seeds=[0, 1]), prior)
+    checks = {(c["seed"], c["task"]): c for c in report["expert_checks"]}
+    assert checks[(0, "t1")]["over_most_common"] == pytest.approx([0.0, 0.0, 0.0])
+    assert checks[(0, "t1")]["over_base"][0] == pytest.approx(0.5) and checks[(0, "t1")]["over_base"][1] > 0
+    gain, low, high = checks[(1, "t1")]["over_most_common"]
+    half_width = 1.96 * math.sqrt(0.21 / n)
+    assert gain == pytest.approx(0.3) and low == pytest.approx(0.3 - half_width, abs=0.02)
+    assert high == pytest.approx(0.3 + half_width, abs=0.02)
+    assert checks[(1, "t2")]["over_base"] == pytest.approx([0.0, 0.0, 0.0])
+    assert checks[(1, "t2")]["over_most_common"][0] == pytest.approx(0.5)
+    md = report["markdown"]
+    assert "| always its most common answer | 0.600 / 0.600 | 0.200 / 0.200 |" in md
+    assert "| 0 | t1 | 0.100 | 0.600 | +0.500 [" in md and '| "Yes": 0.600 | +0.000 [+0.000, +0.000] |' in md
+    assert '"a\\|b": 0.200' in md  # a | in an answer does not split the markdown cell
+    assert "Not above the base model: t2 (seeds 0, 1)." in md
+    assert "Not above always giving the task's most common answer: t1 (seed 0)." in md
+    assert "Caution: some experts are not above" in md.split("### Raw")[0]
+    without = build_report(runs, ["t1", "t2"], CompareSpec(seeds=[0, 1]))  # no answers known
+    assert "most common" not in without["markdown"] and "Not above the base model: t2" in without["markdown"]

@@ -4,8 +4,16 @@ from metis_hf.evaluation.generation import (
     TaskScore,
     format_score_table,
     generate_answers,
+    most_common_answer,
     score_task,
     score_tasks,
 )
 
-__all__ = ["TaskScore", "format_score_table", "generate_answers", "score_task", "score_tasks"]
+__all__ = [
+    "TaskScore",
+    "format_score_table",
+    "generate_answers",
+    "most_common_answer",
+    "score_task",
+    "score_tasks",
+]

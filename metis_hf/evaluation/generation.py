@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -65,6 +66,30 @@ def generate_answers(
     return answers
 
 
+def evaluation_rows(task: Task, split: str = "test", limit: int | None = None):
+    """The items a task is scored on: the split's first ``limit`` rows (an error when none)."""
+    data = task.split(split)
+    if limit is not None:
+        data = data.select(range(min(limit, len(data))))
+    if len(data) == 0:
+        raise ValueError(f"Task {task.name!r}: split {split!r} is empty; nothing to evaluate.")
+    return data
+
+
+def score_answers(task: Task, rows: Sequence[Mapping], answers: Sequence[str]) -> TaskScore:
+    """The task's score and exact match of ``answers``, one per row, in the rows' order."""
+    scores = [float(task.score(a, row)) for a, row in zip(answers, rows, strict=True)]
+    matches = [float(exact_match(a, row["answer"])) for a, row in zip(answers, rows, strict=True)]
+    return TaskScore(
+        task.name,
+        sum(scores) / len(rows),
+        sum(matches) / len(rows),
+        len(rows),
+        item_scores=scores,
+        item_exact_matches=matches,
+    )
+
+
 def score_task(
     model,
     tokenizer,
@@ -74,23 +99,18 @@ def score_task(
     batch_size: int = 32,
     max_new_tokens: int = 32,
 ) -> TaskScore:
-    data = task.split(split)
-    if limit is not None:
-        data = data.select(range(min(limit, len(data))))
-    if len(data) == 0:
-        raise ValueError(f"Task {task.name!r}: split {split!r} is empty; nothing to evaluate.")
+    data = evaluation_rows(task, split, limit)
     answers = generate_answers(model, tokenizer, data["prompt"], batch_size, max_new_tokens, desc=task.name)
-    rows = list(data)
-    scores = [float(task.score(a, row)) for a, row in zip(answers, rows)]
-    matches = [float(exact_match(a, row["answer"])) for a, row in zip(answers, rows)]
-    return TaskScore(
-        task.name,
-        sum(scores) / len(rows),
-        sum(matches) / len(rows),
-        len(rows),
-        item_scores=scores,
-        item_exact_matches=matches,
-    )
+    return score_answers(task, list(data), answers)
+
+
+def most_common_answer(task: Task, split: str = "test", limit: int | None = None) -> tuple[str, TaskScore]:
+    """The most common gold answer of the items ``score_task`` scores (answers compared as exact
+    match compares them; a tie goes to the answer met first), and the score of always giving it:
+    what a model that learned the answer distribution and not the task scores."""
+    data = evaluation_rows(task, split, limit)
+    answer = Counter(" ".join(str(a).split()) for a in data["answer"]).most_common(1)[0][0]
+    return answer, score_answers(task, list(data), [answer] * len(data))
 
 
 def score_tasks(model, tokenizer, tasks: Mapping[str, Task], **kwargs) -> dict[str, TaskScore]:

@@ -64,9 +64,17 @@ def multitask_loss(run: Mapping[str, Any]) -> float:
     return sum(losses) / len(losses) if losses else math.nan
 
 
-def build_report(results: Sequence[Mapping[str, Any]], tasks: Sequence[str], spec) -> dict[str, Any]:
+def build_report(
+    results: Sequence[Mapping[str, Any]],
+    tasks: Sequence[str],
+    spec,
+    most_common: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Summaries per run (normalized by the same seed's experts), aggregates over seeds, paired
-    differences, and the markdown tables."""
+    differences, whether each expert learned its task, and the markdown tables. ``most_common``:
+    per task, its most common test answer (``answer``) and the scores of always giving it (a
+    ``TaskScore``'s fields), the reference an expert that learned only the answer distribution
+    reaches."""
     metric, weights = spec.metric, dict(spec.task_weights) or None
     experts = {r["seed"]: r for r in results if r["kind"] == "experts"}
     base = next((r for r in results if r["kind"] == "base"), None)
@@ -162,9 +170,49 @@ def build_report(results: Sequence[Mapping[str, Any]], tasks: Sequence[str], spe
         "aggregate": {f"{k}/{m}": v for (k, m), v in aggregate.items()},
         "paired_differences": comparisons,
         "rounds": rounds,
+        "most_common_answers": dict(most_common or {}),
+        "expert_checks": expert_checks(base, experts, tasks, metric, most_common),
     }
     report["markdown"] = render_markdown(report, base, experts)
     return report
+
+
+def expert_checks(
+    base: Mapping[str, Any] | None,
+    experts: Mapping[int, Mapping[str, Any]],
+    tasks: Sequence[str],
+    metric: str,
+    most_common: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Per seed and task, whether the expert learned its task: its gain over the base model and
+    over always giving the task's most common answer, each as (gain, low, high) with the 95%
+    paired-bootstrap interval over the test items. Only tasks with per-item values for both."""
+    if base is None:
+        return []
+    most_common = {"scores": most_common or {}}
+    checks = []
+    for seed, expert in sorted(experts.items()):
+        after = {t: uncertainty.item_values(expert, t, metric) for t in tasks}
+        before = {t: uncertainty.item_values(base, t, metric) for t in tasks}
+        prior = {t: uncertainty.item_values(most_common, t, metric) for t in tasks}
+        scored = [t for t in tasks if after[t] is not None and before[t] is not None]
+        over_base = uncertainty.paired_gains({t: before[t] for t in scored}, after)
+        with_prior = [t for t in scored if prior[t] is not None]
+        over_prior = uncertainty.paired_gains({t: prior[t] for t in with_prior}, after)
+        for task in scored:
+            check = {
+                "seed": seed,
+                "task": task,
+                "base": float(before[task].mean()),
+                "expert": float(after[task].mean()),
+                "over_base": list(over_base[task]),
+            }
+            if task in with_prior:
+                check["most_common_answer"] = most_common["scores"][task]["answer"]
+                check["most_common"] = float(prior[task].mean())
+                check["over_most_common"] = list(over_prior[task])
+            checks.append(check)
+    return checks
 
 
 def answer_losses(run: Mapping[str, Any] | None) -> dict[str, float]:
@@ -267,6 +315,61 @@ def interval_text(bounds: Sequence[float] | None) -> str:
     return f" [{bounds[0]:.3f}, {bounds[1]:.3f}]"
 
 
+def not_above(checks: Sequence[Mapping[str, Any]], field: str) -> str:
+    """The experts whose gain ``field`` has an interval reaching 0, as "task (seeds 0, 2); ..."
+    ("" when none)."""
+    seeds: dict[str, list[str]] = {}
+    for check in checks:
+        if field in check and check[field][1] <= 0:
+            seeds.setdefault(check["task"], []).append(str(check["seed"]))
+    return "; ".join(f"{task} (seed{'s' * (len(s) > 1)} {', '.join(s)})" for task, s in seeds.items())
+
+
+def expert_check_block(report: Mapping[str, Any]) -> list[str]:
+    """The table of each expert against the base model and against always giving its task's most
+    common answer, and which experts reach neither."""
+    checks = report.get("expert_checks") or []
+    if not checks:
+        return []
+    with_prior = any("over_most_common" in c for c in checks)
+    columns = ["seed", "task", "base", "expert", "expert - base [95%]"]
+    columns += ["most common answer: its score", "expert - it [95%]"] if with_prior else []
+    lines = [
+        "",
+        f"### Do the experts learn their tasks? ({report['metric'].replace('_', ' ')} on the test items)",
+        "",
+        *table_header(columns),
+    ]
+
+    def gain(bounds: Sequence[float]) -> str:
+        return f"{bounds[0]:+.3f} [{bounds[1]:+.3f}, {bounds[2]:+.3f}]"
+
+    for check in checks:
+        cells = [str(check["seed"]), check["task"], f"{check['base']:.3f}", f"{check['expert']:.3f}"]
+        cells.append(gain(check["over_base"]))
+        if "over_most_common" in check:
+            answer = check["most_common_answer"].replace("|", "\\|")
+            answer = answer if len(answer) <= 16 else answer[:15] + "…"
+            cells += [f'"{answer}": {check["most_common"]:.3f}', gain(check["over_most_common"])]
+        elif with_prior:
+            cells += ["n/a", "n/a"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "[low, high]: 95% paired-bootstrap interval over the test items."]
+    if below_base := not_above(checks, "over_base"):
+        lines.append(
+            f"Not above the base model: {below_base}. A merge's normalized score there is a ratio "
+            "to what the base model already did."
+        )
+    if at_prior := not_above(checks, "over_most_common"):
+        lines.append(
+            f"Not above always giving the task's most common answer: {at_prior}. These experts do "
+            "no better than one answer to every question (they may have learned the answers' "
+            "distribution, not the task): a merge's normalized score there does not show that it "
+            "kept the task."
+        )
+    return lines
+
+
 def gain_kept_block(report: Mapping[str, Any], spread: str) -> list[str]:
     """The table of the share of each expert's answer-loss gain kept, per task with Avg and Worst
     (no lines when no run measured answer-token losses)."""
@@ -350,6 +453,15 @@ def render_markdown(report: Mapping[str, Any], base: Mapping | None, experts: Ma
         "Gap: Worst - Avg; MT loss: mean validation loss over tasks. "
         "[low, high]: 95% interval over the test items (paired bootstrap, "
         f"{uncertainty.REPLICATES} replicates); ± is the sd over seeds.",
+        *(
+            [
+                "",
+                "Caution: some experts are not above always giving their task's most common answer "
+                "(see 'Do the experts learn their tasks?').",
+            ]
+            if not_above(report.get("expert_checks") or [], "over_most_common")
+            else []
+        ),
         *gain_kept_block(report, spread),
         *retention_block(report, base, spread),
         "",
@@ -365,6 +477,13 @@ def render_markdown(report: Mapping[str, Any], base: Mapping | None, experts: Ma
 
     if base is not None:
         lines.append("| base | " + " | ".join(raw([base], t) for t in tasks) + " |")
+    most_common = report.get("most_common_answers") or {}
+    if all(t in most_common for t in tasks):
+        lines.append(
+            "| always its most common answer | "
+            + " | ".join(raw([{"scores": most_common}], t) for t in tasks)
+            + " |"
+        )
     if experts:
         lines.append(
             "| expert (own task) | " + " | ".join(raw(list(experts.values()), t) for t in tasks) + " |"
@@ -378,6 +497,7 @@ def render_markdown(report: Mapping[str, Any], base: Mapping | None, experts: Ma
             lines.append(
                 f"| {title} {key.split('/', 1)[1]} | " + " | ".join(raw(rows, t) for t in tasks) + " |"
             )
+    lines += expert_check_block(report)
     if report.get("rounds"):
         lines += [
             "",

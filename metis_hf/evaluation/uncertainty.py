@@ -24,7 +24,8 @@ ITEM_FIELDS = {"score": "item_scores", "exact_match": "item_exact_matches"}
 REPLICATES = 2000
 
 
-def _items(run: Mapping[str, Any], task: str, metric: str) -> np.ndarray | None:
+def item_values(run: Mapping[str, Any], task: str, metric: str) -> np.ndarray | None:
+    """A run's per-item values of ``metric`` on ``task`` (None where it has none)."""
     values = run["scores"].get(task, {}).get(ITEM_FIELDS.get(metric, ""))
     return np.asarray(values, dtype=np.float64) if values else None
 
@@ -60,7 +61,7 @@ def bootstrap_replicates(
     for task in tasks:
         sizes = set()
         for run in [*runs, *experts.values()]:
-            items = _items(run, task, metric)
+            items = item_values(run, task, metric)
             if items is None:
                 return None
             sizes.add(len(items))
@@ -71,7 +72,7 @@ def bootstrap_replicates(
     samples = {t: rng.integers(0, n, size=(replicates, n)) for t, n in counts.items()}
 
     def rescored(run: Mapping[str, Any]) -> np.ndarray:  # replicates x tasks
-        return np.stack([_items(run, t, metric)[samples[t]].mean(axis=1) for t in tasks], axis=1)
+        return np.stack([item_values(run, t, metric)[samples[t]].mean(axis=1) for t in tasks], axis=1)
 
     expert_scores = {seed: rescored(run) for seed, run in experts.items()}
     task_weights = np.asarray([float((weights or {}).get(t, 1.0)) for t in tasks])

@@ -40,6 +40,7 @@ from typing import Any, Literal
 from pydantic import TypeAdapter
 
 from metis_hf.data import build_tasks
+from metis_hf.evaluation.generation import most_common_answer
 from metis_hf.evaluation.report import multitask_loss, run_losses
 from metis_hf.evaluation.retention import ensure_bigbench, load_multiple_choice, multiple_choice_accuracy
 from metis_hf.evaluation.suite import evaluate_model, load_for_evaluation
@@ -286,6 +287,18 @@ class Comparison:
                 out[spec.name] = multiple_choice_accuracy(
                     model, tokenizer, self.retention[spec.name], spec.name
                 )
+        return out
+
+    def most_common_answers(self) -> dict[str, dict[str, Any]]:
+        """Per task scored by generation, its most common answer on the evaluated items and the
+        scores of always giving it: what an expert that learned only the answer distribution gets."""
+        ev = self.recipe.evaluation
+        if not ev.generation:
+            return {}
+        out = {}
+        for name, task in self.tasks.items():
+            answer, score = most_common_answer(task, ev.split, ev.limit)
+            out[name] = {"answer": answer, **dataclasses.asdict(score)}
         return out
 
     def _result(self, run: Run) -> dict[str, Any]:
@@ -656,7 +669,7 @@ def run_compare(
         f"post-hoc {recipe.compare.post_hoc_methods}, many-shot {recipe.compare.many_shot_methods}"
     )
     results = [comparison.run(run, i, len(runs)) for i, run in enumerate(runs, 1)]
-    report = build_report(results, comparison.score_names, recipe.compare)
+    report = build_report(results, comparison.score_names, recipe.compare, comparison.most_common_answers())
     report["recipe"] = str(recipe_path) if recipe_path else "embedded offline default"
     report["overrides"] = list(overrides or [])
     written = write_report(report, output_dir, plots=plots)
