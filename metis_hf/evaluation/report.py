@@ -189,12 +189,12 @@ def expert_checks(
     paired-bootstrap interval over the test items. Only tasks with per-item values for both."""
     if base is None:
         return []
-    most_common = {"scores": most_common or {}}
+    always = {"scores": most_common or {}}  # scored like a run: the same answer to every item
     checks = []
     for seed, expert in sorted(experts.items()):
         after = {t: uncertainty.item_values(expert, t, metric) for t in tasks}
         before = {t: uncertainty.item_values(base, t, metric) for t in tasks}
-        prior = {t: uncertainty.item_values(most_common, t, metric) for t in tasks}
+        prior = {t: uncertainty.item_values(always, t, metric) for t in tasks}
         scored = [t for t in tasks if after[t] is not None and before[t] is not None]
         over_base = uncertainty.paired_gains({t: before[t] for t in scored}, after)
         with_prior = [t for t in scored if prior[t] is not None]
@@ -208,7 +208,7 @@ def expert_checks(
                 "over_base": list(over_base[task]),
             }
             if task in with_prior:
-                check["most_common_answer"] = most_common["scores"][task]["answer"]
+                check["most_common_answer"] = always["scores"][task]["answer"]
                 check["most_common"] = float(prior[task].mean())
                 check["over_most_common"] = list(over_prior[task])
             checks.append(check)
@@ -478,12 +478,9 @@ def render_markdown(report: Mapping[str, Any], base: Mapping | None, experts: Ma
     if base is not None:
         lines.append("| base | " + " | ".join(raw([base], t) for t in tasks) + " |")
     most_common = report.get("most_common_answers") or {}
-    if all(t in most_common for t in tasks):
-        lines.append(
-            "| always its most common answer | "
-            + " | ".join(raw([{"scores": most_common}], t) for t in tasks)
-            + " |"
-        )
+    if most_common:
+        cells = [raw([{"scores": most_common}], t) if t in most_common else "n/a" for t in tasks]
+        lines.append("| always its most common answer | " + " | ".join(cells) + " |")
     if experts:
         lines.append(
             "| expert (own task) | " + " | ".join(raw(list(experts.values()), t) for t in tasks) + " |"
