@@ -21,13 +21,12 @@ answer distribution and not the task is right on one answer and wrong on the oth
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from collections import defaultdict
 from pathlib import Path
 
 from _shared import read_json, seed_folders
 
-from metis_hf.evaluation import most_common_answer
+from metis_hf.evaluation.generation import most_common_answers
 from metis_hf.evaluation.report import expert_checks
 
 
@@ -51,10 +50,7 @@ def rows_for(output_dir: Path, bar: float) -> list[str]:
     base = read_json(output_dir / "runs" / "base" / "result.json")
     experts = experts_by_seed(output_dir)
     tasks = list(next(iter(experts.values()))["scores"]) if experts else []
-    most_common = {}
-    for task in tasks:
-        answer, score = most_common_answer(task_of(base, task))
-        most_common[task] = {"answer": answer, **dataclasses.asdict(score)}
+    most_common = most_common_answers({task: task_of(base, task) for task in tasks})
     rows = []
     for check in expert_checks(base, experts, tasks, "exact_match", most_common):
         gain, low, high = check["over_base"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -111,6 +111,18 @@ def most_common_answer(task: Task, split: str = "test", limit: int | None = None
     data = evaluation_rows(task, split, limit)
     answer = Counter(" ".join(str(a).split()) for a in data["answer"]).most_common(1)[0][0]
     return answer, score_answers(task, list(data), [answer] * len(data))
+
+
+def most_common_answers(
+    tasks: Mapping[str, Task], split: str = "test", limit: int | None = None
+) -> dict[str, dict]:
+    """``most_common_answer`` of every task, as the report reads it: the answer (``answer``) beside
+    the fields of the ``TaskScore`` of always giving it."""
+    out = {}
+    for name, task in tasks.items():
+        answer, score = most_common_answer(task, split, limit)
+        out[name] = {"answer": answer, **asdict(score)}
+    return out
 
 
 def score_tasks(model, tokenizer, tasks: Mapping[str, Task], **kwargs) -> dict[str, TaskScore]:

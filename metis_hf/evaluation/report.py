@@ -190,11 +190,11 @@ def expert_checks(
     if base is None:
         return []
     always = {"scores": most_common or {}}  # scored like a run: the same answer to every item
+    before = {t: uncertainty.item_values(base, t, metric) for t in tasks}
+    prior = {t: uncertainty.item_values(always, t, metric) for t in tasks}
     checks = []
     for seed, expert in sorted(experts.items()):
         after = {t: uncertainty.item_values(expert, t, metric) for t in tasks}
-        before = {t: uncertainty.item_values(base, t, metric) for t in tasks}
-        prior = {t: uncertainty.item_values(always, t, metric) for t in tasks}
         scored = [t for t in tasks if after[t] is not None and before[t] is not None]
         over_base = uncertainty.paired_gains({t: before[t] for t in scored}, after)
         with_prior = [t for t in scored if prior[t] is not None]

@@ -40,7 +40,7 @@ from typing import Any, Literal
 from pydantic import TypeAdapter
 
 from metis_hf.data import build_tasks
-from metis_hf.evaluation.generation import most_common_answer
+from metis_hf.evaluation.generation import most_common_answers
 from metis_hf.evaluation.report import multitask_loss, run_losses
 from metis_hf.evaluation.retention import ensure_bigbench, load_multiple_choice, multiple_choice_accuracy
 from metis_hf.evaluation.suite import evaluate_model, load_for_evaluation
@@ -293,13 +293,7 @@ class Comparison:
         """Per task scored by generation, its most common answer on the evaluated items and the
         scores of always giving it: what an expert that learned only the answer distribution gets."""
         ev = self.recipe.evaluation
-        if not ev.generation:
-            return {}
-        out = {}
-        for name, task in self.tasks.items():
-            answer, score = most_common_answer(task, ev.split, ev.limit)
-            out[name] = {"answer": answer, **dataclasses.asdict(score)}
-        return out
+        return most_common_answers(self.tasks, ev.split, ev.limit) if ev.generation else {}
 
     def _result(self, run: Run) -> dict[str, Any]:
         return json.loads((self.output_dir / "runs" / run.folder / RESULT_FILE).read_text())
