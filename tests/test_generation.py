@@ -49,6 +49,26 @@ def test_score_task_counts_exact_matches(tiny_model, tiny_tokenizer):
     assert "| t | 0.500 | 0.500 |" in table
 
 
+def test_score_task_warns_when_gold_answers_outgrow_the_generation_budget(tiny_model, tiny_tokenizer, caplog):
+    """A gold answer longer than max_new_tokens can never match exactly (set C's number_sorting had
+    30 of 200 at 25 tokens under a 24-token cap): the task and the count are named."""
+    from datasets import Dataset
+
+    long_answer = " ".join(["seven hundred and twelve"] * 10)  # 40 words: far more than 4 tokens
+    rows = [
+        {"prompt": "Find\nAnswer:", "completion": "", "answer": "7", "entry": ""},
+        {"prompt": "Sort\nAnswer:", "completion": "", "answer": long_answer, "entry": ""},
+    ]
+    data = Dataset.from_list(rows)
+    with caplog.at_level("WARNING", logger="metis_hf.evaluation.generation"):
+        score_task(tiny_model, tiny_tokenizer, Task("sorting", data, data, data), max_new_tokens=4)
+    assert "sorting: 1 of 2 gold answers are longer than max_new_tokens=4" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="metis_hf.evaluation.generation"):
+        score_task(tiny_model, tiny_tokenizer, Task("sorting", data, data, data), max_new_tokens=200)
+    assert "gold answers are longer" not in caplog.text
+
+
 @pytest.mark.bad_input
 def test_empty_evaluation_set_is_an_error(tiny_model, tiny_tokenizer):
     from datasets import Dataset

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -10,6 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from metis_hf.data import Task, exact_match, extract_answer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,6 +93,13 @@ def score_answers(task: Task, rows: Sequence[Mapping], answers: Sequence[str]) -
     )
 
 
+def answers_over_budget(tokenizer, answers: Sequence[str], max_new_tokens: int) -> list[int]:
+    """The token counts of the gold answers longer than ``max_new_tokens``: generation stops before
+    it could write them whole (counted on the answer alone, so within a token of what follows a prompt)."""
+    lengths = (len(tokenizer(str(answer), add_special_tokens=False)["input_ids"]) for answer in answers)
+    return [n for n in lengths if n > max_new_tokens]
+
+
 def score_task(
     model,
     tokenizer,
@@ -100,6 +110,17 @@ def score_task(
     max_new_tokens: int = 32,
 ) -> TaskScore:
     data = evaluation_rows(task, split, limit)
+    too_long = answers_over_budget(tokenizer, data["answer"], max_new_tokens)
+    if too_long:
+        logger.warning(
+            "%s: %d of %d gold answers are longer than max_new_tokens=%d (up to %d tokens): generation stops "
+            "before it can write them. Raise evaluation.max_new_tokens.",
+            task.name,
+            len(too_long),
+            len(data),
+            max_new_tokens,
+            max(too_long),
+        )
     answers = generate_answers(model, tokenizer, data["prompt"], batch_size, max_new_tokens, desc=task.name)
     return score_answers(task, list(data), answers)
 
