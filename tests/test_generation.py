@@ -64,6 +64,9 @@ def test_score_task_warns_when_gold_answers_outgrow_the_generation_budget(tiny_m
         score_task(tiny_model, tiny_tokenizer, Task("sorting", data, data, data), max_new_tokens=4)
     assert "sorting: 1 of 2 gold answers are longer than max_new_tokens=4" in caplog.text
     caplog.clear()
+    with caplog.at_level("WARNING", logger="metis_hf.evaluation.generation"):  # the next model scored
+        score_task(tiny_model, tiny_tokenizer, Task("sorting", data, data, data), max_new_tokens=4)
+    assert "gold answers are longer" not in caplog.text  # said once, not once per model
     with caplog.at_level("WARNING", logger="metis_hf.evaluation.generation"):
         score_task(tiny_model, tiny_tokenizer, Task("sorting", data, data, data), max_new_tokens=200)
     assert "gold answers are longer" not in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -100,6 +101,12 @@ def answers_over_budget(tokenizer, answers: Sequence[str], max_new_tokens: int) 
     return [n for n in lengths if n > max_new_tokens]
 
 
+@functools.cache
+def _warn_once(message: str) -> None:
+    """A compare scores every model on the same tasks: say a task's problem once, not per model."""
+    logger.warning(message)
+
+
 def score_task(
     model,
     tokenizer,
@@ -112,14 +119,10 @@ def score_task(
     data = evaluation_rows(task, split, limit)
     too_long = answers_over_budget(tokenizer, data["answer"], max_new_tokens)
     if too_long:
-        logger.warning(
-            "%s: %d of %d gold answers are longer than max_new_tokens=%d (up to %d tokens): generation stops "
-            "before it can write them. Raise evaluation.max_new_tokens.",
-            task.name,
-            len(too_long),
-            len(data),
-            max_new_tokens,
-            max(too_long),
+        _warn_once(
+            f"{task.name}: {len(too_long)} of {len(data)} gold answers are longer than max_new_tokens="
+            f"{max_new_tokens} (up to {max(too_long)} tokens): generation stops before it can write them. "
+            "Raise evaluation.max_new_tokens."
         )
     answers = generate_answers(model, tokenizer, data["prompt"], batch_size, max_new_tokens, desc=task.name)
     return score_answers(task, list(data), answers)
