@@ -473,6 +473,18 @@ def test_the_paper_mask_zeroes_identical_vectors_from_five_tasks():
         torch.testing.assert_close(merged, expected)
 
 
+@pytest.mark.parametrize("count", [4, 5, 8])
+def test_the_tall_mask_zeroes_what_five_or_more_tasks_share(count):
+    """ConsensusTA's TALL mask has the same threshold on a shared coordinate: |v| >= delta (T - 1) |v|
+    holds for T <= 1 + 1 / delta (4.33 at delta 0.3). Many-shot LoRA factors share their start
+    (every task's A begins at the same G_0), so at T = 8 the merged A loses what the tasks share."""
+    vector = torch.randn(64)
+    merged = merge("consensus_ta", [vector] * count, scale=1 / count)
+    torch.testing.assert_close(merged, vector if count == 4 else torch.zeros_like(vector))
+    # below 1 / (T - 1) the shared coordinates stay: 0.1 * 7 = 0.7 <= 1
+    torch.testing.assert_close(merge("consensus_ta", [vector] * count, delta=0.1, scale=1 / count), vector)
+
+
 def test_robust_weights_are_relative_floored_and_sum_to_one():
     gaps, losses = [0.2, 1.0, 0.1], [2.0, 10.0, 1.0]  # equal relative gaps (0.1 each)
     torch.testing.assert_close(

@@ -227,3 +227,35 @@ def test_plan_names_what_would_fail(overrides, code, message, capsys):
     assert main(["plan", str(path), *[f"--set={o}" for o in overrides]]) == code
     captured = capsys.readouterr()
     assert message in (captured.out if code == 1 else captured.err)
+
+
+@pytest.mark.parametrize(
+    ("method", "count", "params", "space", "warned"),
+    [
+        # an entry every task shares survives TALL's mask while 1 >= delta (T - 1): T <= 4 at 0.3
+        ("consensus_ta", 4, {}, "lora", False),
+        ("consensus_ta", 5, {}, "lora", True),
+        ("metis", 8, {}, "lora", True),
+        ("consensus_ta", 8, {"delta": 0.1}, "lora", False),  # 0.1 * 7 <= 1
+        ("consensus_ta", 8, {}, "dense", False),  # dense updates share no start
+        ("metis_robust", 8, {}, "lora", False),
+        ("ties", 8, {}, "lora", False),  # trims, but keeps the largest shared entries
+        ("task_arithmetic", 8, {}, "lora", False),
+    ],
+)
+def test_a_merge_that_zeroes_what_every_task_shares_is_warned_about(
+    tmp_path, caplog, monkeypatch, method, count, params, space, warned
+):
+    from metis_hf.training import rounds
+
+    monkeypatch.setattr(rounds, "_SHARED_ENTRIES_WARNED", set())  # said once a process: start afresh
+    args = MetisConfig(
+        output_dir=str(tmp_path), use_cpu=True, merge_method=method, merge_params=params, merge_space=space
+    )
+    tasks = [f"task{i}" for i in range(count)]
+    with caplog.at_level("WARNING", logger="metis_hf.training.rounds"):
+        rounds.check_merge_settings(args, tasks)
+        assert ("zeroes every entry that all tasks share" in caplog.text) == warned
+        caplog.clear()
+        rounds.check_merge_settings(args, tasks)  # the trainer checks what `metis-hf train` checked: once
+        assert "zeroes every entry" not in caplog.text
