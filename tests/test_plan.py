@@ -244,11 +244,12 @@ def test_plan_names_what_would_fail(overrides, code, message, capsys):
     ],
 )
 def test_a_merge_that_zeroes_what_every_task_shares_is_warned_about(
-    tmp_path, caplog, monkeypatch, method, count, params, space, warned
+    tmp_path, caplog, method, count, params, space, warned
 ):
+    from metis_hf.logs import warn_once
     from metis_hf.training import rounds
 
-    monkeypatch.setattr(rounds, "_SHARED_ENTRIES_WARNED", set())  # said once a process: start afresh
+    warn_once.cache_clear()  # said once a process: start afresh
     args = MetisConfig(
         output_dir=str(tmp_path), use_cpu=True, merge_method=method, merge_params=params, merge_space=space
     )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -12,8 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from metis_hf.data import Task, exact_match, extract_answer
-
-logger = logging.getLogger(__name__)
+from metis_hf.logs import warn_once
 
 
 @dataclass
@@ -101,12 +98,6 @@ def answers_over_budget(tokenizer, answers: Sequence[str], max_new_tokens: int) 
     return [n for n in lengths if n > max_new_tokens]
 
 
-@functools.cache
-def _warn_once(message: str) -> None:
-    """A compare scores every model on the same tasks: say a task's problem once, not per model."""
-    logger.warning(message)
-
-
 def score_task(
     model,
     tokenizer,
@@ -119,10 +110,11 @@ def score_task(
     data = evaluation_rows(task, split, limit)
     too_long = answers_over_budget(tokenizer, data["answer"], max_new_tokens)
     if too_long:
-        _warn_once(
+        warn_once(
+            __name__,
             f"{task.name}: {len(too_long)} of {len(data)} gold answers are longer than max_new_tokens="
             f"{max_new_tokens} (up to {max(too_long)} tokens): generation stops before it can write them. "
-            "Raise evaluation.max_new_tokens."
+            "Raise evaluation.max_new_tokens.",
         )
     answers = generate_answers(model, tokenizer, data["prompt"], batch_size, max_new_tokens, desc=task.name)
     return score_answers(task, list(data), answers)

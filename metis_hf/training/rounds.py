@@ -9,16 +9,14 @@ checks use it. ``RoundRecord`` is what a round leaves behind: written as flat ``
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from metis_hf.logs import warn_once
 from metis_hf.merging import get_merge_method, merge
-
-logger = logging.getLogger(__name__)
 
 # Per-task fields of a round record and their log-key prefixes, in the order they are logged.
 TASK_FIELDS = {
@@ -168,26 +166,18 @@ def check_merge_settings(args, task_names: Sequence[str]) -> None:
             _warn_if_shared_entries_vanish(args.merge_method, len(task_names), params)
 
 
-_SHARED_ENTRIES_WARNED: set[tuple[str, int, str]] = set()
-
-
 def _warn_if_shared_entries_vanish(method: str, count: int, params: dict[str, Any]) -> None:
     """Consensus masks drop an entry every task shares once T is large (ConsensusTA and METIS at
     delta 0.3: from T = 5), and merged apart, the LoRA A factors share their start G_0: such a
     merge stays near the base model. Probed on identical task vectors, so any method is checked."""
-    said = (method, count, json.dumps(params, sort_keys=True, default=str))
-    if said in _SHARED_ENTRIES_WARNED:  # a recipe is checked, then its trainer: say it once
-        return
     probe = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
     if merge(method, [probe] * count, **params).any():
         return
-    _SHARED_ENTRIES_WARNED.add(said)
-    logger.warning(
-        "%s with %d tasks and these settings zeroes every entry that all tasks share (a merge of %d "
-        "identical task vectors is zero). Merged in the LoRA space, the A factors share their "
-        "initialization, so the merged adapter will stay near the base model. Use metis_robust or "
-        "task_arithmetic, or set delta below 1 / (T - 1); see docs/merging.md.",
-        method,
-        count,
-        count,
+    # a recipe is checked, then its trainer: said once
+    warn_once(
+        __name__,
+        f"{method} with {count} tasks and these settings zeroes every entry that all tasks share (a "
+        f"merge of {count} identical task vectors is zero). Merged in the LoRA space, the A factors "
+        "share their initialization, so the merged adapter will stay near the base model. Use "
+        "metis_robust or task_arithmetic, or set delta below 1 / (T - 1); see docs/merging.md.",
     )
