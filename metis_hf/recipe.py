@@ -165,6 +165,14 @@ class CompareSpec:
             "merge, and branch each from it before its first merge (the same results, less training)."
         },
     )
+    checkpoint_steps: Count | None = field(
+        default=50,
+        metadata={
+            "help": "Runs that train (experts, multi-task SFT, many-shot) checkpoint every this many "
+            "optimizer steps, and a compare started again resumes an interrupted run from its latest "
+            "checkpoint (the same results); null: an interrupted run starts over."
+        },
+    )
 
     @field_validator("seeds")
     @classmethod

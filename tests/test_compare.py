@@ -488,3 +488,100 @@ def test_many_shot_runs_branched_from_a_shared_round_one_equal_runs_trained_alon
         got = load_file(out / "runs" / "seed1" / run / "adapter" / "adapter_model.safetensors")
         for key in expected:
             torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0)
+
+
+class _Interrupted(Exception):
+    """Stands in for a compare killed mid-training."""
+
+
+def test_a_compare_interrupted_mid_training_resumes_each_run_to_the_same_adapters(
+    tmp_path, tiny_tokenizer, monkeypatch, capsys
+):
+    """Experts, a branch point's trunk and a branched many-shot run are each interrupted after a
+    checkpoint (every 3 steps) and resumed by starting the compare again: every run ends with the
+    adapters and scores of an uninterrupted compare. Checkpoints left under other settings are
+    not resumed."""
+    import yaml
+    from transformers import TrainerCallback
+
+    from metis_hf.data import build_tasks
+    from metis_hf.recipe import load_recipe
+    from metis_hf.workflows.compare import run_compare
+
+    compare = {
+        "seeds": [0],
+        "post_hoc_methods": ["task_arithmetic"],
+        "many_shot_methods": ["metis", "task_arithmetic"],
+        "multitask_sft": False,
+        "checkpoint_steps": 3,
+    }
+    # 3 tasks x 2 local steps x 2 rounds: experts train 12 steps (4 per task), many-shot merges at 6 and 12
+    recipe = write_tiny_recipe(tmp_path, tiny_tokenizer, tasks=TASKS, compare=compare)
+    tasks = build_tasks(load_recipe(recipe).tasks)
+    right = {row["prompt"]: row["answer"] for task in tasks.values() for row in task.test}
+    monkeypatch.setattr(
+        "metis_hf.evaluation.generation.generate_answers", _answers_that_depend_on_the_model(right)
+    )
+    assert main(["compare", str(recipe), "--output-dir", str(tmp_path / "whole")]) == 0
+
+    interrupts: list[tuple[str, int]] = []  # (the run folder whose trainer stops, after which step)
+
+    class InterruptAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            run_folder = Path(args.output_dir).parent.name  # trainers train in <run folder>/trainer
+            run_folder = "trunk" if run_folder.startswith("branch_point") else run_folder
+            if interrupts and interrupts[0] == (run_folder, state.global_step):
+                interrupts.pop(0)
+                raise _Interrupted(f"{run_folder} at step {state.global_step}")
+
+    original = Comparison._trainer
+
+    def with_interrupts(self, args, settings, *rest):
+        trainer, checkpoint = original(self, args, settings, *rest)
+        trainer.add_callback(InterruptAt())
+        return trainer, checkpoint
+
+    monkeypatch.setattr(Comparison, "_trainer", with_interrupts)
+    out = tmp_path / "broken"
+    experts_trainer = out / "runs" / "seed0" / "experts" / "trainer"
+
+    def interrupted(path: Path, folder: str, step: int) -> str:
+        interrupts.append((folder, step))
+        with pytest.raises(_Interrupted):
+            run_compare(path, out)
+        assert not interrupts
+        return capsys.readouterr().out
+
+    interrupted(recipe, "experts", 7)
+    assert sorted(p.name for p in experts_trainer.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    # the same folder under another learning rate: those checkpoints are not resumed, but removed
+    data = yaml.safe_load(recipe.read_text())
+    data["training"]["learning_rate"] = 1e-3
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(data))
+    assert "checkpoints of other settings, starting over" in interrupted(other, "experts", 2)
+    assert not list(experts_trainer.glob("checkpoint-*"))
+    assert "starting over" in interrupted(recipe, "experts", 7)
+    printed = interrupted(recipe, "trunk", 4)  # experts resume at 6 and finish; the trunk stops
+    assert f"resuming an interrupted run from {experts_trainer / 'checkpoint-6'}" in printed
+    assert "resuming" in interrupted(recipe, "many_shot-metis", 10)  # the trunk resumes at 3
+    run_compare(recipe, out)  # metis resumes at 9; task arithmetic branches at 6 and runs whole
+
+    for run, resumed_at in (("experts", 6), ("many_shot-metis", 9), ("many_shot-task_arithmetic", None)):
+        whole, broken = (
+            json.loads((root / "runs" / "seed0" / run / RESULT_FILE).read_text())
+            for root in (tmp_path / "whole", out)
+        )
+        assert broken.get("resumed_at_step") == resumed_at and "resumed_at_step" not in whole
+        assert broken["scores"] == whole["scores"]
+        assert broken["answer_losses"] == pytest.approx(whole["answer_losses"], abs=1e-6)
+        for mine, theirs in zip(broken.get("rounds", []), whole.get("rounds", []), strict=True):
+            assert mine == pytest.approx(theirs, abs=1e-6)
+        adapters = sorted((tmp_path / "whole" / "runs" / "seed0" / run / "adapter").rglob("*.safetensors"))
+        assert adapters
+        for path in adapters:
+            expected = load_file(path)
+            got = load_file(out / path.relative_to(tmp_path / "whole"))
+            for key in expected:
+                torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0)
+    assert not list((out / "runs" / "seed0").glob("branch_point-*"))

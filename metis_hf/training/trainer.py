@@ -76,8 +76,8 @@ CARD_SETTINGS = (
     "completion_only_loss",
     "seed",
 )
-# MetisConfig fields that act only at a merge (or on what is logged): runs differing in these alone
-# train identically up to their first merge, so they can branch from one checkpoint there.
+# MetisConfig fields that act only at a merge (or on what is logged or saved): runs differing in
+# these alone train identically up to their first merge, so they can branch from one checkpoint there.
 MERGE_ONLY_SETTINGS = frozenset(
     {
         "merge_method",
@@ -101,6 +101,9 @@ MERGE_ONLY_SETTINGS = frozenset(
         "report_to",
         "disable_tqdm",
         "logging_steps",
+        "save_strategy",
+        "save_steps",
+        "save_total_limit",
     }
 )
 
@@ -336,19 +339,25 @@ class MetisTrainer(SFTTrainer):
         self._activate(MERGED)
         return output
 
-    def train_to_branch_point(self, round_index: int = 0) -> str:
+    def train_to_branch_point(self, round_index: int = 0, resume_from_checkpoint: str | None = None) -> str:
         """Train up to the last step of round ``round_index`` (0-based) and checkpoint there, before
         its merge; return the checkpoint folder. Trainers whose settings differ from this one's
         only in ``MERGE_ONLY_SETTINGS`` continue from it with ``train(resume_from_checkpoint=...)``:
-        they merge that round with their own method and train on, exactly as an unbranched run."""
+        they merge that round with their own method and train on, exactly as an unbranched run.
+        ``resume_from_checkpoint``: an earlier checkpoint of this same trunk, interrupted."""
         if not 0 <= round_index < self.plan.rounds:
             raise ValueError(f"round_index {round_index} is outside the run's {self.plan.rounds} rounds.")
+        branch_point = os.path.join(self.args.output_dir, f"checkpoint-{self.plan.round_ends[round_index]}")
+        if resume_from_checkpoint and os.path.realpath(resume_from_checkpoint) == os.path.realpath(
+            branch_point
+        ):
+            return branch_point  # interrupted after its last checkpoint: nothing left to train
         self._branch_round = round_index
         try:
-            super().train()
+            self.train(resume_from_checkpoint=resume_from_checkpoint)
         finally:
             self._branch_round = None
-        return os.path.join(self.args.output_dir, f"checkpoint-{self.plan.round_ends[round_index]}")
+        return branch_point
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoints (internal calls) hold every adapter. A user call writes the merged adapter
@@ -640,6 +649,10 @@ class MetisTrainer(SFTTrainer):
             logger.warning("%s: replacing the rounds of an earlier run in this output_dir.", path)
         write_text_atomic(path, "".join(lines))
 
+    def _at_branch_point(self) -> bool:
+        branch = self._branch_round
+        return branch is not None and self.state.global_step == self.plan.round_ends[branch]
+
     def _save_round_state(self, checkpoint_dir: str) -> None:
         state = {
             "tasks": self.task_names,
@@ -648,7 +661,8 @@ class MetisTrainer(SFTTrainer):
             "merged_gap_losses": self._merged_gap_losses,
             "base_gap_losses": self._base_gap_losses,
             "round_records": self.round_records,
-            "pending_merge": self._branch_round,
+            # A trunk's checkpoint at its branch point: the merge there is the resumed run's first act.
+            "pending_merge": self._branch_round if self._at_branch_point() else None,
         }
         with open(os.path.join(checkpoint_dir, STATE_FILE), "w") as handle:
             json.dump(state, handle, indent=2)

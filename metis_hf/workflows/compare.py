@@ -16,7 +16,9 @@ normalization. Output folder::
     results.json, results.md, radar_post_hoc.png, radar_many_shot.png, round_curves.png
 
 A run whose ``result.json`` exists is read back, not recomputed: an interrupted compare resumes, and
-methods or seeds added to the recipe compute only their own runs. Each result records the recipe
+methods or seeds added to the recipe compute only their own runs. A run that trains keeps its latest
+checkpoint (every ``compare.checkpoint_steps`` optimizer steps) in its ``trainer/`` folder, so the run
+interrupted mid-training resumes from there, to the same adapters. Each result records the recipe
 settings it depends on; a folder whose results were computed under other settings is refused,
 with the differences named, rather than mixed into the tables.
 """
@@ -61,6 +63,8 @@ from metis_hf.recipe import (
 logger = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
+# Beside a training run's checkpoints: the settings they were trained under (resumed only if equal).
+CHECKPOINT_SETTINGS_FILE = "compare_settings.json"
 # `scale: auto` (post hoc): the candidates tried on the validation loss (the Iso-C and TSV-M authors
 # search 0.1 to 3.0 on validation data), widened past an edge that wins (search_scale).
 SCALE_CANDIDATES = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
@@ -185,8 +189,15 @@ class Comparison:
             seed=run.seed if run.seed is not None else self.recipe.seed,
             merge_method=method,
             merge_params=params,
+            **self._checkpointing(),
             **{**self.recipe.compare.training_overrides(name), **extra},
         )
+
+    def _checkpointing(self) -> dict[str, Any]:
+        """MetisConfig fields for a run's checkpoints: the last two kept (should the process die
+        while writing one, the one before it is whole)."""
+        steps = self.recipe.compare.checkpoint_steps
+        return {"save_strategy": "steps", "save_steps": steps, "save_total_limit": 2} if steps else {}
 
     @property
     def score_names(self) -> list[str]:
@@ -298,13 +309,22 @@ class Comparison:
     def _result(self, run: Run) -> dict[str, Any]:
         return json.loads((self.output_dir / "runs" / run.folder / RESULT_FILE).read_text())
 
-    def _trainer(self, args, train=None, validation=None):
-        """A MetisTrainer on the recipe's model and LoRA: the recipe's tasks unless given."""
+    def _trainer(self, args, settings: dict[str, Any], train=None, validation=None):
+        """A MetisTrainer on the recipe's model and LoRA (the recipe's tasks unless given), and the
+        checkpoint to resume from: the latest one an interrupted run under the same ``settings``
+        left in ``args.output_dir`` (None: that folder is emptied and the run starts anew)."""
         from metis_hf.training import MetisTrainer
 
-        shutil.rmtree(args.output_dir, ignore_errors=True)  # a run interrupted before: start over
+        folder = Path(args.output_dir)
+        checkpoint = self._interrupted_checkpoint(folder, settings)
+        if checkpoint is None:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            write_json(folder / CHECKPOINT_SETTINGS_FILE, settings)
+        else:
+            print(f"[metis-hf compare] resuming an interrupted run from {checkpoint}", flush=True)
         model, tokenizer = load_model_and_tokenizer(self.recipe.model)
-        return MetisTrainer(
+        trainer = MetisTrainer(
             model=model,
             args=args,
             train_dataset=train or {t: task.train for t, task in self.tasks.items()},
@@ -312,19 +332,42 @@ class Comparison:
             processing_class=tokenizer,
             peft_config=lora_config_from_recipe(self.recipe),
         )
+        return trainer, checkpoint
+
+    def _interrupted_checkpoint(self, folder: Path, settings: dict[str, Any]) -> Path | None:
+        """The latest complete checkpoint in ``folder`` if it was trained under ``settings``."""
+        from metis_hf.training.trainer import STATE_FILE
+
+        saved = folder / CHECKPOINT_SETTINGS_FILE
+        if not self.recipe.compare.checkpoint_steps or not saved.is_file():
+            return None
+        if json.loads(saved.read_text()) != settings:
+            print(f"[metis-hf compare] {folder}: checkpoints of other settings, starting over", flush=True)
+            return None
+        complete = [  # the Trainer's files, then ours (written last)
+            path
+            for path in folder.glob("checkpoint-*")
+            if (path / "trainer_state.json").is_file() and (path / STATE_FILE).is_file()
+        ]
+        return max(complete, key=_step_of, default=None)
 
     def _train(
         self, run: Run, folder: Path, protocol: str, args=None, train=None, validation=None, resume_from=None
     ):
-        """A MetisTrainer run (this run's settings unless given), from ``resume_from`` if given."""
+        """A MetisTrainer run (this run's settings unless given), from the run's own checkpoint if it
+        was interrupted, else from ``resume_from`` if given; the trainer and what to record of the
+        training (seconds, and the step it resumed at)."""
         if args is None:
             args = self._args(folder, run, protocol=protocol, save_task_adapters=protocol == "post_hoc")
-        trainer = self._trainer(args, train, validation)
+        trainer, checkpoint = self._trainer(args, self.settings(run), train, validation)
         start = time.time()
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        seconds = time.time() - start
+        start_from = checkpoint or resume_from
+        trainer.train(resume_from_checkpoint=str(start_from) if start_from else None)
+        record: dict[str, Any] = {"train_seconds": time.time() - start}
+        if checkpoint is not None:  # the seconds are this process's only
+            record["resumed_at_step"] = _step_of(checkpoint)
         trainer.save_model(str(folder / "adapter"))
-        return trainer, trainer.processing_class, seconds
+        return trainer, record
 
     def _branch_group(self, run: Run) -> tuple[list[Run], Path]:
         """The seed's many-shot runs that train exactly as ``run`` up to round 1's merge, and the
@@ -352,11 +395,13 @@ class Comparison:
             return None
         if not (folder / "branch_point.json").is_file():
             tmp = folder.with_name(folder.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            trainer = self._trainer(self._args(tmp, run, protocol="many_shot"))
+            shared = {k: v for k, v in self.settings(run).items() if k != "method"}
+            trainer, interrupted = self._trainer(self._args(tmp, run, protocol="many_shot"), shared)
             start = time.time()
-            checkpoint = Path(trainer.train_to_branch_point(0))
+            checkpoint = Path(trainer.train_to_branch_point(0, resume_from_checkpoint=interrupted))
             info = {"checkpoint": str(checkpoint.relative_to(tmp)), "seconds": time.time() - start}
+            if interrupted is not None:
+                info["resumed_at_step"] = _step_of(interrupted)
             info["runs"] = [other.method for other in group]
             write_json(tmp / "branch_point.json", info)
             replace_dir(tmp, folder)
@@ -405,17 +450,17 @@ class Comparison:
         sources = self.expert_sources(run.seed)
         if sources is not None:
             return self._read_experts(folder, sources)
-        trainer, tokenizer, seconds = self._train(run, folder, "post_hoc")
+        trainer, record = self._train(run, folder, "post_hoc")
         result: dict[str, Any] = {
             "scores": {},
             "losses": {},
             "answer_losses": {},
-            "train_seconds": seconds,
+            **record,
             "optimizer_steps": trainer.state.global_step,
         }
         for task in self.task_names:  # each expert on its own task: the normalization
             trainer.peft_model.set_adapter(task)
-            own = self._evaluate(trainer.peft_model, tokenizer, [task])
+            own = self._evaluate(trainer.peft_model, trainer.processing_class, [task])
             for field in ("scores", "losses", "answer_losses"):
                 result[field].update(own[field])
         return result
@@ -464,15 +509,14 @@ class Comparison:
             merge_method="task_arithmetic",
             merge_params={"scale": 1.0},  # the merge of one adapter is that adapter
             local_steps=steps,
+            **self._checkpointing(),
         )
         train = {MIXED_TASK: mixed("train").shuffle(seed=run.seed)}
-        trainer, tokenizer, seconds = self._train(
-            run, folder, "post_hoc", args, train, {MIXED_TASK: mixed("validation")}
-        )
+        trainer, record = self._train(run, folder, "post_hoc", args, train, {MIXED_TASK: mixed("validation")})
         trainer.peft_model.set_adapter("default")
         return {
-            **self._evaluate(trainer.peft_model, tokenizer),
-            "train_seconds": seconds,
+            **self._evaluate(trainer.peft_model, trainer.processing_class),
+            **record,
             "optimizer_steps": trainer.state.global_step,
         }
 
@@ -538,12 +582,12 @@ class Comparison:
 
     def run_many_shot(self, run: Run, folder: Path) -> dict[str, Any]:
         branch = self._branch_point(run)
-        trainer, tokenizer, seconds = self._train(run, folder, "many_shot", resume_from=branch and branch[0])
+        trainer, record = self._train(run, folder, "many_shot", resume_from=branch and branch[0])
         trainer.peft_model.set_adapter("default")
         result = {
-            **self._evaluate(trainer.peft_model, tokenizer),
+            **self._evaluate(trainer.peft_model, trainer.processing_class),
             "rounds": trainer.round_records,
-            "train_seconds": seconds,
+            **record,
         }
         if branch is not None:  # round 1's training is shared: counted once, in branch_seconds
             result["branch_seconds"] = branch[1]
@@ -612,6 +656,10 @@ class Comparison:
 
 _TRAINED_SECTIONS = ("model", "tasks", "evaluation", "lora", "training")
 _VERSIONED = ("metis-hf", "torch", "transformers", "peft", "trl", "reasoning-gym")
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[1])  # the Trainer's checkpoint-<global step>
 
 
 def _versions() -> dict[str, str]:
