@@ -6,6 +6,7 @@ second output folder) land in another folder. This reads the run files of every 
 seed's experts, as `metis-hf compare` does, and prints two markdown tables: the normalized score
 per task (mean over seeds) with Avg and Worst (mean ± sd of the per-seed values), and the paired
 differences A - B on the seeds both ran (mean ± sd, each seed's value, wins, and the paired t).
+`--tasks` restricts Avg and Worst to some tasks, e.g. those whose experts beat their answer prior.
 
     python scripts/paired_seeds.py outputs/compare-cpu outputs/compare-cpu-seeds3-4 \
         --a metis_robust@completion-z --b consensus_ta task_arithmetic
@@ -66,6 +67,11 @@ def main() -> None:
     parser.add_argument("--a", required=True, help="The many-shot method (or variant) compared.")
     parser.add_argument("--b", nargs="+", required=True, help="Many-shot methods it is compared with.")
     parser.add_argument("--metric", default="exact_match", choices=["exact_match", "score"])
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        help="Only these tasks in Avg and Worst (say, those whose experts beat their answer prior).",
+    )
     args = parser.parse_args()
 
     methods = [args.a, *args.b]
@@ -74,6 +80,11 @@ def main() -> None:
     if not experts:
         raise SystemExit("no experts run found: normalized scores need each seed's experts.")
     tasks = list(experts[0]["scores"])
+    if args.tasks:
+        unknown = sorted(set(args.tasks) - set(tasks))
+        if unknown:
+            raise SystemExit(f"--tasks: {', '.join(unknown)} not among the experts' tasks {tasks}.")
+        tasks = [t for t in tasks if t in args.tasks]
     report = build_report(results, tasks, CompareSpec(metric=args.metric))
     summaries = {key.removeprefix("many_shot/"): by_seed for key, by_seed in report["summaries"].items()}
     missing = [m for m in methods if m not in summaries]
