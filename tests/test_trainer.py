@@ -349,6 +349,14 @@ def _final_adapter(folder):
     return load_file(str(folder / "final" / "adapter_model.safetensors"))
 
 
+def _assert_group_released(folder, processes: int) -> None:
+    """After trainer.end(), no rank still runs a gloo thread: a group outliving end() is torn down
+    during the interpreter's exit, where it can abort a finished run (SIGABRT)."""
+    for rank in range(processes):
+        threads = json.loads((folder / f"threads-after-end-{rank}.json").read_text())
+        assert not [t for t in threads if "gloo" in t], (rank, threads)
+
+
 def test_run_killed_mid_round_resumes_to_the_same_merge(tmp_path):
     from safetensors.torch import load_file
 
@@ -428,6 +436,7 @@ def test_two_cpu_processes_match_one_at_the_same_global_batch(tmp_path, schedule
     assert single.returncode == 0, single.stderr[-3000:]
     double = _child(tmp_path / "two", *common, "--accum", "2", launcher=torchrun)  # rows x 2 x 2 ranks
     assert double.returncode == 0, double.stderr[-3000:]
+    _assert_group_released(tmp_path / "two", 2)
     one, two = _final_adapter(tmp_path / "one"), _final_adapter(tmp_path / "two")
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4)
@@ -676,6 +685,7 @@ def test_task_parallel_over_2_and_4_processes_ends_with_the_sequential_merge(tmp
         folder = tmp_path / f"tp{processes}"
         run = _child(folder, *common, "--schedule", "task_parallel", launcher=_torchrun(processes))
         assert run.returncode == 0, run.stderr[-3000:]
+        _assert_group_released(folder, processes)
         got = _final_adapter(folder)
         for key in one:
             torch.testing.assert_close(got[key], one[key], atol=1e-5, rtol=1e-4)

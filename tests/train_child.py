@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import signal
+from pathlib import Path
 
 from transformers import TrainerCallback
 
@@ -98,6 +99,11 @@ def main() -> None:
             json.dump(trainer.state.log_history, handle)
     # A gloo process group left to the interpreter's exit can abort the process (SIGABRT).
     trainer.end()
+    # The threads still running (Linux names them): the test checks that no gloo thread outlived end().
+    threads = [Path("/proc/self/task", t, "comm").read_text().strip() for t in os.listdir("/proc/self/task")]
+    Path(args.output_dir, f"threads-after-end-{os.environ.get('RANK', '0')}.json").write_text(
+        json.dumps(threads)
+    )
 
 
 if __name__ == "__main__":

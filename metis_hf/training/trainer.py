@@ -436,6 +436,15 @@ class MetisTrainer(SFTTrainer):
             )
         return result.url
 
+    def end(self) -> None:
+        """Finish the trackers and destroy the process group, as Trainer.end does, after dropping
+        the DistributedDataParallel wrapper: it holds the group, whose gloo threads would otherwise
+        outlive ``end()`` and be torn down during the interpreter's exit, where they can abort the
+        process (SIGABRT, "terminate called without an active exception") after a finished run."""
+        self.model_wrapped = self.model
+        self.accelerator.free_memory()  # the accelerator's own references to the prepared objects
+        super().end()
+
     # --- rounds -------------------------------------------------------------------------------
 
     def _route_rows(self, adapter_names: list[str]) -> list:
