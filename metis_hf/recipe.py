@@ -317,7 +317,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def default_recipe_path() -> Path:
-    """The embedded offline default (the same file as recipes/offline/cpu-4tasks.yaml)."""
+    """The embedded offline default (the same file as recipes/offline/cpu-3tasks.yaml)."""
     return Path(str(resources.files("metis_hf") / "resources" / "offline_default.yaml"))
 
 
