@@ -350,6 +350,34 @@ def metis_config_from_recipe(recipe: Recipe, output_dir: str | os.PathLike, **ex
         raise RecipeError(f"training: {err}") from err
 
 
+def compare_drops_training_params(recipe: Recipe) -> str | None:
+    """Why compare would run the training method with other merge parameters than the training
+    section sets (None when it would not): compare takes a method's parameters from
+    ``compare.method_params`` only, so one set in training alone would silently fall back to the
+    method's default in the grid."""
+    from metis_hf.merging import get_merge_method
+
+    args = metis_config_from_recipe(recipe, "compare-check", use_cpu=True)
+    method = args.merge_method
+    if method not in {*recipe.compare.post_hoc_methods, *recipe.compare.many_shot_methods}:
+        return None
+    spec, stated = get_merge_method(method), recipe.compare.method_params.get(method, {})
+    defaults = {**spec.defaults, **({"scale": 1.0 / len(recipe.tasks)} if spec.sums_tasks else {})}
+    dropped = {
+        key: value
+        for key, value in args.merge_params.items()
+        if key not in stated and defaults.get(key) != value
+    }
+    if not dropped:
+        return None
+    used = {key: defaults.get(key) for key in dropped}
+    return (
+        f"training sets {dropped} for {method}, but compare takes merge parameters from "
+        f"compare.method_params only and would run {method} with {used}; add them to compare.method_params.{method} "
+        "(or state another value there to compare another setting)."
+    )
+
+
 def lora_config_from_recipe(recipe: Recipe):
     from peft import LoraConfig
 

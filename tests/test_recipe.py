@@ -2,7 +2,16 @@ from pathlib import Path
 
 import pytest
 
-from metis_hf.recipe import Recipe, RecipeError, apply_overrides, default_recipe_path, load_recipe
+from metis_hf.recipe import (
+    Recipe,
+    RecipeError,
+    apply_overrides,
+    compare_drops_training_params,
+    default_recipe_path,
+    load_recipe,
+    lora_config_from_recipe,
+    metis_config_from_recipe,
+)
 from metis_hf.schema import parse
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,11 +60,10 @@ def test_broken_yaml_is_reported(tmp_path):
     "path", sorted((ROOT / "recipes").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT))
 )
 def test_every_recipe_validates(path, tmp_path):
-    from metis_hf.recipe import lora_config_from_recipe, metis_config_from_recipe
-
     recipe = load_recipe(path)
     config = metis_config_from_recipe(recipe, tmp_path, use_cpu=True)
     assert config.num_rounds >= 1 and recipe.tasks
+    assert compare_drops_training_params(recipe) is None  # its grid compares what it trains
     assert lora_config_from_recipe(recipe).r >= 1
 
 
@@ -117,3 +125,40 @@ def test_compare_variants_resolve_and_bad_variants_are_named():
         RecipeError, match=r"many_shot_methods: unknown merge method 'tb@0.5'.*variants: ta@0.5"
     ):
         compare(many_shot_methods=["tb@0.5"], variants={"ta@0.5": {"method": "task_arithmetic"}})
+
+
+@pytest.mark.bad_input
+def test_compare_names_training_merge_params_it_would_not_use(tmp_path):
+    from metis_hf.workflows.compare import Comparison
+    from metis_hf.workflows.plan import plan_recipe
+
+    def recipe(training, method_params=None, methods=("metis_robust", "task_arithmetic")):
+        tasks = [{"name": n} for n in ("a", "b", "c", "d")]
+        compare = {"many_shot_methods": list(methods), "method_params": method_params or {}}
+        return parse(Recipe, {"tasks": tasks, "training": training, "compare": compare})
+
+    erased = {"merge_method": "metis_robust", "merge_params": {"gap_normalization": "erased", "delta": 0.3}}
+    message = compare_drops_training_params(recipe(erased))
+    # delta 0.3 is metis_robust's own default, so only the gap normalization is lost
+    assert message == (
+        "training sets {'gap_normalization': 'erased'} for metis_robust, but compare takes merge "
+        "parameters from compare.method_params only and would run metis_robust with "
+        "{'gap_normalization': 'relative'}; add them to compare.method_params.metis_robust (or state "
+        "another value there to compare another setting)."
+    )
+    with pytest.raises(RecipeError, match=r"^compare: training sets \{'gap_normalization': 'erased'\}"):
+        Comparison(recipe(erased), tmp_path / "cmp")
+    assert plan_recipe(recipe(erased))["problems"] == [f"compare: {message}"]
+    assert not (tmp_path / "cmp").exists()
+    stated = {"metis_robust": {"gap_normalization": "standardized"}}  # another setting, on purpose
+    assert compare_drops_training_params(recipe(erased, stated)) is None
+    assert compare_drops_training_params(recipe(erased, methods=["task_arithmetic"])) is None
+    # the paper's METIS settings are metis's defaults; a summing method's scale defaults to 1/T
+    paper = {"merge_method": "metis", "merge_params": {"temperature": 2.0, "delta": 0.3, "k": 2, "beta": 1.0}}
+    assert compare_drops_training_params(recipe(paper, methods=["metis"])) is None
+    quarter = {"merge_method": "task_arithmetic", "merge_params": {"scale": 0.25}}
+    assert compare_drops_training_params(recipe(quarter)) is None
+    half = {"merge_method": "task_arithmetic", "merge_params": {"scale": 0.5}}
+    assert "would run task_arithmetic with {'scale': 0.25}" in compare_drops_training_params(recipe(half))
+    per_round = {"merge_method": "metis", "num_rounds": 2, "merge_params": {"temperature": [2.0, 1.0]}}
+    assert "{'temperature': 2.0}" in compare_drops_training_params(recipe(per_round, methods=["metis"]))

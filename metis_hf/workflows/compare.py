@@ -53,6 +53,7 @@ from metis_hf.models import load_model_and_tokenizer
 from metis_hf.recipe import (
     Recipe,
     RecipeError,
+    compare_drops_training_params,
     load_recipe,
     lora_config_from_recipe,
     metis_config_from_recipe,
@@ -149,6 +150,9 @@ class Comparison:
     def __init__(self, recipe: Recipe, output_dir: str | os.PathLike) -> None:
         self.recipe = recipe
         self.output_dir = Path(output_dir)
+        dropped = compare_drops_training_params(recipe)
+        if dropped:
+            raise RecipeError(f"compare: {dropped}")
         self.tasks = build_tasks(recipe.tasks)
         self.task_names = list(self.tasks)
         for name in recipe.compare.variants:  # a bad training override fails now, not hours in

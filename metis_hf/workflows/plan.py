@@ -29,7 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from metis_hf.models import BUILTIN_MODELS, cache_dir
-from metis_hf.recipe import Recipe, RecipeError, lora_config_from_recipe, metis_config_from_recipe
+from metis_hf.recipe import (
+    Recipe,
+    RecipeError,
+    compare_drops_training_params,
+    lora_config_from_recipe,
+    metis_config_from_recipe,
+)
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -173,6 +179,9 @@ def plan_recipe(
     lora = lora_config_from_recipe(recipe)
     shape = model_shape(recipe.model)
     problems = _check_datasets(recipe) + _check_harness(recipe)
+    dropped = compare_drops_training_params(recipe)
+    if dropped:
+        problems.append(f"compare: {dropped}")
 
     tasks = [t.name for t in recipe.tasks]
     count = len(tasks)
