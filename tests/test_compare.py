@@ -166,7 +166,7 @@ def test_post_hoc_merge_is_the_merge_of_the_saved_experts(compared):
 
 
 def test_scale_auto_keeps_the_candidate_with_the_lowest_validation_loss(compared):
-    from metis_hf.workflows.compare import SCALE_CANDIDATES
+    from metis_hf.merging.scale_search import SCALE_CANDIDATES
 
     _, out = compared
     run = out / "runs" / "seed0" / "post_hoc-ta@auto"
@@ -189,7 +189,7 @@ def test_scale_auto_keeps_the_candidate_with_the_lowest_validation_loss(compared
 
 
 def test_the_scale_search_goes_past_an_edge_that_wins_and_stops_where_the_loss_rises():
-    from metis_hf.workflows.compare import SCALE_CANDIDATES, search_scale
+    from metis_hf.merging.scale_search import SCALE_CANDIDATES, search_scale
 
     def bowl(minimum: float):  # a loss whose minimum over log-scale lies at ``minimum``
         return lambda scale: (math.log(scale) - math.log(minimum)) ** 2
@@ -361,7 +361,8 @@ def test_a_variants_training_overrides_reach_its_runs_only(compared):
         ),
         (
             {"many_shot_methods": ["ties"], "method_params": {"ties": {"scale": "auto"}}},
-            "compare: ties: scale: auto is searched post hoc only",
+            "compare: ties: training: ties merge of 2 tasks (round 1, merge_params "
+            '{"scale": "auto"}): scale: auto scales each round\'s merged update: set merge_round_updates',
         ),
         (
             {
@@ -369,7 +370,15 @@ def test_a_variants_training_overrides_reach_its_runs_only(compared):
                 "many_shot_methods": [],
                 "method_params": {"metis": {"scale": "auto"}},
             },
-            "compare: metis: metis has no scale to search",
+            "compare: metis: post hoc searches `scale`, which metis does not take.",
+        ),
+        (
+            {
+                "post_hoc_methods": ["x"],
+                "many_shot_methods": [],
+                "variants": {"x": {"method": "metis_robust", "beta": "auto"}},
+            },
+            "compare: x: post hoc searches `scale`, which metis_robust does not take.",
         ),
         ({"experts": {"chain_sum": "/nowhere"}}, "compare.experts: tasks ['gcd'] are missing."),
         (

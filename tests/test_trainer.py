@@ -740,3 +740,130 @@ def test_task_parallel_in_one_process_is_the_sequential_schedule(tmp_path, tiny_
         torch.testing.assert_close(task_parallel[key], sequential[key], atol=0, rtol=0)
     assert [r.pop("merge/exchanged_bytes") for r in rounds] == [0, 0]
     assert rounds == sequential_rounds
+
+
+# --- merging each round's updates -------------------------------------------------------------
+
+
+def _capture_merges(trainer):
+    """Wraps ``trainer._merge``: each merge's task adapters, G before it, parameters and result."""
+    captured = []
+    merge_once = trainer._merge
+
+    def spy(params, last_round):
+        peft_model = trainer.peft_model
+        adapters = {t: lora_state(peft_model, t) for t in TRAIN}
+        start = lora_state(peft_model, "default")
+        merged, truncation = merge_once(params, last_round)
+        captured.append({"adapters": adapters, "start": start, "params": dict(params), "merged": merged})
+        return merged, truncation
+
+    trainer._merge = spy
+    return captured
+
+
+def test_round_updates_at_a_scale_add_the_scaled_sum_of_updates(tmp_path, tiny_tokenizer):
+    trainer = _trainer(
+        tmp_path,
+        tiny_tokenizer,
+        merge_method="task_arithmetic",
+        merge_round_updates=True,
+        merge_params={"scale": 0.7},
+    )
+    captured = _capture_merges(trainer)
+    trainer.train()
+    assert len(captured) == 2
+    for merge in captured:
+        start = merge["start"]
+        assert any(not torch.equal(start[k], merge["adapters"]["add1"][k]) for k in start)
+        for key in start:
+            expected = start[key] + 0.7 * sum(merge["adapters"][t][key] - start[key] for t in TRAIN)
+            torch.testing.assert_close(merge["merged"][key], expected, atol=1e-6, rtol=1e-6)
+    # round 2 started from round 1's merge
+    for key, value in captured[0]["merged"].items():
+        assert torch.equal(captured[1]["start"][key], value)
+
+
+def test_round_updates_at_one_over_t_are_fedavg(tmp_path, tiny_tokenizer):
+    """G + (1/T) sum_t (x_t - G) is the mean of the adapters: the same run as merging them."""
+    runs = {}
+    for updates in (False, True):
+        trainer = _trainer(
+            tmp_path / str(updates), tiny_tokenizer, merge_method="task_arithmetic", merge_round_updates=updates
+        )
+        trainer.train()
+        runs[updates] = lora_state(trainer.peft_model, "default")
+    for key, value in runs[False].items():
+        torch.testing.assert_close(runs[True][key], value, atol=1e-5, rtol=1e-5)
+
+
+def test_scale_auto_chooses_the_lowest_validation_loss_each_round(tmp_path, tiny_tokenizer):
+    from metis_hf.merging.scale_search import SCALE_CANDIDATES
+    from metis_hf.merging.task_vectors import load_lora_state
+    from metis_hf.merging.ties import ties
+
+    trainer = _trainer(
+        tmp_path,
+        tiny_tokenizer,
+        merge_method="ties",
+        merge_round_updates=True,
+        merge_params={"scale": "auto", "density": 0.5},
+        learning_rate=3e-3,
+    )
+    captured = _capture_merges(trainer)
+    trainer.train()
+    peft_model = trainer.peft_model
+    peft_model.set_adapter("default")
+    chosen_scales = []
+    for merge, record in zip(captured, trainer.round_records):
+        start, chosen = merge["start"], merge["params"]["scale"]
+        assert record["merge/scale"] == chosen
+        # the round's update: TIES (tensor by tensor, tested against PEFT) on the task adapters' updates
+        updates = [{k: merge["adapters"][t][k] - start[k] for k in start} for t in TRAIN]
+        update = {k: ties([u[k] for u in updates], density=0.5) for k in start}
+        for key in start:
+            torch.testing.assert_close(merge["merged"][key], start[key] + chosen * update[key])
+
+        def multitask_loss(scale, start=start, update=update):
+            load_lora_state(peft_model, {k: start[k] + scale * update[k] for k in start}, "default")
+            return sum(_example_mean_loss(peft_model, tiny_tokenizer, list(VAL[t])) for t in VAL) / len(VAL)
+
+        best = multitask_loss(chosen)
+        assert record["merge/multitask_loss"] == pytest.approx(best, abs=1e-5)
+        assert all(best <= multitask_loss(s) + 1e-6 for s in SCALE_CANDIDATES)
+        chosen_scales.append(chosen)
+    assert chosen_scales != [1.0, 1.0]  # not vacuous: the search moved off the placeholder
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"merge_method": "ties", "merge_params": {"scale": "auto"}}, "set merge_round_updates"),
+        ({"merge_method": "metis", "merge_params": {"beta": "auto"}}, "set merge_round_updates"),
+        (
+            {"merge_method": "task_arithmetic", "merge_round_updates": True, "merge_space": "dense"},
+            "merge_space must be 'lora'",
+        ),
+        (
+            {"merge_method": "ties", "merge_round_updates": True, "merge_params": {"scale": "most"}},
+            "scale",
+        ),
+    ],
+)
+def test_round_update_settings_are_checked(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _config(tmp_path, **overrides)
+
+
+@pytest.mark.bad_input
+def test_scale_auto_needs_validation_data(tmp_path, tiny_tokenizer):
+    with pytest.raises(ValueError, match="chosen on eval_dataset"):
+        _trainer(
+            tmp_path,
+            tiny_tokenizer,
+            val=None,
+            merge_method="task_arithmetic",
+            merge_round_updates=True,
+            merge_params={"scale": "auto"},
+        )

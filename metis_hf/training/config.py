@@ -86,6 +86,16 @@ class MetisConfig(SFTConfig):
             "'lora', or 'core' for methods on layer matrices (iso_c, iso_cts, tsv_m).",
         },
     )
+    merge_round_updates: bool = field(
+        default=False,
+        metadata={
+            "help": "Merge each round's updates (each task adapter minus the merged adapter it started "
+            "the round from) and add the merge to the merged adapter, instead of merging the adapters "
+            "themselves. Task arithmetic at scale 1/T is then FedAvg, as before; a larger scale, or "
+            "scale 'auto' (chosen every round on the validation loss), moves the merge further each "
+            "round. LoRA space only.",
+        },
+    )
     reset_optimizer_each_round: bool = field(
         default=True,
         metadata={"help": "Drop Adam moments at every round (the reference rebuilds its Trainer)."},
@@ -200,6 +210,11 @@ class MetisConfig(SFTConfig):
             raise ValueError(f"gap_tokens must be one of {GAP_TOKENS}, got {self.gap_tokens!r}.")
         self._merge_params_from_aliases()
         check_method_space(self.merge_method, self.merge_space)
+        if self.merge_round_updates and self.merge_space != "lora":
+            raise ValueError(
+                f"merge_round_updates merges the LoRA entries' round updates: merge_space must be "
+                f"'lora', got {self.merge_space!r}."
+            )
         if self.packing:
             raise ValueError("packing is not supported: each optimizer step must hold one task's examples.")
         if self.shuffle_dataset:

@@ -17,6 +17,7 @@ import torch
 
 from metis_hf.logs import warn_once
 from metis_hf.merging import get_merge_method, merge
+from metis_hf.merging.scale_search import searched_scale
 
 # Per-task fields of a round record and their log-key prefixes, in the order they are logged.
 TASK_FIELDS = {
@@ -29,6 +30,7 @@ TASK_FIELDS = {
 }
 ALPHA_KEY, DENSITY_KEY = "merge/alpha", "merge/mask_density"
 MULTITASK_KEY, TRUNCATION_KEY = "merge/multitask_loss", "merge/truncation_error"
+SCALE_KEY = "merge/scale"
 EXCHANGED_KEY = "merge/exchanged_bytes"
 
 
@@ -50,6 +52,7 @@ class RoundRecord:
     multitask_loss: float | None = None  # the merged adapter's mean validation loss over tasks
     truncation_error: float | None = None  # dense space: the share of the merge rank r dropped
     exchanged_bytes: int | None = None  # task_parallel: the adapter bytes broadcast before the merge
+    scale: float | None = None  # scale: auto: the scale the round's search chose
 
     @property
     def tasks(self) -> list[str]:
@@ -68,6 +71,8 @@ class RoundRecord:
             row[TRUNCATION_KEY] = self.truncation_error
         if self.exchanged_bytes is not None:
             row[EXCHANGED_KEY] = self.exchanged_bytes
+        if self.scale is not None:
+            row[SCALE_KEY] = self.scale
         return row
 
     @classmethod
@@ -85,6 +90,7 @@ class RoundRecord:
             multitask_loss=row.get(MULTITASK_KEY),
             truncation_error=row.get(TRUNCATION_KEY),
             exchanged_bytes=row.get(EXCHANGED_KEY),
+            scale=row.get(SCALE_KEY),
             **{name: per_task(prefix) for name, prefix in TASK_FIELDS.items()},
         )
 
@@ -138,7 +144,8 @@ def merge_parameters(
             params["reference_losses"] = [reference_losses[t] for t in task_names]
         if spec.uses_base_losses and base_losses is not None:
             params["base_losses"] = [base_losses[t] for t in task_names]
-    return params, spec.weights_of(params, count)
+    searched = searched_scale(params)  # the weights at scale 1, until the round's search chooses
+    return params, spec.weights_of({**params, searched: 1.0} if searched else params, count)
 
 
 def check_merge_settings(args, task_names: Sequence[str]) -> None:
@@ -155,6 +162,14 @@ def check_merge_settings(args, task_names: Sequence[str]) -> None:
             params, _ = merge_parameters(
                 args, args.merge_method, task_names, round_index, gaps, losses, counts, base_losses
             )
+            searched = searched_scale(params)
+            if searched:
+                if not args.merge_round_updates:
+                    raise ValueError(
+                        f"{searched}: auto scales each round's merged update: set merge_round_updates "
+                        "(a merge of whole adapters at another scale rescales the merged adapter itself)"
+                    )
+                params[searched] = 1.0  # checked as a number; the search chooses every round
             method.check(len(task_names), **params)
         except ValueError as err:
             where = f"round {round_index + 1}, " if rounds > 1 else ""

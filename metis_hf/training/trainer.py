@@ -42,6 +42,7 @@ from metis_hf.evaluation.loss import per_example_losses_on
 from metis_hf.files import write_text_atomic
 from metis_hf.hub import CITATION
 from metis_hf.merging import get_merge_method
+from metis_hf.merging.scale_search import AUTO, search_scale, searched_scale
 from metis_hf.merging.task_vectors import (
     load_lora_state,
     lora_parameters,
@@ -83,6 +84,7 @@ MERGE_ONLY_SETTINGS = frozenset(
         "merge_method",
         "merge_params",
         "merge_space",
+        "merge_round_updates",
         "temperature",
         "delta",
         "k",
@@ -567,7 +569,10 @@ class MetisTrainer(SFTTrainer):
             {t: len(self.train_parts[t]) for t in self.task_names},
             gaps and gaps["base"],
         )
+        searched = searched_scale(params)
         merged, truncation = self._merge(params, last_round=round_index == self.plan.rounds - 1)
+        if searched:  # _merge put the chosen scale in params
+            alphas = get_merge_method(self.args.merge_method).weights_of(params, len(self.task_names))
         total = sum(v.numel() for v in merged.values())
         record = RoundRecord(
             round=round_index + 1,
@@ -575,6 +580,7 @@ class MetisTrainer(SFTTrainer):
             alphas=dict(zip(self.task_names, alphas)),
             truncation_error=truncation,
             exchanged_bytes=exchanged,
+            scale=params[searched] if searched else None,
         )
         if gaps is not None:
             self._merged_val_losses, self._merged_gap_losses = self._val_losses(MERGED)
@@ -619,10 +625,19 @@ class MetisTrainer(SFTTrainer):
         self, params: dict[str, Any], last_round: bool
     ) -> tuple[dict[str, torch.Tensor], float | None]:
         """Merge the task adapters into G and write G into every adapter. After the last round
-        the task adapters keep their local results: for post-hoc runs these are the experts."""
+        the task adapters keep their local results: for post-hoc runs these are the experts.
+
+        With ``merge_round_updates`` the round's updates are merged (each task adapter minus G) and
+        added to G; ``scale: auto`` then chooses the update's scale on the validation loss, and
+        ``params["scale"]`` is set to the scale chosen."""
         peft_model = self.peft_model
         states = [{k: p.detach() for k, p in lora_parameters(peft_model, t).items()} for t in self.task_names]
         config = peft_model.peft_config[MERGED]
+        start = None
+        if self.args.merge_round_updates:
+            start = {k: p.detach().clone() for k, p in lora_parameters(peft_model, MERGED).items()}
+            states = [{k: state[k] - start[k] for k in state} for state in states]
+        searched = searched_scale(params)
         merged, truncation = merge_lora_states(
             self.args.merge_method,
             states,
@@ -630,11 +645,27 @@ class MetisTrainer(SFTTrainer):
             rank=config.r,
             scaling=lora_scaling(config.r, config.lora_alpha, config.use_rslora),
             names=self.task_names,
-            **params,
+            **{**params, searched: 1.0} if searched else params,
         )
+        if start is not None:
+            update = merged  # every method's scale multiplies its result: one merge serves every candidate
+            if searched:
+                params[searched], _ = search_scale(
+                    lambda scale: self._multitask_loss_at(start, update, scale)
+                )
+            factor = params[searched] if searched else 1.0
+            merged = {k: start[k] + factor * update[k] for k in start}
         for adapter in (MERGED,) if last_round else (MERGED, *self.task_names):
             load_lora_state(peft_model, merged, adapter)
         return merged, truncation
+
+    def _multitask_loss_at(
+        self, start: dict[str, torch.Tensor], update: dict[str, torch.Tensor], scale: float
+    ) -> float:
+        """The mean validation loss over tasks of G = ``start + scale * update``, written into G."""
+        load_lora_state(self.peft_model, {k: start[k] + scale * update[k] for k in start}, MERGED)
+        losses, _ = self._val_losses(MERGED)
+        return sum(losses.values()) / len(losses)
 
     def _record_round(self, record: RoundRecord) -> None:
         """Keep the round (checkpoints and results read ``round_records``), log it to the trackers
@@ -757,6 +788,8 @@ def _check_tasks(
         raise ValueError(
             f"{args.merge_method} needs eval_dataset (a validation set per task) to measure its loss gaps."
         )
+    elif any(AUTO in (value if isinstance(value, list) else [value]) for value in args.merge_params.values()):
+        raise ValueError("a merge scale set to 'auto' is chosen on eval_dataset (a validation set per task).")
     return names
 
 

@@ -34,7 +34,6 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +48,7 @@ from metis_hf.evaluation.suite import evaluate_model, load_for_evaluation
 from metis_hf.files import replace_dir, write_json
 from metis_hf.hub import card_info_for, check_repo_id, write_card
 from metis_hf.merging import get_merge_method
+from metis_hf.merging.scale_search import AUTO, search_scale, searched_scale
 from metis_hf.models import load_model_and_tokenizer
 from metis_hf.recipe import (
     Recipe,
@@ -66,43 +66,6 @@ logger = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
 # Beside a training run's checkpoints: the settings they were trained under (resumed only if equal).
 CHECKPOINT_SETTINGS_FILE = "compare_settings.json"
-# `scale: auto` (post hoc): the candidates tried on the validation loss (the Iso-C and TSV-M authors
-# search 0.1 to 3.0 on validation data), widened past an edge that wins (search_scale).
-SCALE_CANDIDATES = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
-SCALE_WIDENING = 1.5
-SCALE_MAX_EXTRA = 6
-
-
-def search_scale(
-    loss_at: Callable[[float], float],
-    candidates: Sequence[float] = SCALE_CANDIDATES,
-    widening: float = SCALE_WIDENING,
-    max_extra: int = SCALE_MAX_EXTRA,
-) -> tuple[float, dict[float, float]]:
-    """The candidate scale with the lowest ``loss_at`` (a diverged, non-finite loss never wins),
-    and every candidate's loss. Where the best is the largest or the smallest candidate tried, the
-    search goes on past it by a factor ``widening`` until the loss rises, ``max_extra`` candidates
-    at most: a minimum on the edge of the range may lie beyond it (Iso-C's often does)."""
-
-    def key(scale: float) -> float:
-        return losses[scale] if math.isfinite(losses[scale]) else math.inf
-
-    losses = {float(c): float(loss_at(float(c))) for c in candidates}
-    for _ in range(max_extra):
-        best = min(losses, key=key)
-        if best == max(losses):
-            beyond = round(best * widening, 6)
-        elif best == min(losses):
-            beyond = round(best / widening, 6)
-        else:
-            break
-        losses[beyond] = float(loss_at(beyond))
-    best = min(losses, key=key)
-    if best in (max(losses), min(losses)):
-        logger.warning(f"scale search: the best scale, {best:g}, is still the edge of those tried.")
-    return best, losses
-
-
 RunKind = Literal["base", "experts", "multitask", "post_hoc", "many_shot"]
 MIXED_TASK = "all_tasks_mixed"  # the one task of the multi-task SFT run
 
@@ -155,11 +118,14 @@ class Comparison:
             raise RecipeError(f"compare: {dropped}")
         self.tasks = build_tasks(recipe.tasks)
         self.task_names = list(self.tasks)
-        for name in recipe.compare.variants:  # a bad training override fails now, not hours in
+        # A bad training override or many-shot merge setting fails now, not hours in.
+        for name in dict.fromkeys([*recipe.compare.variants, *recipe.compare.many_shot_methods]):
+            kind = "many_shot" if name in recipe.compare.many_shot_methods else "post_hoc"
             try:
-                self._args(self.output_dir, Run("many_shot", recipe.seed, name))
+                self._args(self.output_dir, Run(kind, recipe.seed, name))
             except RecipeError as err:
-                raise RecipeError(f"compare.variants.{name}: {err}") from err
+                where = f"compare.variants.{name}" if name in recipe.compare.variants else f"compare: {name}"
+                raise RecipeError(f"{where}: {err}") from err
         retention = [spec for spec in recipe.evaluation.retention if not spec.harness]
         files = ensure_bigbench([spec.bigbench for spec in retention if spec.bigbench])  # before any training
         self.retention = {
@@ -168,25 +134,27 @@ class Comparison:
         }
         for seed in recipe.compare.seeds:  # experts given: every folder checked before any work
             self.expert_sources(seed)
-        for name in {*recipe.compare.post_hoc_methods, *recipe.compare.many_shot_methods}:
+        for name in recipe.compare.post_hoc_methods:  # many-shot ones: checked by their config above
             method, params = recipe.compare.resolve(name)
-            if params.get("scale") != "auto":
-                continue
-            if name in recipe.compare.many_shot_methods:
-                raise RecipeError(f"compare: {name}: scale: auto is searched post hoc only; give a number.")
-            if "scale" not in get_merge_method(method).parameters:
-                raise RecipeError(f"compare: {name}: {method} has no scale to search.")
+            searched = searched_scale(params)
+            if searched and (searched != "scale" or "scale" not in get_merge_method(method).parameters):
+                raise RecipeError(
+                    f"compare: {name}: post hoc searches `scale`, which {method} does not take."
+                )
 
     # --- helpers ------------------------------------------------------------------------------
 
     def _scale_is_searched(self, run: Run) -> bool:
-        return run.method is not None and self.recipe.compare.resolve(run.method)[1].get("scale") == "auto"
+        """A post-hoc run with ``scale: auto`` (many-shot runs search every round, in the trainer)."""
+        searched = run.method is not None and self.recipe.compare.resolve(run.method)[1].get("scale") == AUTO
+        return searched and run.kind == "post_hoc"
 
     def _args(self, folder: Path, run: Run, **extra: Any):
         name = run.method or "task_arithmetic"
         method, params = self.recipe.compare.resolve(name)
-        if params.get("scale") == "auto":
-            params["scale"] = 1.0  # a placeholder the search replaces (the config checks a number)
+        searched = searched_scale(params)
+        if searched and run.kind != "many_shot":
+            params[searched] = 1.0  # a placeholder the post-hoc search replaces (the config checks a number)
         return metis_config_from_recipe(
             self.recipe,
             folder / "trainer",
