@@ -166,3 +166,23 @@ def test_both_token_sets_from_one_forward(tiny_model, tiny_tokenizer):
         torch.testing.assert_close(got[1], expected["completion"], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="token_sets must be"):
         per_example_losses_on(tiny_model, tokenized, ("prompt",))
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("task_name, raising", [("prime_factorization", "3 = 18"), ("coin_flip", "1e999")])
+def test_an_answer_whose_checker_raises_scores_zero_and_is_counted(task_name, raising, caplog):
+    from metis_hf.data import build_tasks
+    from metis_hf.evaluation.generation import score_answers
+
+    task = build_tasks([{"name": task_name, "train_size": 4, "validation_size": 2, "test_size": 3}])[task_name]
+    rows = list(task.test)
+    with pytest.raises(Exception):  # the checker itself raises on this answer
+        task.score(raising, rows[0])
+    answers = [raising, str(rows[1]["answer"]), raising]
+    with caplog.at_level("WARNING"):
+        result = score_answers(task, rows, answers)
+    assert result.item_scores[0] == result.item_scores[2] == 0.0
+    assert result.item_scores[1] == 1.0 and result.n == 3
+    assert result.score == pytest.approx(1 / 3)
+    assert f"Task {task_name!r}: the answer checker raised on 2 of 3 answers" in caplog.text
+    assert repr(raising) in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -11,6 +12,8 @@ from tqdm.auto import tqdm
 
 from metis_hf.data import Task, exact_match, extract_answer
 from metis_hf.logs import warn_once
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,8 +81,22 @@ def evaluation_rows(task: Task, split: str = "test", limit: int | None = None):
 
 
 def score_answers(task: Task, rows: Sequence[Mapping], answers: Sequence[str]) -> TaskScore:
-    """The task's score and exact match of ``answers``, one per row, in the rows' order."""
-    scores = [float(task.score(a, row)) for a, row in zip(answers, rows, strict=True)]
+    """The task's score and exact match of ``answers``, one per row, in the rows' order.
+
+    A model's answer is untrusted input to the task's checker: an answer whose check raises
+    (reasoning-gym's prime_factorization on "3 = 18") scores 0, and a warning counts them."""
+    scores, failures = [], []
+    for answer, row in zip(answers, rows, strict=True):
+        try:
+            scores.append(float(task.score(answer, row)))
+        except Exception as err:  # noqa: BLE001 - any checker's error on any answer
+            scores.append(0.0)
+            failures.append(f"{answer!r} ({type(err).__name__}: {err})")
+    if failures:
+        logger.warning(
+            f"Task {task.name!r}: the answer checker raised on {len(failures)} of {len(rows)} answers, "
+            f"each scored 0; the first: {failures[0]}."
+        )
     matches = [float(exact_match(a, row["answer"])) for a, row in zip(answers, rows, strict=True)]
     return TaskScore(
         task.name,
