@@ -17,13 +17,25 @@ from typing import Any
 
 REDACTED = "<redacted>"
 ENV_TOKENS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
-# hub_token, token, training.hub_token, api_key...; not pad_token or max_new_tokens.
-_SECRET_KEY = r"(?:[\w-]+\.)*(?:(?:hub|hf|api|access|auth)_)?(?:token|secret|password|api_key|apikey)"
+# hub_token, token, training.hub_token, api_key, use_auth_token, push_to_hub_token, hubToken,
+# hub-token, wandb_api_key...; not pad_token or max_new_tokens.
+_SECRET_KEY = (
+    r"(?:[\w-]+\.)*(?:(?:use[_-]?auth|push[_-]?to[_-]?hub|hub|hf|api|access|auth|wandb(?:[_-]?api)?)[_-]?)?"
+    r"(?:token|secret|password|api[_-]?key)"
+)
 # `key: value` (YAML, with an optional quote) and `key=value` (overrides), value up to the line's
 # or the flow mapping's end.
 _KEY_VALUE = re.compile(
     rf"(?i)(?<![\w.-])(?P<key>{_SECRET_KEY})(?P<sep>['\"]?\s*[:=]\s*)(?P<value>[^\s,}}\]#]+)"
 )
+# A YAML block value (`hub_token: >-` or `|`, the value on the indented lines below).
+_BLOCK_VALUE = re.compile(
+    rf"(?im)^(?P<head>(?P<indent>[ \t]*)(?:- )?['\"]?{_SECRET_KEY}['\"]?[ \t]*:[ \t]*[|>][-+0-9]*[ \t]*(?:#.*)?\n)"
+    r"(?P<body>(?:(?:(?P=indent)[ \t]+\S.*|[ \t]*)(?:\n|$))+)"
+)
+# Tokens by their format, wherever they appear (comments and prose included): Hugging Face
+# tokens (hf_ and 30-odd letters and digits) and HTTP bearer credentials.
+_TOKEN_FORMATS = re.compile(r"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{20,}|(?i:(?<=bearer )[A-Za-z0-9._~+/=-]{8,})")
 _MIN_SECRET_LENGTH = 6  # shorter strings would redact ordinary words
 _registered: set[str] = set()
 
@@ -53,10 +65,11 @@ def is_secret_key(key: str) -> bool:
 
 
 def redact_known(text: str) -> str:
-    """``text`` with every known token replaced (safe inside any format: JSON stays valid)."""
+    """``text`` with every known token, and anything in a token's format, replaced (safe inside
+    any format: JSON stays valid)."""
     for secret in sorted(known_secrets(), key=len, reverse=True):
         text = text.replace(secret, REDACTED)
-    return text
+    return _TOKEN_FORMATS.sub(REDACTED, text)
 
 
 def redact_text(text: str) -> str:
@@ -64,11 +77,15 @@ def redact_text(text: str) -> str:
 
     def hide(match: re.Match) -> str:
         value = match.group("value")
-        if value.lower() in ("null", "none", "~", "''", '""', "true", "false"):
-            return match.group(0)
+        if value.lower() in ("null", "none", "~", "''", '""', "true", "false") or value[0] in "|>":
+            return match.group(0)  # nothing to hide, or a block value (hidden line by line above)
         return f"{match.group('key')}{match.group('sep')}{REDACTED}"
 
-    return redact_known(_KEY_VALUE.sub(hide, text))
+    def hide_block(match: re.Match) -> str:
+        return f"{match.group('head')}{match.group('indent')}  {REDACTED}\n"
+
+    text = _BLOCK_VALUE.sub(hide_block, text)
+    return redact_known(_TOKEN_FORMATS.sub(REDACTED, _KEY_VALUE.sub(hide, text)))
 
 
 def redact_data(data: Any) -> Any:
@@ -86,7 +103,8 @@ def redact_data(data: Any) -> Any:
 
 
 LOCAL_PATH = "<local path>"
-_ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])~?/(?:[\w.@+-]+/)*[\w.@+-]+/?")
+# Not inside a URL (`https://host/path`, `file:///x`): no `/` right before or after the first one.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w/.~-])~?/(?!/)(?:[\w.@+-]+/)*[\w.@+-]+/?")
 
 
 def hide_local_paths(text: str) -> str:

@@ -109,3 +109,46 @@ def test_python_api_checkpoints_and_push_never_hold_the_token(tmp_path, tiny_tok
     staged = sorted(str(p.relative_to(with_checkpoints)) for p in with_checkpoints.rglob("*") if p.is_file())
     assert any(f.startswith("checkpoint-2/") and f.endswith(".safetensors") for f in staged)
     assert not [f for f in staged if f.endswith((".bin", ".pt", ".pth"))], staged
+
+
+UNREGISTERED = "hf_" + "Qz7" * 12  # in a token's format, but known to nothing: caught by its form
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "text, secret",
+    [
+        (f"# my token is {UNREGISTERED}\nmodel: x\n", UNREGISTERED),
+        (f"notes: 'pushed with {UNREGISTERED} yesterday'\n", UNREGISTERED),
+        ("use_auth_token: sekrit-value-1\n", "sekrit-value-1"),
+        ("push_to_hub_token: 'sekrit-value-2'\n", "sekrit-value-2"),
+        ("hubToken: sekrit-value-3\n", "sekrit-value-3"),
+        ("hub-token: sekrit-value-4\n", "sekrit-value-4"),
+        ("wandb_api_key: 0123456789abcdef0123\n", "0123456789abcdef0123"),
+        ("headers: {Authorization: Bearer sekrit-value-6}\n", "sekrit-value-6"),
+        ("training:\n  hub_token: >-\n    sekrit-value-7\n  seed: 0\n", "sekrit-value-7"),
+        ("training:\n  hub_token: |\n    sekrit-value-8\n    more-of-it-9\nmodel: x\n", "more-of-it-9"),
+    ],
+)
+def test_redaction_catches_token_formats_and_every_secret_key_form(text, secret):
+    from metis_hf.redact import REDACTED, redact_text
+
+    clean = redact_text(text)
+    assert secret not in clean and REDACTED in clean
+    data = yaml.safe_load(clean)  # still the same YAML, less the secret
+    assert yaml.safe_load(text).keys() == data.keys()
+
+
+def test_redaction_leaves_ordinary_keys_alone():
+    from metis_hf.redact import redact_text
+
+    text = "training:\n  max_new_tokens: 8\n  pad_token: <pad>\n  seed: 0\n  hub_model_id: me/merged\n"
+    assert redact_text(text) == text
+
+
+@pytest.mark.bad_input
+def test_local_paths_after_a_colon_are_hidden_but_urls_kept():
+    from metis_hf.redact import LOCAL_PATH, hide_local_paths
+
+    text = "base_model:adapter:/tmp/run/checkpoint-75 from https://huggingface.co/org/model"
+    assert hide_local_paths(text) == f"base_model:adapter:{LOCAL_PATH} from https://huggingface.co/org/model"
