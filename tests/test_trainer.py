@@ -789,7 +789,10 @@ def test_round_updates_at_one_over_t_are_fedavg(tmp_path, tiny_tokenizer):
     runs = {}
     for updates in (False, True):
         trainer = _trainer(
-            tmp_path / str(updates), tiny_tokenizer, merge_method="task_arithmetic", merge_round_updates=updates
+            tmp_path / str(updates),
+            tiny_tokenizer,
+            merge_method="task_arithmetic",
+            merge_round_updates=updates,
         )
         trainer.train()
         runs[updates] = lora_state(trainer.peft_model, "default")
