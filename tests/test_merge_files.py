@@ -118,6 +118,51 @@ def test_bad_config_names_the_key(adapter_dirs):
 
 
 @pytest.mark.bad_input
+@pytest.mark.parametrize("space", ["lora", "dense", "core"])
+@pytest.mark.parametrize("rank", [2, 100, 10**11])
+def test_an_output_rank_is_refused_where_it_cannot_apply(adapter_dirs, capsys, space, rank):
+    """In the lora space the factors keep their rank (r: 2 over rank-4 tensors would break PEFT's
+    load); in the others a rank past every layer's width (32 here) would pad or exhaust memory."""
+    root, dirs = adapter_dirs
+    config = {"merge_method": "task_arithmetic", "models": [{"model": str(d)} for d in dirs]}
+    config.update(space=space, rank=rank)
+    code = main(["merge", _write(root / "r.yaml", config), str(root / "out")])
+    if space != "lora" and rank == 2:  # a truncation the spaces are for
+        assert code == 0 and json.loads((root / "out" / "adapter_config.json").read_text())["r"] == 2
+        return
+    assert code == 2 and not (root / "out").exists()
+    error = capsys.readouterr().err
+    assert ("keeps its inputs' rank" if space == "lora" else f"rank {rank} exceeds") in error
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.pop("r"), "r is missing; it must be a positive integer"),
+        (lambda c: c.pop("lora_alpha"), "lora_alpha is missing; it must be a positive number"),
+        (lambda c: c.update(r="4"), "r is '4'; it must be a positive integer"),
+        (lambda c: c.update(lora_alpha=None), "lora_alpha is None"),
+        # in the lora space the ranks must also agree across adapters, which fails first
+        (lambda c: c.update(r=8), ("has rank 4, but adapter_config.json says r=8", "adapter1 has r=8")),
+        (lambda c: [c], "holds a JSON list, not an object"),
+    ],
+)
+@pytest.mark.parametrize("space", ["lora", "core"])
+def test_a_broken_adapter_config_is_named(adapter_dirs, capsys, change, message, space):
+    root, dirs = adapter_dirs
+    path = dirs[1] / "adapter_config.json"
+    adapter_config = json.loads(path.read_text())
+    changed = change(adapter_config)
+    path.write_text(json.dumps(changed if isinstance(changed, list) else adapter_config))
+    config = {"merge_method": "task_arithmetic", "space": space, "models": [{"model": str(d)} for d in dirs]}
+    assert main(["merge", _write(root / "b.yaml", config), str(root / "out")]) == 2
+    error = capsys.readouterr().err
+    messages = message if isinstance(message, tuple) else (message,)
+    assert any(m in error for m in messages) and "adapter1" in error and "Traceback" not in error
+
+
+@pytest.mark.bad_input
 def test_pickle_only_folder_is_refused(tmp_path):
     from metis_hf.workflows.merge import safetensors_files
 

@@ -120,6 +120,16 @@ class MergeConfig:
             return "core" if on_matrices else "lora"
         return check_space(space)
 
+    @field_validator("rank")
+    @classmethod
+    def _rank_in_its_space(cls, rank: int | None, info: ValidationInfo) -> int | None:
+        if rank is not None and info.data.get("space") == "lora":
+            raise ValueError(
+                "sets the output rank of the dense and core spaces; in the lora space the merged "
+                "adapter keeps its inputs' rank (remove rank, or set space: core)"
+            )
+        return rank
+
     @property
     def per_model_keys(self) -> list[str]:
         """Per-model YAML keys: the singular of each per-task parameter the method takes."""
@@ -423,6 +433,17 @@ def run_merge(
 
 def _adapter_configs(folders: list[Path], space: str) -> list[dict[str, Any]]:
     configs = [read_json(f / "adapter_config.json") for f in folders]
+    for folder, cfg in zip(folders, configs):
+        where = folder / "adapter_config.json"
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{where} holds a JSON {type(cfg).__name__}, not an object of LoRA settings.")
+        for key in ("r", "lora_alpha"):
+            value = cfg.get(key)
+            valid = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+            if key not in cfg or not valid or (key == "r" and not isinstance(value, int)):
+                kind = "a positive integer" if key == "r" else "a positive number"
+                found = "is missing" if key not in cfg else f"is {value!r}"
+                raise ValueError(f"{where}: {key} {found}; it must be {kind}.")
     # The core and dense spaces merge each module's update scaling * B @ A: ranks and alphas may differ.
     keys = ("peft_type", "target_modules") + (() if space in ("core", "dense") else ("r", "lora_alpha"))
     for folder, cfg in zip(folders, configs):
@@ -466,6 +487,7 @@ def _merge_adapters(config, folders, params, out: Path, progress: bool) -> Merge
         source = TensorSource(folder)
         states.append({k: source.get(k) for k in sorted(source.keys())})
     names = [str(f) for f in folders]
+    _check_factor_ranks(folders, configs, states, config.rank)
     dtype = DTYPES.get(config.dtype) if config.dtype else states[0][next(iter(states[0]))].dtype
     scalings = [lora_scaling(c["r"], c["lora_alpha"], c.get("use_rslora", False)) for c in configs]
     # Output rank: the core space's default keeps every direction (exactly the merge); the dense
@@ -494,6 +516,34 @@ def _merge_adapters(config, folders, params, out: Path, progress: bool) -> Merge
         output_config.update(r=rank, lora_alpha=scalings[0] * root)
     (out / "adapter_config.json").write_text(json.dumps(output_config, indent=2))
     return MergeSummary("adapter", len(merged), out, truncation, rank)
+
+
+def _check_factor_ranks(
+    folders: list[Path],
+    configs: list[dict[str, Any]],
+    states: list[dict[str, torch.Tensor]],
+    rank: int | None,
+) -> None:
+    """Each adapter's factors have the rank its config says, and an output ``rank`` fits a layer:
+    a wrong r would rescale the merge silently, a rank past every layer's width pads with zeros."""
+    widest = 0
+    for folder, cfg, state in zip(folders, configs, states):
+        for key, tensor in state.items():
+            if tensor.dim() != 2:
+                continue
+            r = tensor.shape[0] if ".lora_A." in key else tensor.shape[1] if ".lora_B." in key else None
+            if r is not None and r != cfg["r"]:
+                raise ValueError(
+                    f"{folder}: tensor {key!r} has rank {r}, but adapter_config.json says r={cfg['r']}."
+                )
+            if ".lora_A." in key:
+                out_features = state[key.replace(".lora_A.", ".lora_B.")].shape[0]
+                widest = max(widest, min(tensor.shape[1], out_features))
+    if rank is not None and rank > widest:
+        raise ValueError(
+            f"rank {rank} exceeds what any adapted layer can hold (at most {widest}: the smaller side "
+            "of the widest layer); lower rank or leave it unset."
+        )
 
 
 def _merge_checkpoints(config, folders, params, out: Path, progress: bool) -> MergeSummary:
