@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from metis_hf.errors import DataUnavailableError
 from metis_hf.evaluation.retention import (
     batch_choice_log_likelihoods,
     bigbench_task_file,
@@ -150,7 +151,7 @@ def test_missing_tasks_are_fetched_in_one_download_checked_against_the_published
         return Response(sdist.read_bytes())
 
     monkeypatch.setattr("urllib.request.urlopen", urlopen)
-    with pytest.raises(RuntimeError, match="sha256 .* is not the published one"):  # not PyPI's file
+    with pytest.raises(DataUnavailableError, match="sha256 .* is not the published one"):  # not PyPI's file
         retention.ensure_bigbench(["toy"])
     assert not (tmp_path / "bigbench" / "toy").exists()  # nothing half-written
     import hashlib
@@ -160,3 +161,28 @@ def test_missing_tasks_are_fetched_in_one_download_checked_against_the_published
     assert files == {t: tmp_path / "bigbench" / t / "task.json" for t in ("toy", "two")} and len(served) == 2
     retention.ensure_bigbench(["two"])
     assert len(served) == 2  # cached: no third download
+
+
+@pytest.mark.bad_input
+def test_an_unreachable_download_is_one_line_from_the_command_line(tmp_path, monkeypatch, capsys):
+    """Offline with an empty cache: the command says how to provide the sdist, with no traceback."""
+    from metis_hf.commands import main
+    from tests.conftest import make_tokenizer, write_tiny_recipe
+
+    monkeypatch.setenv("METIS_HF_CACHE", str(tmp_path / "cache"))
+
+    def urlopen(url, timeout):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr("urllib.request.urlopen", urlopen)
+    recipe = write_tiny_recipe(
+        tmp_path,
+        make_tokenizer(),
+        evaluation={"retention": [{"name": "dates", "bigbench": "date_understanding"}]},
+    )
+    assert main(["compare", str(recipe), "--output-dir", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert (
+        "error: Could not download" in error and "--sdist bigbench-1.0.0.tar.gz date_understanding" in error
+    )
+    assert "Traceback" not in error

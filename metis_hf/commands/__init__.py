@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from huggingface_hub.errors import HfHubHTTPError
 
 from metis_hf.commands import compare, evaluate, merge, mergekit_yaml, plan, push, train
+from metis_hf.errors import MetisHFError
 
 SUBCOMMANDS = (train, evaluate, compare, plan, merge, push, mergekit_yaml)
 
@@ -32,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.run(args)
-    except (ValueError, OSError, ImportError, HfHubHTTPError) as err:  # bad input, files, extras, Hub
+    # bad input, files, extras, the Hub, and the project's own known failures
+    except (ValueError, OSError, ImportError, HfHubHTTPError, MetisHFError) as err:
         print(f"metis-hf {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from metis_hf.data import format_prompt
+from metis_hf.errors import DataUnavailableError
 from metis_hf.models import cache_dir
 
 # The bigbench 1.0.0 sdist on PyPI (358 MB): read for its task files only, never installed (it
@@ -127,12 +128,14 @@ def fetch_bigbench(tasks: Sequence[str], sdist: str | os.PathLike | None = None)
                         digest.update(chunk)
                         bar.update(len(chunk))
         except OSError as err:
-            raise RuntimeError(
+            raise DataUnavailableError(
                 f"Could not download {BIGBENCH_SDIST_URL} ({err}). Download it another way and run "
                 f"`python -m metis_hf.evaluation.retention --sdist bigbench-1.0.0.tar.gz {' '.join(tasks)}`."
             ) from err
         if digest.hexdigest() != BIGBENCH_SDIST_SHA256:
-            raise RuntimeError(f"{BIGBENCH_SDIST_URL}: sha256 {digest.hexdigest()} is not the published one.")
+            raise DataUnavailableError(
+                f"{BIGBENCH_SDIST_URL}: sha256 {digest.hexdigest()} is not the published one."
+            )
         return extract_bigbench(archive, tasks)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
