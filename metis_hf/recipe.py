@@ -381,14 +381,16 @@ def compare_drops_training_params(recipe: Recipe) -> str | None:
 def lora_config_from_recipe(recipe: Recipe):
     from peft import LoraConfig
 
-    from metis_hf.training.trainer import default_lora_config
+    from metis_hf.training.trainer import check_lora_config, default_lora_config
 
     allowed = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
     values = {**default_lora_config().to_dict(), **check_fields(LoraConfig, recipe.lora, "lora")}
     try:
-        return LoraConfig(**{k: v for k, v in values.items() if k in allowed})
+        config = LoraConfig(**{k: v for k, v in values.items() if k in allowed})
+        check_lora_config(config, where="lora")
     except (TypeError, ValueError) as err:
-        raise RecipeError(f"lora: {err}") from err
+        raise RecipeError(f"lora: {err}".replace("lora: lora.", "lora.")) from err
+    return config
 
 
 def recipe_text(recipe_path: str | os.PathLike | None, overrides: list[str] | None = None) -> str:

@@ -260,3 +260,39 @@ def test_a_merge_that_zeroes_what_every_task_shares_is_warned_about(
         caplog.clear()
         rounds.check_merge_settings(args, tasks)  # the trainer checks what `metis-hf train` checked: once
         assert "zeroes every entry" not in caplog.text
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("training.learning_rate=-1", "learning_rate must be > 0, got -1"),
+        ("training.learning_rate=.nan", "learning_rate must be a finite number, got nan"),
+        ("lora.r=0", "lora.r must be an integer >= 1, got 0"),
+        ("lora.lora_dropout=2", "lora.lora_dropout must be in [0, 1), got 2"),
+        ("lora.lora_alpha=0", "lora.lora_alpha must be a positive number, got 0"),
+        (
+            "training.gradient_accumulation_steps=0",
+            "gradient_accumulation_steps must be an integer >= 1, got 0",
+        ),
+        (
+            "training.per_device_train_batch_size=0",
+            "per_device_train_batch_size must be an integer >= 1, got 0",
+        ),
+        ("training.max_length=0", "max_length must be at least 2 tokens"),
+        ("training.max_length=-5", "max_length must be at least 2 tokens"),
+        ("training.num_rounds=1000000000", "num_rounds must be at most 10,000, got 1,000,000,000"),
+        ("training.local_steps=100000000", "local_steps must be from 1 to 1,000,000"),
+    ],
+)
+def test_plan_refuses_what_train_would_reject_before_loading_a_model(override, message, capsys, monkeypatch):
+    from metis_hf.commands import main
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("plan loaded a model")
+
+    monkeypatch.setattr("metis_hf.models.load_model_and_tokenizer", no_model)
+    path = RECIPES[0].parent.parent / "offline" / "cpu-4tasks.yaml"
+    assert main(["plan", str(path), f"--set={override}"]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,9 @@ PROTOCOLS = ("many_shot", "post_hoc")
 TASK_SCHEDULES = ("sequential", "interleaved", "parallel", "task_parallel")
 ROUND_LR_SCHEDULES = ("linear", "constant")
 GAP_TOKENS = ("trained", "completion")
+# Past these a run cannot finish (and its round plan would not fit in memory): a typo, not a recipe.
+MAX_ROUNDS = 10_000
+MAX_LOCAL_STEPS = 1_000_000
 MERGE_PARAMETER_ALIASES = ("temperature", "delta", "k", "beta")
 
 
@@ -198,8 +202,23 @@ class MetisConfig(SFTConfig):
             raise ValueError(f"merge_space: {err}") from None
         if isinstance(self.num_rounds, bool) or not isinstance(self.num_rounds, int) or self.num_rounds < 1:
             raise ValueError(f"num_rounds must be an integer >= 1, got {self.num_rounds!r}.")
-        if self.local_steps is not None and self.local_steps < 1:
-            raise ValueError(f"local_steps must be >= 1, got {self.local_steps}.")
+        if self.num_rounds > MAX_ROUNDS:
+            raise ValueError(f"num_rounds must be at most {MAX_ROUNDS:,}, got {self.num_rounds:,}.")
+        if self.local_steps is not None and not 1 <= self.local_steps <= MAX_LOCAL_STEPS:
+            raise ValueError(f"local_steps must be from 1 to {MAX_LOCAL_STEPS:,}, got {self.local_steps}.")
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate must be a finite number, got {self.learning_rate!r}.")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}.")
+        if self.max_length is not None and (isinstance(self.max_length, bool) or self.max_length < 2):
+            raise ValueError(
+                f"max_length must be at least 2 tokens (a prompt token and an answer token), or None "
+                f"for no limit; got {self.max_length!r}."
+            )
         if self.local_steps is None and not self.local_epochs > 0:
             raise ValueError(f"local_epochs must be > 0, got {self.local_epochs}.")
         if self.gap_batch_size is None:

@@ -161,12 +161,7 @@ class MetisTrainer(SFTTrainer):
         peft_config = peft_config if peft_config is not None else default_lora_config()
         if not isinstance(peft_config, LoraConfig):
             raise ValueError(f"peft_config must be a peft.LoraConfig, got {type(peft_config).__name__}.")
-        for option in ("use_dora", "modules_to_save", "trainable_token_indices"):
-            if getattr(peft_config, option, None):
-                raise ValueError(
-                    f"peft_config.{option} is not supported: its tensors are not LoRA factors, and "
-                    "MetisTrainer merges LoRA A and B only (they would never be merged)."
-                )
+        check_lora_config(peft_config)
         self._parallel = args.task_schedule == "parallel"
         self._task_parallel = args.task_schedule == "task_parallel"
         if self._task_parallel:
@@ -747,6 +742,24 @@ class _RoundCallback(TrainerCallback):
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
                 self.trainer._save_round_state(folder)
+
+
+def check_lora_config(config: LoraConfig, where: str = "peft_config") -> None:
+    """What a LoRA config must hold for a run: a positive integer rank, a positive finite alpha, a
+    dropout in [0, 1), and only LoRA factors to train (no DoRA magnitudes or full-weight copies)."""
+    r, alpha, dropout = config.r, config.lora_alpha, config.lora_dropout
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"{where}.r must be an integer >= 1, got {r!r}.")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+        raise ValueError(f"{where}.lora_alpha must be a positive number, got {alpha!r}.")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"{where}.lora_dropout must be in [0, 1), got {dropout!r}.")
+    for option in ("use_dora", "modules_to_save", "trainable_token_indices"):
+        if getattr(config, option, None):
+            raise ValueError(
+                f"{where}.{option} is not supported: its tensors are not LoRA factors, and "
+                "MetisTrainer merges LoRA A and B only (they would never be merged)."
+            )
 
 
 def training_signature(args: MetisConfig) -> dict[str, Any]:
