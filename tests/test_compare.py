@@ -594,3 +594,23 @@ def test_a_compare_interrupted_mid_training_resumes_each_run_to_the_same_adapter
             for key in expected:
                 torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0)
     assert not list((out / "runs" / "seed0").glob("branch_point-*"))
+
+
+@pytest.mark.bad_input
+def test_compare_refuses_validation_that_scores_no_token_before_any_work(tmp_path, tiny_tokenizer, capsys):
+    """Every validation loss would be 0: the scale search would pick its smallest candidate."""
+    recipe = write_tiny_recipe(
+        tmp_path,
+        tiny_tokenizer,
+        training={"max_length": 4, "completion_only_loss": True},
+        compare={
+            "post_hoc_methods": ["ta@auto"],
+            "many_shot_methods": [],
+            "multitask_sft": False,
+            "variants": {"ta@auto": {"method": "task_arithmetic", "scale": "auto"}},
+        },
+    )
+    assert main(["compare", str(recipe), "--output-dir", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "validation: no example has a completion token left within max_length=4" in error
+    assert not (tmp_path / "out" / "runs").exists()

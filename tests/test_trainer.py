@@ -870,3 +870,19 @@ def test_scale_auto_needs_validation_data(tmp_path, tiny_tokenizer):
             merge_round_updates=True,
             merge_params={"scale": "auto"},
         )
+
+
+@pytest.mark.bad_input
+def test_all_token_training_warns_when_answers_are_cut_away(tmp_path, tiny_tokenizer, caplog):
+    from metis_hf.tokenization import tokenize_example
+
+    prompt_lengths = [
+        len(tokenize_example(tiny_tokenizer, r["prompt"], "", 10**9)["input_ids"]) for r in TRAIN["add1"]
+    ]
+    with caplog.at_level("WARNING"):
+        _trainer(tmp_path, tiny_tokenizer, max_length=min(prompt_lengths) - 1)
+    assert "task 'add1' train: 20 of 20 examples lose their whole answer to max_length" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _trainer(tmp_path / "long", tiny_tokenizer, max_length=64)
+    assert "lose their whole answer" not in caplog.text

@@ -197,28 +197,20 @@ class MetisTrainer(SFTTrainer):
                 "Pass the base model and a LoraConfig; MetisTrainer builds the task adapters itself."
             )
 
-        max_length = args.max_length or 10**9
         # The trainer drops examples that have no trained token after truncation itself, before
         # it fixes each task's row range: TRL would drop them later and shift every range after.
         self.train_parts = {
-            t: _drop_untrained(
-                tokenize_dataset(processing_class, d, max_length, f"{t} train"),
-                f"task {t!r} train",
-                args.completion_only_loss,
-                args.max_length,
+            t: scored_examples(
+                processing_class, d, f"task {t!r} train", bool(args.completion_only_loss), args.max_length
             )
             for t, d in train_dataset.items()
         }
         # Sorted by length: a gap is a mean of per-example losses, so order does not matter, and
         # batches of similar lengths carry little padding.
-        gap_on_completion = bool(args.completion_only_loss) or args.gap_tokens == "completion"
         self.validation = {
             t: _sorted_by_length(
-                _drop_untrained(
-                    tokenize_dataset(processing_class, d, max_length, f"{t} validation"),
-                    f"task {t!r} validation",
-                    gap_on_completion,
-                    args.max_length,
+                scored_examples(
+                    processing_class, d, f"task {t!r} validation", gaps_on_completion(args), args.max_length
                 )
             )
             for t, d in (eval_dataset or {}).items()
@@ -814,9 +806,34 @@ def _check_dataset(dataset: Any, where: str) -> None:
         )
 
 
+def gaps_on_completion(args: MetisConfig) -> bool:
+    """Whether validation losses (the gaps, a scale search) are measured on the answer tokens."""
+    return bool(args.completion_only_loss) or args.gap_tokens == "completion"
+
+
+def scored_examples(
+    tokenizer, dataset: Dataset, name: str, completion_only: bool, max_length: int | None
+) -> Dataset:
+    """``dataset`` tokenized and cut at ``max_length``, without the examples that keep no scored
+    token (an error when none keeps one): what training and the validation losses read."""
+    tokenized = tokenize_dataset(tokenizer, dataset, max_length or 10**9, name)
+    return _drop_untrained(tokenized, name, completion_only, max_length)
+
+
 def _drop_untrained(tokenized: Dataset, name: str, completion_only: bool, max_length: int | None) -> Dataset:
     """The examples that keep at least one scored token after truncation (completion tokens when
     ``completion_only``), with a warning that counts the others."""
+    if not completion_only:
+        cut = sum(1 for mask in tokenized["completion_mask"] if not any(mask))
+        if cut:
+            logger.warning(
+                "%s: %d of %d examples lose their whole answer to max_length=%s: all-token training "
+                "reads only their cut prompts. Raise max_length or shorten the prompts.",
+                name,
+                cut,
+                len(tokenized),
+                max_length,
+            )
     if completion_only:
         keep = [i for i, mask in enumerate(tokenized["completion_mask"]) if any(mask)]
     else:

@@ -49,7 +49,7 @@ from metis_hf.files import replace_dir, write_json
 from metis_hf.hub import card_info_for, check_repo_id, write_card
 from metis_hf.merging import get_merge_method
 from metis_hf.merging.scale_search import AUTO, search_scale, searched_scale
-from metis_hf.models import load_model_and_tokenizer
+from metis_hf.models import load_model_and_tokenizer, load_tokenizer
 from metis_hf.recipe import (
     Recipe,
     RecipeError,
@@ -118,6 +118,7 @@ class Comparison:
             raise RecipeError(f"compare: {dropped}")
         self.tasks = build_tasks(recipe.tasks)
         self.task_names = list(self.tasks)
+        self._check_validation_scores_tokens()
         # A bad training override or many-shot merge setting fails now, not hours in.
         for name in dict.fromkeys([*recipe.compare.variants, *recipe.compare.many_shot_methods]):
             kind = "many_shot" if name in recipe.compare.many_shot_methods else "post_hoc"
@@ -143,6 +144,25 @@ class Comparison:
                 )
 
     # --- helpers ------------------------------------------------------------------------------
+
+    def _check_validation_scores_tokens(self) -> None:
+        """Every task's validation set keeps a scored token within max_length, as training
+        requires: else every validation loss is 0 and a scale search or a loss gap means nothing."""
+        from metis_hf.training.trainer import gaps_on_completion, scored_examples
+
+        args = self._args(self.output_dir, Run("base"))
+        tokenizer = load_tokenizer(self.recipe.model)
+        for name, task in self.tasks.items():
+            try:
+                scored_examples(
+                    tokenizer,
+                    task.validation,
+                    f"task {name!r} validation",
+                    gaps_on_completion(args),
+                    args.max_length,
+                )
+            except ValueError as err:
+                raise RecipeError(f"tasks: {err}") from err
 
     def _scale_is_searched(self, run: Run) -> bool:
         """A post-hoc run with ``scale: auto`` (many-shot runs search every round, in the trainer)."""
