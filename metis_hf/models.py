@@ -186,7 +186,17 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     kwargs.setdefault("trust_remote_code", False)
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype, **kwargs)
+    resolved = resolve_model_path(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, **kwargs)
+    except OSError as err:
+        if os.path.isdir(resolved):
+            raise
+        # Not a folder here: tried as a Hub id, whose error speaks of connections and caches only.
+        raise FileNotFoundError(
+            f"model {str(name_or_path)!r}: no such folder ({os.path.abspath(resolved)}), and the Hub "
+            f"could not provide it as a model id ({str(err).strip().splitlines()[0]})"
+        ) from err
     if device is not None:
         model.to(device)
     return model

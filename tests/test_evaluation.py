@@ -610,3 +610,32 @@ def test_the_report_names_experts_no_better_than_the_base_or_the_most_common_ans
     assert "Caution: some experts are not above" in md.split("### Raw")[0]
     without = build_report(runs, ["t1", "t2"], CompareSpec(seeds=[0, 1]))  # no answers known
     assert "most common" not in without["markdown"] and "Not above the base model: t2" in without["markdown"]
+
+
+@pytest.mark.bad_input
+def test_eval_of_a_missing_folder_or_a_truncated_adapter_names_it(tmp_path, capsys, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    from metis_hf.commands import main
+    from tests.conftest import make_tiny_model, make_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "outputs/merged", "--tasks", "gcd", "--test-size", "2"]) == 2
+    error = capsys.readouterr().err
+    assert "model 'outputs/merged': no such folder" in error and "Traceback" not in error
+
+    tokenizer = make_tokenizer()
+    base = make_tiny_model(len(tokenizer))
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    adapter = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"]))
+    adapter.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    adapter.save_pretrained(tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # an interrupted copy
+    assert main(["eval", str(tmp_path / "adapter"), "--tasks", "gcd", "--test-size", "2"]) == 2
+    error = capsys.readouterr().err
+    assert f"{weights}: not a readable safetensors file" in error and "Traceback" not in error
+    weights.unlink()
+    assert main(["eval", str(tmp_path / "adapter"), "--tasks", "gcd", "--test-size", "2"]) == 2
+    assert "has no adapter_model.safetensors" in capsys.readouterr().err

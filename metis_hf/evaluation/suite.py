@@ -36,6 +36,26 @@ def check_tokenizer(model, tokenizer, name: str = "tokenizer") -> None:
             raise ValueError(f"The {name}'s {special} ({token_id}) is outside the model's {rows} embeddings.")
 
 
+def check_adapter_weights(folder: Path) -> None:
+    """An adapter folder's weights are a whole safetensors file (pickles are never loaded)."""
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        pickled = [p.name for p in folder.glob("adapter_model.bin")]
+        why = (
+            f"only {pickled[0]}, a pickle metis-hf does not load"
+            if pickled
+            else "no adapter_model.safetensors"
+        )
+        raise FileNotFoundError(f"Adapter folder {str(folder)!r} has {why}.")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), "pt") as handle:
+            handle.keys()
+    except Exception as err:  # noqa: BLE001 - safetensors' own errors do not name the file
+        raise ValueError(f"{weights}: not a readable safetensors file ({err}).") from err
+
+
 def load_for_evaluation(model_or_adapter: str | os.PathLike, tokenizer: str | None = None, **model_kwargs):
     """A model by built-in name, Hub id or folder; a PEFT adapter folder loads on its recorded base.
     The tokenizer comes from ``tokenizer`` when given, else the folder, else the base model."""
@@ -44,6 +64,7 @@ def load_for_evaluation(model_or_adapter: str | os.PathLike, tokenizer: str | No
     if adapter_config.is_file():
         from peft import PeftModel
 
+        check_adapter_weights(path)
         base_name = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
         if not base_name:
             raise ValueError(f"{adapter_config}: no base_model_name_or_path; cannot tell the base model.")
