@@ -253,6 +253,22 @@ def test_mergekit_yaml_runs_metis(tmp_path):
     assert json.loads((tmp_path / "mk" / "config.json").read_text())["num_hidden_layers"] == 2
 
 
+@pytest.mark.bad_input
+def test_mergekit_yaml_reads_relative_local_folders(tmp_path, monkeypatch):
+    """`fx/ft1` (no ./) is a local folder, not a Hub id: the merge and its card are written."""
+    monkeypatch.chdir(tmp_path)
+    _checkpoints(tmp_path / "fx")
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": "fx/base",
+        "models": [{"model": f"fx/ft{i}", "parameters": {"weight": 0.5}} for i in range(2)],
+        "dtype": "float32",
+    }
+    assert main(["mergekit-yaml", _write(tmp_path / "rel.yaml", config), "merged"]) == 0
+    assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "merged" / "README.md").is_file()
+    assert yaml.safe_load((tmp_path / "rel.yaml").read_text()) == config  # the user's file untouched
+
+
 def test_apply_dense_deltas_folds_a_merged_delta_into_the_base():
     from metis_hf.merging.task_vectors import apply_dense_deltas
 
