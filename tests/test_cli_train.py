@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from metis_hf.commands import main
 from tests.conftest import write_tiny_recipe
@@ -93,3 +94,69 @@ def test_every_offline_recipe_runs_a_few_steps(path, tmp_path):
     )
     results = json.loads((out / "results.json").read_text())
     assert len(results["rounds"]) == 1 and (out / "merged" / "adapter_model.safetensors").is_file()
+
+
+def test_train_resumes_from_the_command_line_to_the_same_merge(tmp_path, tiny_tokenizer, capsys):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    path = _recipe(tmp_path, tiny_tokenizer, save_strategy="steps", save_steps=2)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(["train", str(path), "--output-dir", str(full), "--no-eval"]) == 0
+    expected = load_file(str(full / "merged" / "adapter_model.safetensors"))
+    steps = sorted(int(p.name.split("-")[1]) for p in full.glob("checkpoint-*"))
+    # a run killed after its first round's checkpoint: what it left behind
+    cut.mkdir()
+    first = f"checkpoint-{steps[0]}"
+    shutil.copytree(full / first, cut / first)
+    (cut / "rounds.jsonl").write_text((full / "rounds.jsonl").read_text().splitlines()[0] + "\n")
+
+    assert main(["train", str(path), "--output-dir", str(cut), "--no-eval"]) == 2
+    assert "or --resume to continue from its latest checkpoint" in capsys.readouterr().err
+    assert main(["train", str(path), "--output-dir", str(cut), "--no-eval", "--resume"]) == 0
+    resumed = load_file(str(cut / "merged" / "adapter_model.safetensors"))
+    assert resumed.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key])
+    rounds = [json.loads(line)["round"] for line in (cut / "rounds.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2]  # round 1 is not logged twice
+
+
+@pytest.mark.bad_input
+def test_a_resume_that_cannot_continue_the_run_is_refused(tmp_path, tiny_tokenizer, capsys):
+    path = _recipe(tmp_path, tiny_tokenizer, save_strategy="steps", save_steps=4)
+    out = tmp_path / "out"
+    assert main(["train", str(path), "--output-dir", str(tmp_path / "empty"), "--no-eval", "--resume"]) == 2
+    assert "no checkpoint-N folder in" in capsys.readouterr().err
+    assert main(["train", str(path), "--output-dir", str(out), "--no-eval"]) == 0
+    checkpoint = sorted(out.glob("checkpoint-*"))[0]
+    # the recipe's resume_from_checkpoint is honoured, and checked like --resume
+    state_file = checkpoint / "metis_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "world_size": 2}))  # as a 2-process run saves it
+    override = f"training.resume_from_checkpoint={checkpoint}"
+    assert (
+        main(["train", str(path), "--output-dir", str(out), "--no-eval", "--overwrite", "--set", override])
+        == 2
+    )
+    assert "was saved by a run with world_size 2; this run has 1" in capsys.readouterr().err
+    state_file.write_text(json.dumps({**state, "round_ends": [3, 6]}))
+    assert main(["train", str(path), "--output-dir", str(out), "--no-eval", "--resume", str(checkpoint)]) == 2
+    assert "was saved by a run with round_ends [3, 6]" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "train",
+                str(path),
+                "--output-dir",
+                str(out),
+                "--resume",
+                str(checkpoint),
+                "--set",
+                override.replace("checkpoint-", "x"),
+            ]
+        )
+        == 2
+    )
+    assert "disagree; give one" in capsys.readouterr().err

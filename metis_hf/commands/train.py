@@ -13,7 +13,7 @@ def add_parsers(subparsers) -> None:
     )
     demo.add_argument("--output-dir", default="outputs/demo", help="Where results are written.")
     add_set_option(demo)
-    demo.set_defaults(run=run, recipe=None, no_eval=False, overwrite=True)  # a demo reruns
+    demo.set_defaults(run=run, recipe=None, no_eval=False, overwrite=True, resume=None)  # a demo reruns
 
     train = subparsers.add_parser(
         "train", help="Train a recipe with MetisTrainer; score base and merged models."
@@ -27,6 +27,14 @@ def add_parsers(subparsers) -> None:
     train.add_argument(
         "--overwrite", action="store_true", help="Replace an earlier run's outputs in --output-dir."
     )
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="Continue an interrupted run: from CHECKPOINT, or from the latest checkpoint-N in --output-dir.",
+    )
     train.set_defaults(run=run)
 
 
@@ -34,6 +42,11 @@ def run(args: argparse.Namespace) -> int:
     from metis_hf.workflows.train import run_training
 
     run_training(
-        args.recipe, args.output_dir, overrides=args.set, evaluate=not args.no_eval, overwrite=args.overwrite
+        args.recipe,
+        args.output_dir,
+        overrides=args.set,
+        evaluate=not args.no_eval,
+        overwrite=args.overwrite,
+        resume=args.resume,
     )
     return 0

@@ -317,7 +317,7 @@ class MetisTrainer(SFTTrainer):
             if path is None:
                 raise ValueError(f"No checkpoint found in {self.args.output_dir} to resume from.")
         if path:
-            state = json.loads(open(os.path.join(path, STATE_FILE)).read())
+            state = self._checkpoint_state(str(path))
             self._merged_val_losses = state["merged_val_losses"]
             self._merged_gap_losses = state.get("merged_gap_losses")
             self._base_gap_losses = state.get("base_gap_losses")
@@ -327,6 +327,27 @@ class MetisTrainer(SFTTrainer):
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         self._activate(MERGED)
         return output
+
+    def _checkpoint_state(self, path: str) -> dict[str, Any]:
+        """A checkpoint's round state, refused unless this run continues it exactly: the same
+        tasks, round ends and process count (another would read other rows, in another order)."""
+        state_file = os.path.join(path, STATE_FILE)
+        if not os.path.isfile(state_file):
+            raise ValueError(f"{path} is not a MetisTrainer checkpoint (no {STATE_FILE}).")
+        with open(state_file) as handle:
+            state = json.load(handle)
+        expected = {
+            "tasks": self.task_names,
+            "round_ends": self.plan.round_ends,
+            "world_size": self.args.world_size,
+        }
+        for key, value in expected.items():
+            if key in state and state[key] != value:  # older checkpoints lack the last two: not checked
+                raise ValueError(
+                    f"{path} was saved by a run with {key} {state[key]}; this run has {value}. Resume it "
+                    f"with the same settings{' and process count' if key == 'world_size' else ''}."
+                )
+        return state
 
     def train_to_branch_point(self, round_index: int = 0, resume_from_checkpoint: str | None = None) -> str:
         """Train up to the last step of round ``round_index`` (0-based) and checkpoint there, before
@@ -683,6 +704,8 @@ class MetisTrainer(SFTTrainer):
     def _save_round_state(self, checkpoint_dir: str) -> None:
         state = {
             "tasks": self.task_names,
+            "round_ends": self.plan.round_ends,
+            "world_size": self.args.world_size,
             "global_step": self.state.global_step,
             "merged_val_losses": self._merged_val_losses,
             "merged_gap_losses": self._merged_gap_losses,

@@ -40,30 +40,57 @@ def _scores(model, tokenizer, tasks, recipe: Recipe) -> dict[str, TaskScore]:
     )
 
 
+def get_last_checkpoint_in(folder: Path) -> str | None:
+    """The latest ``checkpoint-N`` folder in ``folder``, if any."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
 def run_training(
     recipe_path: str | None,
     output_dir: str | os.PathLike,
     overrides: list[str] | None = None,
     evaluate: bool = True,
     overwrite: bool = False,
+    resume: str | bool | None = None,
 ) -> dict[str, Any]:
     """Train a recipe, save the merged adapter to ``output_dir/merged``, and (by default) score the
     base and the merged model on every task's test split. Returns (and writes) ``results.json``.
     An earlier run's outputs in ``output_dir`` are replaced only with ``overwrite``, once the new
-    merged adapter is complete."""
+    merged adapter is complete. ``resume``: continue an interrupted run from a checkpoint folder,
+    or (True) from the latest checkpoint in ``output_dir``; the recipe's
+    ``training.resume_from_checkpoint`` does the same."""
     from metis_hf.training import MetisTrainer
     from metis_hf.training.rounds import check_merge_settings
     from metis_hf.training.trainer import ROUNDS_FILE
 
     recipe = load_recipe(recipe_path, overrides)
     output_dir = Path(output_dir)
-    earlier = [n for n in ("merged", "results.json", ROUNDS_FILE) if (output_dir / n).exists()]
-    if earlier and not overwrite:
-        raise FileExistsError(
-            f"{output_dir} holds an earlier run ({', '.join(earlier)}); pass --overwrite to replace it "
-            "or choose another --output-dir."
-        )
     args = metis_config_from_recipe(recipe, output_dir)
+    in_recipe = args.resume_from_checkpoint
+    if resume and in_recipe and (resume is True or Path(resume).resolve() != Path(in_recipe).resolve()):
+        raise RecipeError(
+            f"training.resume_from_checkpoint: {in_recipe!r} and --resume {resume!r} disagree; give one."
+        )
+    resume = resume or in_recipe
+    if resume is True:
+        resume = get_last_checkpoint_in(output_dir)
+        if resume is None:
+            raise FileNotFoundError(f"--resume: no checkpoint-N folder in {output_dir} to resume from.")
+    elif resume and not Path(resume).is_dir():
+        raise FileNotFoundError(f"resume: checkpoint folder {str(resume)!r} does not exist.")
+    earlier = [n for n in ("merged", "results.json", ROUNDS_FILE) if (output_dir / n).exists()]
+    if earlier and not overwrite and not resume:
+        checkpoints = (
+            " or --resume to continue from its latest checkpoint"
+            if get_last_checkpoint_in(output_dir)
+            else ""
+        )
+        raise FileExistsError(
+            f"{output_dir} holds an earlier run ({', '.join(earlier)}); pass --overwrite to replace it"
+            f"{checkpoints}, or choose another --output-dir."
+        )
     lora = lora_config_from_recipe(recipe)
     try:
         check_merge_settings(args, [t.name for t in recipe.tasks])
@@ -93,7 +120,9 @@ def run_training(
         peft_config=lora,
     )
     trained_at = time.time()
-    trainer.train()
+    if resume:
+        print(f"[metis-hf] resuming from {resume}")
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     results["train_seconds"] = time.time() - trained_at
     staged = tempfile.mkdtemp(prefix=".merged-", dir=output_dir)
     try:
