@@ -614,3 +614,45 @@ def test_compare_refuses_validation_that_scores_no_token_before_any_work(tmp_pat
     error = capsys.readouterr().err
     assert "validation: no example has a completion token left within max_length=4" in error
     assert not (tmp_path / "out" / "runs").exists()
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("another model", "has shape (4, 48), where the recipe's model"),
+        (
+            "other targets",
+            "target_modules is ['k_proj', 'q_proj'], the recipe's lora has ['q_proj', 'v_proj']",
+        ),
+        ("other rank", "r is 2, the recipe's lora has 4"),
+        ("NaN", "holds NaN or infinite values"),
+    ],
+)
+def test_experts_that_do_not_fit_the_recipe_are_refused_before_any_work(
+    tmp_path, tiny_tokenizer, capsys, kind, message
+):
+    from peft import LoraConfig, get_peft_model
+
+    from tests.conftest import make_tiny_model
+
+    experts = {}
+    for task in ("chain_sum", "gcd"):
+        hidden = 48 if kind == "another model" else 32
+        targets = ["q_proj", "k_proj"] if kind == "other targets" else ["q_proj", "v_proj"]
+        model = make_tiny_model(len(tiny_tokenizer), hidden=hidden)
+        adapter = get_peft_model(
+            model, LoraConfig(r=2 if kind == "other rank" else 4, target_modules=targets)
+        )
+        if kind == "NaN":
+            with torch.no_grad():
+                next(p for n, p in adapter.named_parameters() if "lora_B" in n)[0, 0] = float("nan")
+        adapter.save_pretrained(tmp_path / task)
+        experts[task] = str(tmp_path / task)
+    recipe = write_tiny_recipe(
+        tmp_path, tiny_tokenizer, compare={"experts": experts, "many_shot_methods": []}
+    )
+    assert main(["compare", str(recipe), "--output-dir", str(tmp_path / "o")]) == 2
+    error = capsys.readouterr().err
+    assert f"compare.experts: chain_sum: {tmp_path / 'chain_sum'}: " in error and message in error
+    assert not (tmp_path / "o" / "runs").exists()

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import TypeAdapter
 
 from metis_hf.data import build_tasks
@@ -436,7 +437,42 @@ class Comparison:
                     raise RecipeError(
                         f"compare.experts: {task}: no {name} in {source} (a PEFT adapter folder)."
                     )
+            try:
+                self._check_expert(source)
+            except ValueError as err:
+                raise RecipeError(f"compare.experts: {task}: {source}: {err}") from err
         return sources
+
+    def _check_expert(self, source: Path) -> None:
+        """An expert fits the recipe's model and LoRA settings, with finite weights: checked before
+        any work, rather than by PEFT or the merge after the base model is scored."""
+        from safetensors import safe_open
+
+        from metis_hf.workflows.plan import model_shape
+
+        config = json.loads((source / "adapter_config.json").read_text())
+        lora = lora_config_from_recipe(self.recipe)
+        wanted = {"r": lora.r, "target_modules": sorted(lora.target_modules)}
+        found = {"r": config.get("r"), "target_modules": sorted(config.get("target_modules") or [])}
+        for key in wanted:
+            if wanted[key] != found[key]:
+                raise ValueError(f"{key} is {found[key]}, the recipe's lora has {wanted[key]}")
+        shape = model_shape(self.recipe.model)
+        modules = shape.module_shapes()
+        with safe_open(str(source / "adapter_model.safetensors"), "pt") as handle:
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                module = next((m for m in modules if f".{m}." in key), None)
+                if module is not None and key.endswith(".weight") and tensor.dim() == 2:
+                    fan_in, fan_out = modules[module]
+                    expected = (lora.r, fan_in) if ".lora_A." in key else (fan_out, lora.r)
+                    if tuple(tensor.shape) != expected:
+                        raise ValueError(
+                            f"tensor {key!r} has shape {tuple(tensor.shape)}, where the recipe's model "
+                            f"({self.recipe.model}) and lora give {expected}: trained on another model?"
+                        )
+                if not torch.isfinite(tensor).all():
+                    raise ValueError(f"tensor {key!r} holds NaN or infinite values")
 
     def run_experts(self, run: Run, folder: Path) -> dict[str, Any]:
         sources = self.expert_sources(run.seed)
