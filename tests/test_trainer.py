@@ -755,7 +755,10 @@ def _capture_merges(trainer):
         adapters = {t: lora_state(peft_model, t) for t in TRAIN}
         start = lora_state(peft_model, "default")
         merged, truncation = merge_once(params, last_round)
-        captured.append({"adapters": adapters, "start": start, "params": dict(params), "merged": merged})
+        after = {t: lora_state(peft_model, t) for t in TRAIN}
+        captured.append(
+            {"adapters": adapters, "start": start, "params": dict(params), "merged": merged, "after": after}
+        )
         return merged, truncation
 
     trainer._merge = spy
@@ -846,7 +849,15 @@ def test_scale_auto_chooses_the_lowest_validation_loss_each_round(tmp_path, tiny
         ({"merge_method": "metis", "merge_params": {"beta": "auto"}}, "set merge_round_updates"),
         (
             {"merge_method": "task_arithmetic", "merge_round_updates": True, "merge_space": "dense"},
-            "merge_space must be 'lora'",
+            "merge_space 'dense' would truncate each round's update",
+        ),
+        (
+            {"merge_method": "tsv_m", "merge_round_updates": True, "save_task_adapters": True},
+            "save_task_adapters must be False",
+        ),
+        (
+            {"merge_method": "iso_c", "merge_round_updates": True, "reset_optimizer_each_round": False},
+            "reset_optimizer_each_round must be True",
         ),
         (
             {"merge_method": "ties", "merge_round_updates": True, "merge_params": {"scale": "most"}},
@@ -886,3 +897,146 @@ def test_all_token_training_warns_when_answers_are_cut_away(tmp_path, tiny_token
     with caplog.at_level("WARNING"):
         _trainer(tmp_path / "long", tiny_tokenizer, max_length=64)
     assert "lose their whole answer" not in caplog.text
+
+
+# --- round updates folded into the base (the core space) ----------------------------------------
+
+
+def _base_weights(trainer):
+    return {
+        name.removesuffix(".base_layer.weight"): p.detach().clone()
+        for name, p in trainer.peft_model.named_parameters()
+        if name.endswith(".base_layer.weight")
+    }
+
+
+def _dense_update(state, scaling):
+    """Module prefix -> scaling * B @ A, by hand."""
+    return {
+        key.removesuffix(".lora_A.weight"): scaling * state[key.replace("lora_A", "lora_B")] @ state[key]
+        for key in state
+        if key.endswith(".lora_A.weight")
+    }
+
+
+def test_core_round_updates_are_summed_exactly_into_the_base_and_saved_as_one_adapter(
+    tmp_path, tiny_tokenizer
+):
+    from peft import PeftModel
+
+    base = make_tiny_model(len(tiny_tokenizer), seed=0)
+    trainer = _trainer(
+        tmp_path,
+        tiny_tokenizer,
+        model=copy.deepcopy(base),
+        merge_method="task_arithmetic",
+        merge_space="core",
+        merge_round_updates=True,
+        merge_params={"scale": 0.7},
+    )
+    original = _base_weights(trainer)
+    initial = lora_state(trainer.peft_model, "default")
+    captured = _capture_merges(trainer)
+    trainer.train()
+    scaling = LORA["lora_alpha"] / LORA["r"]
+    expected = {prefix: weight.clone() for prefix, weight in original.items()}
+    for merge in captured:
+        assert all(torch.equal(merge["start"][k], initial[k]) for k in initial)  # G stays at zero
+        for t in TRAIN:
+            for prefix, update in _dense_update(merge["adapters"][t], scaling).items():
+                expected[prefix] += 0.7 * update
+    # each round restarts every adapter from the initialisation: task adapters hold one round's update
+    for t in TRAIN:
+        assert all(torch.equal(captured[0]["after"][t][k], initial[k]) for k in initial)
+        assert any(not torch.equal(captured[1]["adapters"][t][k], initial[k]) for k in initial)
+    folded = _base_weights(trainer)
+    for prefix in expected:
+        assert not torch.allclose(expected[prefix], original[prefix])
+        torch.testing.assert_close(folded[prefix], expected[prefix], atol=1e-5, rtol=1e-5)
+    # the saved adapter, on the untouched base, is the same model
+    trainer.save_model(str(tmp_path / "saved"))
+    saved = json.loads((tmp_path / "saved" / "adapter_config.json").read_text())
+    assert saved["r"] == 2 * len(TRAIN) * LORA["r"] and saved["lora_alpha"] == saved["r"]
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "saved").merge_and_unload()
+    weights = dict(reloaded.named_parameters())
+    for prefix, weight in expected.items():
+        name = prefix.removeprefix("base_model.model.") + ".weight"
+        torch.testing.assert_close(weights[name], weight, atol=1e-5, rtol=1e-5)
+
+
+def test_core_round_updates_with_auto_scale_choose_the_lowest_validation_loss(tmp_path, tiny_tokenizer):
+    from metis_hf.merging.scale_search import SCALE_CANDIDATES
+
+    base = make_tiny_model(len(tiny_tokenizer), seed=0)
+    trainer = _trainer(
+        tmp_path,
+        tiny_tokenizer,
+        model=copy.deepcopy(base),
+        merge_method="tsv_m",
+        merge_round_updates=True,
+        merge_params={"scale": "auto"},
+        learning_rate=3e-3,
+        num_rounds=1,
+    )
+    original = _base_weights(trainer)
+    captured = _capture_merges(trainer)
+    trainer.train()
+    (merge,) = captured
+    chosen = merge["params"]["scale"]
+    folded = _base_weights(trainer)
+    update = {prefix: (folded[prefix] - original[prefix]) / chosen for prefix in original}
+    # TSV-M of the task updates in the core space (tested against the dense one and the authors'
+    # code in test_svd_methods) is that update
+    from metis_hf.merging.task_vectors import lora_to_dense, merge_lora_states
+
+    scaling = LORA["lora_alpha"] / LORA["r"]
+    states = [merge["adapters"][t] for t in TRAIN]
+    rank = len(TRAIN) * LORA["r"]
+    factors, _ = merge_lora_states(
+        "tsv_m", states, space="core", rank=rank, scaling=scaling, output_scaling=1.0
+    )
+    for prefix, value in lora_to_dense(factors, 1.0).items():
+        torch.testing.assert_close(update[prefix], value, atol=1e-5, rtol=1e-4)
+    model = copy.deepcopy(base)
+
+    def multitask_loss(scale):
+        with torch.no_grad():
+            for prefix, weight in original.items():
+                name = prefix.removeprefix("base_model.model.") + ".weight"
+                model.get_parameter(name).copy_(weight + scale * update[prefix])
+        return sum(_example_mean_loss(model, tiny_tokenizer, list(VAL[t])) for t in VAL) / len(VAL)
+
+    best = multitask_loss(chosen)
+    assert trainer.round_records[0]["merge/multitask_loss"] == pytest.approx(best, abs=1e-5)
+    assert all(best <= multitask_loss(s) + 1e-6 for s in SCALE_CANDIDATES)
+    assert chosen != 1.0
+
+
+def test_core_round_updates_resume_with_their_folded_rounds(tmp_path, tiny_tokenizer):
+    from safetensors.torch import load_file
+
+    settings = dict(
+        merge_method="task_arithmetic",
+        merge_space="core",
+        merge_round_updates=True,
+        merge_params={"scale": 0.5},
+        save_strategy="steps",
+    )
+    whole = _trainer(tmp_path / "whole", tiny_tokenizer, **settings, save_steps=1000)
+    whole.train()
+    whole.save_model(str(tmp_path / "whole" / "final"))
+    first_round_end = whole.plan.round_ends[0]
+    broken = _trainer(tmp_path / "broken", tiny_tokenizer, **settings, save_steps=first_round_end)
+    broken.train()
+    checkpoint = tmp_path / "broken" / "run" / f"checkpoint-{first_round_end}"
+    assert (checkpoint / "metis_folded.safetensors").is_file()
+    resumed = _trainer(tmp_path / "broken", tiny_tokenizer, **settings, save_steps=1000)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    resumed.save_model(str(tmp_path / "resumed"))
+    expected = load_file(str(tmp_path / "whole" / "final" / "adapter_model.safetensors"))
+    got = load_file(str(tmp_path / "resumed" / "adapter_model.safetensors"))
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5)
+    for prefix, weight in _base_weights(whole).items():
+        torch.testing.assert_close(_base_weights(resumed)[prefix], weight, atol=1e-6, rtol=1e-5)

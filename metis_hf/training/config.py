@@ -93,11 +93,13 @@ class MetisConfig(SFTConfig):
     merge_round_updates: bool = field(
         default=False,
         metadata={
-            "help": "Merge each round's updates (each task adapter minus the merged adapter it started "
-            "the round from) and add the merge to the merged adapter, instead of merging the adapters "
-            "themselves. Task arithmetic at scale 1/T is then FedAvg, as before; a larger scale, or "
-            "scale 'auto' (chosen every round on the validation loss), moves the merge further each "
-            "round. LoRA space only.",
+            "help": "Merge each round's updates instead of the adapters themselves. In the 'lora' "
+            "space: each task adapter minus the merged adapter it started the round from, the merge "
+            "added to the merged adapter (task arithmetic at scale 1/T is then FedAvg). In the "
+            "'core' space: each task's update scaling * B @ A merged exactly (no truncation to rank "
+            "r), added to the base weights, and every adapter restarted from zero; the result is "
+            "saved as one adapter of the rounds' summed rank. A scale (or METIS's beta) of 'auto' "
+            "is chosen every round on the validation loss.",
         },
     )
     reset_optimizer_each_round: bool = field(
@@ -229,11 +231,19 @@ class MetisConfig(SFTConfig):
             raise ValueError(f"gap_tokens must be one of {GAP_TOKENS}, got {self.gap_tokens!r}.")
         self._merge_params_from_aliases()
         check_method_space(self.merge_method, self.merge_space)
-        if self.merge_round_updates and self.merge_space != "lora":
+        if self.merge_round_updates and self.merge_space == "dense":
             raise ValueError(
-                f"merge_round_updates merges the LoRA entries' round updates: merge_space must be "
-                f"'lora', got {self.merge_space!r}."
+                "merge_round_updates: merge_space 'dense' would truncate each round's update; 'core' "
+                "merges the same updates exactly and folds them into the base weights."
             )
+        if self.merge_round_updates and self.merge_space == "core":
+            for name in ("save_task_adapters", "reset_optimizer_each_round"):
+                if getattr(self, name) != (name == "reset_optimizer_each_round"):
+                    raise ValueError(
+                        f"merge_round_updates in the core space restarts every adapter from zero each "
+                        f"round (the update is folded into the base): {name} must be "
+                        f"{name == 'reset_optimizer_each_round'}."
+                    )
         if self.packing:
             raise ValueError("packing is not supported: each optimizer step must hold one task's examples.")
         if self.shuffle_dataset:

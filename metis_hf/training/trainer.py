@@ -22,6 +22,7 @@ and start with their own merge, as if they had trained that far themselves.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 from datasets import Dataset, concatenate_datasets
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
@@ -51,6 +53,7 @@ from metis_hf.merging.task_vectors import (
 )
 from metis_hf.models import load_model, load_tokenizer
 from metis_hf.tokenization import tokenize_dataset
+from metis_hf.training import fold
 from metis_hf.training.config import MetisConfig
 from metis_hf.training.plan import FixedOrderSampler, RoundPlan
 from metis_hf.training.rounds import RoundRecord, check_merge_settings, merge_parameters
@@ -236,6 +239,10 @@ class MetisTrainer(SFTTrainer):
         self.round_records: list[dict[str, Any]] = []
         self._branch_round: int | None = None  # train_to_branch_point: stop before this round's merge
         self._pending_merge: int | None = None  # resumed from a branch point: merge this round first
+        # merge_round_updates in the core space: the adapters' start, to which each merge resets them,
+        # and every round's merged update, folded into the base weights
+        self._initial_lora = {k: p.detach().clone() for k, p in lora_parameters(peft_model, MERGED).items()}
+        self._folded: list[fold.Factors] = []
         # Ours first: a round's merge and a checkpoint's round state precede what user callbacks see.
         callbacks = [_RoundCallback(self), *(callbacks or [])]
         super().__init__(
@@ -318,6 +325,7 @@ class MetisTrainer(SFTTrainer):
                 raise ValueError(f"No checkpoint found in {self.args.output_dir} to resume from.")
         if path:
             state = self._checkpoint_state(str(path))
+            self._refold(str(path))
             self._merged_val_losses = state["merged_val_losses"]
             self._merged_gap_losses = state.get("merged_gap_losses")
             self._base_gap_losses = state.get("base_gap_losses")
@@ -327,6 +335,24 @@ class MetisTrainer(SFTTrainer):
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         self._activate(MERGED)
         return output
+
+    @property
+    def _folds(self) -> bool:
+        """Round updates merged in the core space and folded into the base weights."""
+        return self.args.merge_round_updates and self.args.merge_space != "lora"
+
+    def _refold(self, path: str) -> None:
+        """A resumed run's base weights: the fresh base plus the checkpoint's folded rounds."""
+        if not self._folds:
+            return
+        if self._folded:
+            raise RuntimeError(
+                "this trainer already folded rounds into its base model: build a new one to resume"
+            )
+        folded = os.path.join(path, fold.FOLDED_FILE)
+        self._folded = fold.from_tensors(load_file(folded)) if os.path.isfile(folded) else []
+        for factors in self._folded:
+            fold.fold(self.peft_model, factors, 1.0)
 
     def _checkpoint_state(self, path: str) -> dict[str, Any]:
         """A checkpoint's round state, refused unless this run continues it exactly: the same
@@ -381,7 +407,10 @@ class MetisTrainer(SFTTrainer):
             return None
         peft_model = self.peft_model
         os.makedirs(output_dir, exist_ok=True)
-        peft_model.save_pretrained(output_dir, selected_adapters=[MERGED])
+        if self._folded:
+            self._save_folded_adapter(output_dir)
+        else:
+            peft_model.save_pretrained(output_dir, selected_adapters=[MERGED])
         self.processing_class.save_pretrained(output_dir)
         if self.args.save_task_adapters:
             for task in self.task_names:
@@ -641,6 +670,8 @@ class MetisTrainer(SFTTrainer):
         peft_model = self.peft_model
         states = [{k: p.detach() for k, p in lora_parameters(peft_model, t).items()} for t in self.task_names]
         config = peft_model.peft_config[MERGED]
+        if self._folds:
+            return self._merge_and_fold(states, params, last_round), 0.0
         start = None
         if self.args.merge_round_updates:
             start = {k: p.detach().clone() for k, p in lora_parameters(peft_model, MERGED).items()}
@@ -666,6 +697,47 @@ class MetisTrainer(SFTTrainer):
         for adapter in (MERGED,) if last_round else (MERGED, *self.task_names):
             load_lora_state(peft_model, merged, adapter)
         return merged, truncation
+
+    def _merge_and_fold(
+        self, states: list[dict[str, torch.Tensor]], params: dict[str, Any], last_round: bool
+    ) -> dict[str, torch.Tensor]:
+        """The round's merged update, exact in the core space, added to the base weights (at the
+        scale searched on validation loss under ``auto``); every adapter then starts from zero
+        again, the task adapters after the last round excepted (they keep their local results)."""
+        peft_model = self.peft_model
+        config = peft_model.peft_config[MERGED]
+        searched = searched_scale(params)
+        factors = fold.merged_round_update(
+            self.args.merge_method,
+            states,
+            scaling=lora_scaling(config.r, config.lora_alpha, config.use_rslora),
+            names=self.task_names,
+            **{**params, searched: 1.0} if searched else params,
+        )
+        for adapter in (MERGED,) if last_round else (MERGED, *self.task_names):
+            load_lora_state(peft_model, self._initial_lora, adapter)  # B = 0: the base alone
+        factor = 1.0
+        if searched:
+            applied = 0.0
+
+            def loss_at(scale: float) -> float:
+                nonlocal applied
+                fold.fold(peft_model, factors, scale - applied)
+                applied = scale
+                losses, _ = self._val_losses(MERGED)
+                return sum(losses.values()) / len(losses)
+
+            params[searched], _ = search_scale(loss_at)
+            factor = params[searched]
+            fold.fold(peft_model, factors, factor - applied)
+        else:
+            fold.fold(peft_model, factors, factor)
+        self._folded.append({prefix: (factor * b, a) for prefix, (b, a) in factors.items()})
+        return {
+            f"{prefix}.lora_{side}.weight": t
+            for prefix, pair in factors.items()
+            for side, t in zip("BA", pair)
+        }
 
     def _multitask_loss_at(
         self, start: dict[str, torch.Tensor], update: dict[str, torch.Tensor], scale: float
@@ -716,10 +788,19 @@ class MetisTrainer(SFTTrainer):
         }
         with open(os.path.join(checkpoint_dir, STATE_FILE), "w") as handle:
             json.dump(state, handle, indent=2)
+        if self._folded:  # the base weights are not in the checkpoint: the updates folded into them are
+            save_file(fold.to_tensors(self._folded), os.path.join(checkpoint_dir, fold.FOLDED_FILE))
+
+    def _save_folded_adapter(self, output_dir: str) -> None:
+        """The rounds' folded updates as one LoRA adapter on the original base model: their factors
+        stacked (rank: the rounds' ranks summed; scaling 1)."""
+        state, rank = fold.stacked_adapter(self._folded)
+        config = copy.deepcopy(self.peft_model.peft_config[MERGED])
+        config.r, config.lora_alpha, config.use_rslora = rank, rank, False
+        config.save_pretrained(output_dir)
+        save_file(state, os.path.join(output_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
 
     def _save_merged_model(self, output_dir: str) -> None:
-        import copy
-
         merged = copy.deepcopy(self.peft_model)
         merged.set_adapter(MERGED)
         for task in self.task_names:
