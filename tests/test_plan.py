@@ -296,3 +296,17 @@ def test_plan_refuses_what_train_would_reject_before_loading_a_model(override, m
     assert main(["plan", str(path), f"--set={override}"]) == 2
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error
+
+
+@pytest.mark.bad_input
+def test_plan_refuses_tasks_that_do_not_split_between_task_parallel_processes(capsys):
+    from metis_hf.commands import main
+
+    path = RECIPES[0].parent.parent / "offline" / "cpu-3tasks.yaml"
+    task_parallel = "--set=training.task_schedule=task_parallel"
+    assert main(["plan", str(path), task_parallel, "--num-processes", "3"]) == 0
+    capsys.readouterr()
+    assert main(["plan", str(path), task_parallel, "--num-processes", "2"]) == 2
+    error = capsys.readouterr().err
+    assert "training.task_schedule: task_schedule='task_parallel' splits the tasks evenly" in error
+    assert "3 tasks cannot be split between 2 processes" in error

@@ -976,11 +976,15 @@ def _build_adapters(model: torch.nn.Module, config: LoraConfig, tasks: list[str]
     return peft_model
 
 
-def make_round_plan(args: MetisConfig, tasks: list[str], sizes: list[int], rows_per_task: int) -> RoundPlan:
+def make_round_plan(
+    args: MetisConfig, tasks: list[str], sizes: list[int], rows_per_task: int, world_size: int | None = None
+) -> RoundPlan:
+    """The run's rounds; ``world_size``: the process count to plan for (default: this run's)."""
     task_parallel = args.task_schedule == "task_parallel"
-    processes = args.world_size if task_parallel else 1
+    world_size = world_size or args.world_size
+    processes = world_size if task_parallel else 1
     # A task's step takes micro-batches from every process, except in task_parallel (its own only).
-    per_step = rows_per_task * args.gradient_accumulation_steps * (1 if task_parallel else args.world_size)
+    per_step = rows_per_task * args.gradient_accumulation_steps * (1 if task_parallel else world_size)
     if args.local_steps is not None:
         steps = [args.local_steps] * len(tasks)
     else:

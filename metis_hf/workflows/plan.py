@@ -158,10 +158,11 @@ def _check_harness(recipe: Recipe) -> list[str]:
 
 
 def plan_recipe(
-    recipe: Recipe, sequence_length: int | None = None, output_dir: str = "plan"
+    recipe: Recipe, sequence_length: int | None = None, output_dir: str = "plan", processes: int = 1
 ) -> dict[str, Any]:
-    """The checks, the round plan and the estimates of one training run of ``recipe``; activations
-    at ``sequence_length`` tokens per sequence (default: the recipe's max_length, an upper bound)."""
+    """The checks, the round plan and the estimates of one training run of ``recipe`` on
+    ``processes`` processes; activations at ``sequence_length`` tokens per sequence (default: the
+    recipe's max_length, an upper bound)."""
     from metis_hf.training.trainer import make_round_plan
 
     # use_cpu: the settings are checked here, on whatever machine; fp16/bf16 are read from the recipe
@@ -187,8 +188,11 @@ def plan_recipe(
     count = len(tasks)
     parallel = args.task_schedule == "parallel"
     rows = args.per_device_train_batch_size // count if parallel else args.per_device_train_batch_size
-    plan = make_round_plan(args, tasks, [t.train_size for t in recipe.tasks], rows)
-    micro_batches = args.gradient_accumulation_steps * args.world_size
+    try:
+        plan = make_round_plan(args, tasks, [t.train_size for t in recipe.tasks], rows, world_size=processes)
+    except ValueError as err:
+        raise RecipeError(f"training.task_schedule: {err}") from err
+    micro_batches = args.gradient_accumulation_steps * processes
     sequences_per_step = (rows * count if parallel else rows) * micro_batches
     validation = sum(t.validation_size for t in recipe.tasks)
     rounds = plan.rounds
