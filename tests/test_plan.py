@@ -42,6 +42,9 @@ def test_learning_rate_decays_to_zero_within_each_tasks_round():
     factors = [plan.lr_factor(step, "linear") for step in range(plan.total_steps)]
     assert factors == [1.0, 0.75, 0.5, 0.25, 1.0, 0.5] * 2
     assert {plan.lr_factor(step, "constant") for step in range(plan.total_steps)} == {1.0}
+    # across rounds: task a's 8 steps decay as one (1, 7/8, ... 1/8), task b's 4 steps likewise
+    across = [plan.lr_factor(step, "linear_across_rounds") for step in range(plan.total_steps)]
+    assert across == [1.0, 0.875, 0.75, 0.625, 1.0, 0.75, 0.5, 0.375, 0.25, 0.125, 0.5, 0.25]
 
 
 def test_each_task_reads_only_its_rows_in_a_fresh_seeded_permutation_each_round():

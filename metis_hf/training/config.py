@@ -18,7 +18,7 @@ from metis_hf.training.rounds import check_merge_settings, is_per_round
 
 PROTOCOLS = ("many_shot", "post_hoc")
 TASK_SCHEDULES = ("sequential", "interleaved", "parallel", "task_parallel")
-ROUND_LR_SCHEDULES = ("linear", "constant")
+ROUND_LR_SCHEDULES = ("linear", "linear_across_rounds", "constant")
 GAP_TOKENS = ("trained", "completion")
 # Past these a run cannot finish (and its round plan would not fit in memory): a typo, not a recipe.
 MAX_ROUNDS = 10_000
@@ -109,7 +109,8 @@ class MetisConfig(SFTConfig):
     round_lr_schedule: str = field(
         default="linear",
         metadata={
-            "help": "'linear': decay to 0 within each task's round (the reference); 'constant'.",
+            "help": "'linear': decay to 0 within each task's round (the reference); "
+            "'linear_across_rounds': one decay to 0 over each task's steps of all rounds; 'constant'.",
             "choices": list(ROUND_LR_SCHEDULES),
         },
     )

@@ -107,11 +107,15 @@ class RoundPlan:
         return steps[min(global_step, len(steps) - 1)]
 
     def lr_factor(self, global_step: int, mode: str, process: int = 0) -> float:
-        """Linear decay to 0 within each task's round (no warm-up), as the reference's per-round
-        Trainer with ``lr_scheduler_type='linear'``; or constant."""
+        """``linear``: decay to 0 within each task's round (no warm-up), as the reference's
+        per-round Trainer with ``lr_scheduler_type='linear'``; ``linear_across_rounds``: one decay
+        to 0 over each task's steps of all rounds (what an expert trained alone for as many steps
+        sees); or ``constant``."""
         if mode == "constant":
             return 1.0
         s = self.step(global_step, process)
+        if mode == "linear_across_rounds":
+            return max(0.0, 1.0 - (s.round * s.local_steps + s.local_index) / (self.rounds * s.local_steps))
         return max(0.0, 1.0 - s.local_index / s.local_steps)
 
     def example_order(self, task_ranges: list[range], rows: int, micro_batches: int, seed: int) -> list[int]:
