@@ -452,8 +452,12 @@ class Comparison:
 
         config = json.loads((source / "adapter_config.json").read_text())
         lora = lora_config_from_recipe(self.recipe)
-        wanted = {"r": lora.r, "target_modules": sorted(lora.target_modules)}
-        found = {"r": config.get("r"), "target_modules": sorted(config.get("target_modules") or [])}
+
+        def targets(value: Any) -> list[str]:  # a list, or one name or regex
+            return sorted([value] if isinstance(value, str) else value or [])
+
+        wanted = {"r": lora.r, "target_modules": targets(lora.target_modules)}
+        found = {"r": config.get("r"), "target_modules": targets(config.get("target_modules"))}
         for key in wanted:
             if wanted[key] != found[key]:
                 raise ValueError(f"{key} is {found[key]}, the recipe's lora has {wanted[key]}")
