@@ -65,7 +65,11 @@ def test_every_offline_recipe_runs_a_few_steps(path, tmp_path):
     """Each offline recipe, as written, on the real default model, shrunk to one short round."""
     from metis_hf.recipe import load_recipe
 
-    tasks = len(load_recipe(path).tasks)
+    recipe = load_recipe(path)
+    tasks = len(recipe.tasks)
+    # The smallest step the schedule allows: one row per task (the parallel schedule routes rows to
+    # every task's adapter in each micro-batch), one micro-batch.
+    rows = tasks if recipe.training.get("task_schedule") == "parallel" else 1
     sizes = [
         f"tasks.{i}.{split}_size={n}"
         for i in range(tasks)
@@ -76,6 +80,8 @@ def test_every_offline_recipe_runs_a_few_steps(path, tmp_path):
         "training.local_steps=1",
         "training.local_epochs=1.0",
         "training.use_cpu=true",
+        f"training.per_device_train_batch_size={rows}",
+        "training.gradient_accumulation_steps=1",
         *sizes,
     ]
     out = tmp_path / "out"
