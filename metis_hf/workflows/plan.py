@@ -143,62 +143,6 @@ def _check_datasets(recipe: Recipe) -> list[str]:
     return problems
 
 
-def _local_tokenizer_source(model: str) -> str | None:
-    """Where the model's tokenizer can be read without loading or converting the model."""
-    if model in BUILTIN_MODELS:
-        folder = cache_dir() / "models" / model
-        return str(folder) if (folder / "tokenizer_config.json").is_file() else None
-    return model if (Path(model) / "tokenizer_config.json").is_file() else None
-
-
-def _check_examples_keep_tokens(recipe: Recipe, args) -> list[str]:
-    """Every task keeps training and validation examples with a scored token within max_length,
-    as training requires (generated and local-file tasks, where the tokenizer is at hand)."""
-    from metis_hf.models import load_tokenizer
-
-    source = _local_tokenizer_source(recipe.model)
-    if source is None:
-        return []  # the tokenizer would need the model's download or conversion: train checks it
-    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
-
-    tokenizer = load_tokenizer(source)
-    problems = []
-    bars = is_progress_bar_enabled()
-    disable_progress_bar()  # the plan prints its own lines only
-    try:
-        problems = _examples_without_tokens(recipe, args, tokenizer)
-    finally:
-        if bars:
-            enable_progress_bar()
-    return problems
-
-
-def _examples_without_tokens(recipe: Recipe, args, tokenizer) -> list[str]:
-    from metis_hf.data import build_task
-    from metis_hf.training.trainer import gaps_on_completion, scored_examples
-
-    problems = []
-    for index, spec in enumerate(recipe.tasks):
-        if spec.source == "hub":
-            continue
-        task = build_task(spec)
-        for split, completion_only in (
-            ("train", bool(args.completion_only_loss)),
-            ("validation", gaps_on_completion(args)),
-        ):
-            try:
-                scored_examples(
-                    tokenizer,
-                    task.split(split),
-                    f"tasks[{index}] ({spec.name}) {split}",
-                    completion_only,
-                    args.max_length,
-                )
-            except ValueError as err:
-                problems.append(str(err))
-    return problems
-
-
 def _check_harness(recipe: Recipe) -> list[str]:
     ev = recipe.evaluation
     names = [t for h in ev.harness for t in h.tasks] + [t for r in ev.retention for t in r.harness]
@@ -235,7 +179,7 @@ def plan_recipe(
             raise RecipeError(f"compare: {name}: {err}") from err
     lora = lora_config_from_recipe(recipe)
     shape = model_shape(recipe.model)
-    problems = _check_datasets(recipe) + _check_harness(recipe) + _check_examples_keep_tokens(recipe, args)
+    problems = _check_datasets(recipe) + _check_harness(recipe)
     dropped = compare_drops_training_params(recipe)
     if dropped:
         problems.append(f"compare: {dropped}")
