@@ -724,8 +724,7 @@ class MetisTrainer(SFTTrainer):
                 nonlocal applied
                 fold.fold(peft_model, factors, scale - applied)
                 applied = scale
-                losses, _ = self._val_losses(MERGED)
-                return sum(losses.values()) / len(losses)
+                return self._merged_multitask_loss()
 
             params[searched], _ = search_scale(loss_at)
             factor = params[searched]
@@ -744,6 +743,10 @@ class MetisTrainer(SFTTrainer):
     ) -> float:
         """The mean validation loss over tasks of G = ``start + scale * update``, written into G."""
         load_lora_state(self.peft_model, {k: start[k] + scale * update[k] for k in start}, MERGED)
+        return self._merged_multitask_loss()
+
+    def _merged_multitask_loss(self) -> float:
+        """The merged adapter's mean validation loss over tasks: what a scale search minimises."""
         losses, _ = self._val_losses(MERGED)
         return sum(losses.values()) / len(losses)
 
