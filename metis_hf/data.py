@@ -156,6 +156,43 @@ def build_task(spec: TaskSpec | Mapping[str, Any]) -> Task:
     return _dataset_task(spec)
 
 
+def dataset_reference(spec: TaskSpec, split: str) -> dict[str, Any]:
+    """Where a task's ``split`` comes from, as a card's ``model-index`` names a dataset: a Hub id
+    where there is one; a generator with its seed; a local file by the task's name only. The
+    task's name is the configuration of a generated or local dataset: one generator may make
+    several tasks of a run (other generator_config), and the model-index keys results by it."""
+    if spec.source == "reasoning_gym":
+        generator = spec.dataset or spec.name
+        return {
+            "dataset_type": "reasoning-gym",
+            "dataset_name": f"reasoning-gym {generator}",
+            "dataset_config": spec.name,
+            "dataset_split": split,
+            "dataset_args": {
+                "generator": generator,
+                "seed": spec.seed + _SPLIT_SEED_OFFSET[split],
+                "size": getattr(spec, f"{split}_size"),
+                **spec.generator_config,
+            },
+        }
+    hub_id = (
+        spec.dataset if spec.source == "hub" and spec.dataset and not os.path.exists(spec.dataset) else None
+    )
+    if hub_id:
+        return {
+            "dataset_type": hub_id,
+            "dataset_name": hub_id,
+            "dataset_config": spec.config_name,
+            "dataset_split": spec.splits.get(split, split),
+        }
+    return {
+        "dataset_type": "local",
+        "dataset_name": f"{spec.name} (local data)",
+        "dataset_config": spec.name,
+        "dataset_split": split,
+    }
+
+
 def build_tasks(specs: Sequence[TaskSpec | Mapping[str, Any]]) -> dict[str, Task]:
     tasks: dict[str, Task] = {}
     for spec in specs:
@@ -220,17 +257,10 @@ def _distinct_items(
 
     Draws a few extra first; a generator with few distinct questions (number_sequence) draws again,
     larger, from the same seed, so a split that the first draw fills is the same as it always was."""
-    import reasoning_gym
-
     size = getattr(spec, f"{split}_size")
-    first_draw = size + size // 4 + 8
+    first_draw = _first_draw_size(size)
     for growth in _DRAW_GROWTH:
-        items = reasoning_gym.create_dataset(
-            spec.dataset or spec.name,
-            size=first_draw * growth,
-            seed=spec.seed + _SPLIT_SEED_OFFSET[split],
-            **spec.generator_config,
-        )
+        items = _draw(spec, split, first_draw * growth)
         rows: list[dict[str, str]] = []
         questions: set[str] = set()
         for item in items:
@@ -238,20 +268,46 @@ def _distinct_items(
             if question in seen_questions or question in questions or item["answer"] is None:
                 continue
             questions.add(question)
-            rows.append(
-                {
-                    "prompt": format_prompt(question),
-                    "completion": format_completion(item["answer"]),
-                    "answer": str(item["answer"]).strip(),
-                    "entry": json.dumps(item, default=str),
-                }
-            )
+            rows.append(_generated_row(item))
             if len(rows) == size:
                 return rows, questions
     raise ValueError(
         f"Task {spec.name!r}: its generator gave only {len(rows)} distinct {split} items (new to "
         f"earlier splits) in {first_draw * _DRAW_GROWTH[-1]} draws, not the {size} asked for: lower "
         f"{split}_size or widen its generator_config."
+    )
+
+
+def _generated_row(item: Mapping[str, Any]) -> dict[str, str]:
+    return {
+        "prompt": format_prompt(item["question"]),
+        "completion": format_completion(item["answer"]),
+        "answer": str(item["answer"]).strip(),
+        "entry": json.dumps(item, default=str),
+    }
+
+
+def first_drawn_rows(spec: TaskSpec, split: str) -> list[dict[str, str]]:
+    """The rows of a generated split's first draw, without the deduplication against other splits:
+    a fast superset of the split (when the first draw fills it) for checks that need only the
+    prompts' lengths, such as ``metis-hf plan``'s. In-process, so hash-seeded generators may order
+    them differently from the split itself."""
+    items = _draw(spec, split, _first_draw_size(getattr(spec, f"{split}_size")))
+    return [_generated_row(item) for item in items if item["answer"] is not None]
+
+
+def _first_draw_size(size: int) -> int:
+    return size + size // 4 + 8  # a few extra for the questions that repeat
+
+
+def _draw(spec: TaskSpec, split: str, count: int):
+    import reasoning_gym
+
+    return reasoning_gym.create_dataset(
+        spec.dataset or spec.name,
+        size=count,
+        seed=spec.seed + _SPLIT_SEED_OFFSET[split],
+        **spec.generator_config,
     )
 
 

@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from metis_hf.files import write_json, write_text_atomic
 from metis_hf.models import hub_identity
@@ -79,6 +79,50 @@ PROTOCOLS = {
 }
 
 
+PROJECT_URL = "https://github.com/metis-hf/metis-hf"
+ALL_TASKS = "metis-hf/multi-task"  # the dataset of the Avg and Worst over a card's tasks
+
+
+@dataclass
+class CardResult:
+    """One evaluation result: a row of the card's results table and one ``model-index`` metric.
+
+    The model-index groups metrics by dataset, so a metric is told apart by its name: "gcd
+    exact_match", "Avg exact_match"."""
+
+    task: str  # a task's name, or "Avg" / "Worst" over the tasks (dataset ALL_TASKS)
+    metric: str  # exact_match, score, normalized_exact_match, normalized_score, or a harness metric
+    value: float
+    dataset_type: str  # a Hub dataset id where there is one
+    dataset_name: str
+    dataset_config: str | None = None
+    dataset_split: str | None = None
+    dataset_args: dict[str, Any] | None = None
+
+    def eval_result(self) -> EvalResult:
+        return EvalResult(
+            task_type="text-generation",
+            task_name="all tasks" if self.dataset_type == ALL_TASKS else self.task,
+            dataset_type=self.dataset_type,
+            dataset_name=self.dataset_name,
+            dataset_config=self.dataset_config,
+            dataset_split=self.dataset_split,
+            dataset_args=self.dataset_args,
+            metric_type=self.metric,
+            metric_name=f"{self.task} {self.metric}",
+            metric_value=self.value,
+            source_name="metis-hf",
+            source_url=PROJECT_URL,
+        )
+
+
+def results_table(results: Sequence[CardResult]) -> str:
+    """Markdown: the card's results, as its ``model-index`` metadata holds them."""
+    lines = ["| task | dataset | metric | value |", "|---|---|---|---|"]
+    lines += [f"| {r.task} | {r.dataset_name} | {r.metric} | {r.value:.4f} |" for r in results]
+    return "\n".join(lines)
+
+
 @dataclass
 class CardInfo:
     """What a card says; stored as ``metis_card.json`` next to the README it renders."""
@@ -95,10 +139,12 @@ class CardInfo:
     config_title: str = "Recipe"
     rounds: list[dict[str, Any]] = field(default_factory=list)
     evaluation_table: str | None = None
+    results: list[CardResult] = field(default_factory=list)  # the model-index results
     images: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # short paragraphs under "Method"
 
     def __post_init__(self) -> None:
+        self.results = [r if isinstance(r, CardResult) else CardResult(**r) for r in self.results]
         if self.kind not in TEMPLATES:
             raise ValueError(f"Card kind must be one of {sorted(TEMPLATES)}, got {self.kind!r}.")
         if self.protocol not in PROTOCOLS:
@@ -174,7 +220,14 @@ def render_card(info: CardInfo, repo_id: str | None = None) -> ModelCard:
         relation = "adapter"
     elif info.kind != "comparison" and base_models:
         relation = "merge"
+    title = {
+        "adapter": f"{info.method} merged LoRA adapter",
+        "model": f"{info.method} merged model",
+        "comparison": "Merge methods compared, post hoc and many-shot",
+    }[info.kind]
     data = ModelCardData(
+        model_name=title if info.results else None,
+        eval_results=[r.eval_result() for r in info.results] or None,
         base_model=base_models or None,
         base_model_relation=relation,
         library_name=library,
@@ -185,11 +238,6 @@ def render_card(info: CardInfo, repo_id: str | None = None) -> ModelCard:
     template = resources.files("metis_hf") / "model_cards" / TEMPLATES[info.kind]
     method_text = _method_text(info.method)
     how = PROTOCOLS[info.protocol] + (f", with `{info.method}`." if info.protocol != "compare" else ".")
-    title = {
-        "adapter": f"{info.method} merged LoRA adapter",
-        "model": f"{info.method} merged model",
-        "comparison": "Merge methods compared, post hoc and many-shot",
-    }[info.kind]
     base = info.base_model or "the base model"
     return ModelCard.from_template(
         data,
@@ -202,6 +250,7 @@ def render_card(info: CardInfo, repo_id: str | None = None) -> ModelCard:
         method_text=method_text,
         round_table=round_table(info.rounds, info.tasks),
         evaluation_table=info.evaluation_table or "",
+        results_table=results_table(info.results) if info.results else "",
         config_title=info.config_title,
         config_text=info.config_text.rstrip(),
         versions=framework_versions(),

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 from metis_hf.commands import main
 from tests.conftest import write_tiny_recipe
@@ -40,6 +41,14 @@ def test_train_recipe_writes_merged_adapter_and_results(tmp_path, tiny_tokenizer
     stage = tmp_path / "stage"
     assert main(["push", str(out), "me/run", "--dry-run", "--stage-dir", str(stage)]) == 0
     assert (stage / "adapter_model.safetensors").is_file() and (stage / "README.md").is_file()
+    # the staged card's model-index: one result per task, Avg and Worst, equal to results.json
+    exact = {t: s["exact_match"] for t, s in results["scores"]["merged"].items()}
+    expected = {**exact, "Avg": sum(exact.values()) / 2, "Worst": min(exact.values())}
+    found = ModelCard.load(stage / "README.md").data.eval_results
+    assert {r.metric_name.removesuffix(" exact_match"): r.metric_value for r in found} == pytest.approx(
+        expected
+    )
+    assert len(found) == 4 and {r.metric_type for r in found} == {"exact_match"}
 
 
 @pytest.mark.bad_input

@@ -9,10 +9,12 @@ import statistics
 import pytest
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelCard
 
 from metis_hf.commands import main
 from metis_hf.evaluation.combine import load_metric, metric_path, summarize
 from metis_hf.evaluation.report import build_report, write_report
+from metis_hf.hub import card_info_for, write_card
 from metis_hf.recipe import CompareSpec
 from tests.conftest import make_tiny_model
 
@@ -189,8 +191,11 @@ def test_eval_scores_losses_and_normalizes(tmp_path, model_dir, tiny_tokenizer, 
     experts = tmp_path / "experts.json"
     experts.write_text(json.dumps({"chain_sum": 0.5, "gcd": {"score": 0.25, "exact_match": 0.5}}))
     out = tmp_path / "eval.json"
+    write_card(model_dir, card_info_for("model", "ties", "merge", None))
     args = ["eval", str(model_dir), "--tasks", "chain_sum,gcd", "--test-size", "4", "--validation-size", "3"]
-    assert main([*args, "--max-new-tokens", "3", "--experts", str(experts), "--output", str(out)]) == 0
+    assert (
+        main([*args, "--max-new-tokens", "3", "--experts", str(experts), "--output", str(out), "--card"]) == 0
+    )
     result = json.loads(out.read_text())
     assert set(result["tasks"]) == {"chain_sum", "gcd"} and result["tasks"]["gcd"]["n"] == 4
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -206,6 +211,26 @@ def test_eval_scores_losses_and_normalizes(tmp_path, model_dir, tiny_tokenizer, 
     assert exact == {"chain_sum": 0.75, "gcd": 0.25}
     # by hand: exact match over the experts' (chain_sum's bare number is its exact match too)
     assert result["summary"]["normalized"] == pytest.approx({"chain_sum": 0.75 / 0.5, "gcd": 0.25 / 0.5})
+    # --card: the same numbers in the folder's card, read back through huggingface_hub
+    card = ModelCard.load(model_dir / "README.md")
+    found = {tuple(r.metric_name.split()): r for r in card.data.eval_results}
+    expected = {
+        ("chain_sum", "exact_match"): 0.75,
+        ("gcd", "exact_match"): 0.25,
+        ("Avg", "exact_match"): 0.5,
+        ("Worst", "exact_match"): 0.25,
+        ("chain_sum", "normalized_exact_match"): 1.5,
+        ("gcd", "normalized_exact_match"): 0.5,
+        ("Avg", "normalized_exact_match"): 1.0,
+        ("Worst", "normalized_exact_match"): 0.5,
+    }
+    assert {key: r.metric_value for key, r in found.items()} == pytest.approx(expected)
+    gcd = found[("gcd", "exact_match")]
+    assert (gcd.dataset_type, gcd.dataset_config, gcd.dataset_split) == ("reasoning-gym", "gcd", "test")
+    assert (
+        gcd.dataset_args == {"generator": "gcd", "seed": 20_000, "size": 4} and gcd.source_name == "metis-hf"
+    )
+    assert "| Worst | all tasks: chain_sum, gcd | normalized_exact_match | 0.5000 |" in card.text
 
 
 def test_eval_loads_an_adapter_on_its_recorded_base(tmp_path, model_dir, tiny_tokenizer):
@@ -238,6 +263,8 @@ def test_eval_bad_input_is_named(tmp_path, model_dir, tiny_tokenizer, capsys):
     assert "Unknown metric 'accuracy'" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "missing"), "--tasks", "gcd"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["eval", str(model_dir), "--tasks", "gcd", "--card"]) == 2
+    assert f"--card: {model_dir} is not a folder that metis-hf wrote" in capsys.readouterr().err
 
 
 @pytest.mark.bad_input

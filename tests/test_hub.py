@@ -244,3 +244,40 @@ def test_staging_does_not_write_through_hard_links(tmp_path, adapter_folder):
     )
     assert "path/to/this/folder" in (adapter_folder / "README.md").read_text()
     assert '"me/x"' in (tmp_path / "stage" / "README.md").read_text()
+
+
+def test_card_results_name_each_dataset_and_an_unscored_card_has_no_model_index(tmp_path):
+    from metis_hf.data import TaskSpec, dataset_reference
+    from metis_hf.evaluation import TaskScore
+    from metis_hf.evaluation.suite import card_results
+    from metis_hf.hub import read_card_info, write_card
+
+    specs = [
+        TaskSpec(name="sums", dataset="chain_sum", seed=3, test_size=5, generator_config={"max_terms": 2}),
+        TaskSpec(name="qa", source="hub", dataset="owner/qa", config_name="en", splits={"test": "dev"}),
+        TaskSpec(name="mine", source="file", dataset=str(tmp_path / "secret-folder" / "mine.jsonl")),
+    ]
+    scores = {s.name: TaskScore(s.name, score=v, exact_match=v, n=5) for s, v in zip(specs, (0.6, 0.2, 1.0))}
+    results = card_results(scores, {s.name: dataset_reference(s, "test") for s in specs})
+    info = card_info_for("adapter", "metis", "many_shot", None, tasks=list(scores), results=results)
+    (tmp_path / "card").mkdir()
+    (tmp_path / "plain").mkdir()
+    write_card(tmp_path / "card", info)
+    text = (tmp_path / "card" / "README.md").read_text()
+    assert "secret-folder" not in text  # a local file is named by its task, not its path
+    read_back = ModelCard.load(tmp_path / "card" / "README.md").data.eval_results
+    found = {r.metric_name.removesuffix(" exact_match"): r for r in read_back}
+    assert {t: r.metric_value for t, r in found.items()} == pytest.approx(
+        {"sums": 0.6, "qa": 0.2, "mine": 1.0, "Avg": 0.6, "Worst": 0.2}
+    )
+    assert found["sums"].dataset_args == {"generator": "chain_sum", "seed": 20_003, "size": 5, "max_terms": 2}
+    assert (found["qa"].dataset_type, found["qa"].dataset_config, found["qa"].dataset_split) == (
+        "owner/qa",
+        "en",
+        "dev",
+    )
+    assert found["mine"].dataset_type == "local" and found["Avg"].dataset_type == "metis-hf/multi-task"
+    assert read_card_info(tmp_path / "card").results == results  # metis_card.json keeps them for push
+    write_card(tmp_path / "plain", card_info_for("adapter", "metis", "many_shot", None))
+    assert "model-index" not in (tmp_path / "plain" / "README.md").read_text()
+    assert ModelCard.load(tmp_path / "plain" / "README.md").data.eval_results is None

@@ -313,3 +313,40 @@ def test_plan_refuses_tasks_that_do_not_split_between_task_parallel_processes(ca
     error = capsys.readouterr().err
     assert "training.task_schedule: task_schedule='task_parallel' splits the tasks evenly" in error
     assert "3 tasks cannot be split between 2 processes" in error
+
+
+@pytest.mark.bad_input
+def test_plan_refuses_a_max_length_that_cuts_every_answer_away(tmp_path, tiny_tokenizer, capsys, monkeypatch):
+    from metis_hf.commands import main
+    from tests.conftest import write_tiny_recipe
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("plan loaded a model")
+
+    monkeypatch.setattr("metis_hf.models.load_model", no_model)
+    recipe = write_tiny_recipe(tmp_path, tiny_tokenizer, training={"completion_only_loss": True})
+    assert main(["plan", str(recipe)]) == 0
+    capsys.readouterr()
+    assert main(["plan", str(recipe), "--set=training.max_length=4"]) == 1
+    out = capsys.readouterr().out
+    assert (
+        "problem: tasks[0] (chain_sum) train: no example has a completion token left within max_length=4"
+        in out
+    )
+    assert "tasks[1] (gcd) validation: no example has a completion token left" in out
+    # All-token training keeps cut prompts; the answer-token loss gaps still need an answer.
+    assert (
+        main(
+            [
+                "plan",
+                str(recipe),
+                "--set=training.max_length=4",
+                "--set=training.completion_only_loss=false",
+                "--set=training.gap_tokens=completion",
+            ]
+        )
+        == 1
+    )
+    out = capsys.readouterr().out
+    assert "tasks[0] (chain_sum) validation: no example has a completion token left" in out
+    assert " train: " not in out

@@ -36,6 +36,11 @@ def add_parsers(subparsers) -> None:
     ev.add_argument("--harness-include", help="A folder of custom harness task YAMLs.")
     ev.add_argument("--harness-limit", type=int, default=None, help="Harness examples per task.")
     ev.add_argument("--output", help="Write the results as JSON here.")
+    ev.add_argument(
+        "--card",
+        action="store_true",
+        help="Also write the results into MODEL's card (a folder metis-hf wrote) as model-index metadata.",
+    )
     add_set_option(ev, "a --recipe key")
     ev.set_defaults(run=run)
 
@@ -62,5 +67,6 @@ def run(args: argparse.Namespace) -> int:
         harness_limit=args.harness_limit,
         output=args.output,
         overrides=args.set,
+        card=args.card,
     )
     return 0

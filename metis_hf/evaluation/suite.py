@@ -17,9 +17,59 @@ from typing import Any
 from metis_hf.data import Task
 from metis_hf.evaluation.generation import TaskScore, score_task
 from metis_hf.evaluation.loss import task_losses
+from metis_hf.hub import ALL_TASKS, CardResult, read_card_info, write_card
 from metis_hf.models import load_model, load_tokenizer
 
 SCORE_FIELDS = ("score", "exact_match")
+
+
+def card_results(
+    scores: Mapping[str, TaskScore],
+    datasets: Mapping[str, Mapping[str, Any]],
+    metric: str = "exact_match",
+    experts: Mapping[str, float] | None = None,
+) -> list[CardResult]:
+    """A card's ``model-index`` results: each task's ``metric`` on its dataset (see
+    ``dataset_reference``) with the Avg and Worst over the tasks; with ``experts``, the same again
+    normalized (merged / expert)."""
+    from metis_hf.evaluation.combine import summarize
+
+    if not scores:
+        return []
+    values = scores_of(scores, metric)
+    every_task = {
+        "dataset_type": ALL_TASKS,
+        "dataset_name": "all tasks: " + ", ".join(values),
+        "dataset_split": next(iter(datasets.values())).get("dataset_split") if datasets else None,
+    }
+    kinds = [(metric, None)] + ([(f"normalized_{metric}", experts)] if experts else [])
+    results = []
+    for name, divisors in kinds:
+        summary = summarize(values, divisors)
+        results += [
+            CardResult(task, name, value, **_scored_reference(datasets[task], scores[task].n))
+            for task, value in summary["normalized"].items()
+        ]
+        results.append(CardResult("Avg", name, summary["average"], **every_task))
+        results.append(CardResult("Worst", name, summary["worst"], **every_task))
+    return results
+
+
+def _scored_reference(reference: Mapping[str, Any], items: int) -> dict[str, Any]:
+    """``reference`` with the number of items actually scored (``--limit`` may cut a split)."""
+    if reference.get("dataset_args") is None:
+        return dict(reference)
+    return {**reference, "dataset_args": {**reference["dataset_args"], "size": items}}
+
+
+def harness_card_results(harness: Mapping[str, Mapping[str, Any]]) -> list[CardResult]:
+    """lm-evaluation-harness metrics (``acc,none``...) as card results; standard errors left out."""
+    return [
+        CardResult(task, key.split(",")[0], float(value), task, f"lm-evaluation-harness {task}")
+        for task, metrics in harness.items()
+        for key, value in metrics.items()
+        if isinstance(value, int | float) and "stderr" not in key
+    ]
 
 
 def check_tokenizer(model, tokenizer, name: str = "tokenizer") -> None:
@@ -188,14 +238,16 @@ def run_eval(
     harness_limit: int | None = None,
     output: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
+    card: bool = False,
 ) -> dict[str, Any]:
     """Score ``model`` (built-in name, Hub id, folder or PEFT adapter) on the tasks of ``recipe`` or
     on the reasoning-gym ``tasks`` (``test_size``/``validation_size`` items each), and on
     lm-evaluation-harness ``harness`` tasks. Unset generation settings come from the recipe's
     evaluation section (else its defaults). With ``experts`` (a JSON of per-task expert scores, or
     an earlier eval output), adds normalized scores on ``metric``. Returns (and with ``output``
-    writes) the results."""
-    from metis_hf.data import TaskSpec, build_tasks
+    writes) the results. With ``card``, the results also go into the card of ``model``, a folder
+    metis-hf wrote, as its ``model-index`` metadata and results table (``metis-hf push`` uploads it)."""
+    from metis_hf.data import TaskSpec, build_tasks, dataset_reference
     from metis_hf.evaluation.combine import summarize
     from metis_hf.recipe import EvaluationSpec, load_recipe
 
@@ -205,6 +257,9 @@ def run_eval(
         raise ValueError("Nothing to evaluate: give --tasks, --recipe or --harness.")
     if metric not in SCORE_FIELDS:
         raise ValueError(f"Unknown metric {metric!r}; choose one of {SCORE_FIELDS}.")
+    card_info = read_card_info(model) if card and Path(model).is_dir() else None
+    if card and card_info is None:
+        raise ValueError(f"--card: {model} is not a folder that metis-hf wrote (it has no metis_card.json).")
     expert_scores = read_expert_scores(experts, metric) if experts else None
     evaluation, specs = EvaluationSpec(), []
     if recipe:
@@ -239,6 +294,12 @@ def run_eval(
         )
         for task, metrics in results_out["harness"].items():
             print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if card_info is not None:
+        references = {spec.name: dataset_reference(spec, split or evaluation.split) for spec in specs}
+        card_info.results = card_results(results, references, metric, expert_scores) if built else []
+        card_info.results += harness_card_results(results_out.get("harness", {}))
+        write_card(model, card_info)
+        print(f"[metis-hf eval] the results are in {Path(model) / 'README.md'}'s model-index metadata")
     if output:
         from metis_hf.files import write_json
 

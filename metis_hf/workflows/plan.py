@@ -143,6 +143,56 @@ def _check_datasets(recipe: Recipe) -> list[str]:
     return problems
 
 
+def _local_tokenizer_source(model: str) -> str | None:
+    """Where the model's tokenizer can be read without loading, converting or downloading it."""
+    folder = cache_dir() / "models" / model if model in BUILTIN_MODELS else Path(model)
+    return str(folder) if (folder / "tokenizer_config.json").is_file() else None
+
+
+def _check_examples_keep_tokens(recipe: Recipe, args) -> list[str]:
+    """Every task keeps examples with a scored token within max_length, as training requires.
+
+    Read from each generated split's first draw (prompts' lengths only, in a second) and from local
+    files; Hub datasets, and models whose tokenizer is not at hand, are left to ``train``."""
+    from datasets import Dataset
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+
+    from metis_hf.data import build_task, first_drawn_rows
+    from metis_hf.models import load_tokenizer
+    from metis_hf.training.trainer import gaps_on_completion, scored_examples
+
+    # Without answer-token loss any kept token counts, and max_length is at least 1.
+    splits = ["train"] * bool(args.completion_only_loss) + ["validation"] * gaps_on_completion(args)
+    tasks = [(i, spec) for i, spec in enumerate(recipe.tasks) if spec.source != "hub" and not spec.mixture]
+    source = _local_tokenizer_source(recipe.model)
+    if source is None or not tasks or not splits:
+        return []
+    tokenizer = load_tokenizer(source)
+    bars = is_progress_bar_enabled()
+    disable_progress_bar()  # the plan prints its own lines only
+    problems = []
+    try:
+        for index, spec in tasks:
+            try:
+                built = None if spec.source == "reasoning_gym" else build_task(spec)
+            except (ValueError, OSError):
+                continue  # a missing or broken file: _check_datasets or train names it
+            for split in splits:
+                if not getattr(spec, f"{split}_size"):
+                    continue
+                rows = built.split(split) if built else Dataset.from_list(first_drawn_rows(spec, split))
+                try:
+                    scored_examples(
+                        tokenizer, rows, f"tasks[{index}] ({spec.name}) {split}", True, args.max_length
+                    )
+                except ValueError as err:
+                    problems.append(str(err))
+    finally:
+        if bars:
+            enable_progress_bar()
+    return problems
+
+
 def _check_harness(recipe: Recipe) -> list[str]:
     ev = recipe.evaluation
     names = [t for h in ev.harness for t in h.tasks] + [t for r in ev.retention for t in r.harness]
@@ -179,7 +229,7 @@ def plan_recipe(
             raise RecipeError(f"compare: {name}: {err}") from err
     lora = lora_config_from_recipe(recipe)
     shape = model_shape(recipe.model)
-    problems = _check_datasets(recipe) + _check_harness(recipe)
+    problems = _check_datasets(recipe) + _check_harness(recipe) + _check_examples_keep_tokens(recipe, args)
     dropped = compare_drops_training_params(recipe)
     if dropped:
         problems.append(f"compare: {dropped}")
