@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 from metis_hf.training.config import MetisConfig
 from metis_hf.training.plan import ALL_TASKS, RoundPlan
@@ -325,15 +327,36 @@ def test_plan_refuses_a_max_length_that_cuts_every_answer_away(tmp_path, tiny_to
 
     monkeypatch.setattr("metis_hf.models.load_model", no_model)
     recipe = write_tiny_recipe(tmp_path, tiny_tokenizer, training={"completion_only_loss": True})
+    # a local-file task beside the generated ones: plan reads every split of a file
+    files = {}
+    for split in ("train", "validation", "test"):
+        files[split] = str(tmp_path / f"{split}.jsonl")
+        rows = [{"prompt": f"Add {i} and {i}.\nAnswer:", "completion": f" {2 * i}\n\n"} for i in range(3)]
+        Path(files[split]).write_text("\n".join(json.dumps(r) for r in rows))
+    data = yaml.safe_load(recipe.read_text())
+    data["tasks"].append(
+        {
+            "name": "sums",
+            "source": "file",
+            "data_files": files,
+            "train_size": 3,
+            "validation_size": 3,
+            "test_size": 3,
+        }
+    )
+    recipe.write_text(yaml.safe_dump(data))
     assert main(["plan", str(recipe)]) == 0
     capsys.readouterr()
     assert main(["plan", str(recipe), "--set=training.max_length=4"]) == 1
     out = capsys.readouterr().out
     assert (
-        "problem: tasks[0] (chain_sum) train: no example has a completion token left within max_length=4"
+        "problem: tasks[0] (chain_sum) validation: no example has a completion token left within max_length=4"
         in out
     )
     assert "tasks[1] (gcd) validation: no example has a completion token left" in out
+    assert "tasks[2] (sums) train: no example has a completion token left" in out
+    assert "tasks[2] (sums) validation: no example has a completion token left" in out
+    assert "(chain_sum) train" not in out  # a generated training split is not drawn (too slow)
     # All-token training keeps cut prompts; the answer-token loss gaps still need an answer.
     assert (
         main(

@@ -152,8 +152,10 @@ def _local_tokenizer_source(model: str) -> str | None:
 def _check_examples_keep_tokens(recipe: Recipe, args) -> list[str]:
     """Every task keeps examples with a scored token within max_length, as training requires.
 
-    Read from each generated split's first draw (prompts' lengths only, in a second) and from local
-    files; Hub datasets, and models whose tokenizer is not at hand, are left to ``train``."""
+    Local files: every split that training reads. Generated tasks: the validation split's first
+    draw only, since drawing a training split can take a generator many seconds (number_sequence:
+    17 s for 400 items); its prompts come from the same generator. Hub datasets, and models whose
+    tokenizer is not at hand, are left to ``train``."""
     from datasets import Dataset
     from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
 
@@ -178,7 +180,7 @@ def _check_examples_keep_tokens(recipe: Recipe, args) -> list[str]:
             except (ValueError, OSError):
                 continue  # a missing or broken file: _check_datasets or train names it
             for split in splits:
-                if not getattr(spec, f"{split}_size"):
+                if not getattr(spec, f"{split}_size") or (built is None and split == "train"):
                     continue
                 rows = built.split(split) if built else Dataset.from_list(first_drawn_rows(spec, split))
                 try:
