@@ -138,6 +138,13 @@ class CompareSpec:
         default_factory=dict,
         metadata={"help": "Method -> merge parameters, e.g. {ties: {density: 0.2}}; both protocols."},
     )
+    paired_with_every_run: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Many-shot methods (or variants) the report pairs with every other run, seed by "
+            "seed, with intervals; the loss-gap methods (METIS and its kin) always are."
+        },
+    )
     metric: Literal["exact_match", "score"] = field(
         default="exact_match", metadata={"help": "Score normalized in the tables: exact_match or score."}
     )
@@ -209,6 +216,15 @@ class CompareSpec:
         if info.field_name == "many_shot_methods" and not methods and not info.data.get("post_hoc_methods"):
             raise ValueError("compare needs at least one post-hoc or many-shot method")
         return methods
+
+    @field_validator("paired_with_every_run")
+    @classmethod
+    def _paired(cls, names: list[str], info: ValidationInfo) -> list[str]:
+        many_shot = info.data.get("many_shot_methods", [])
+        for name in names:
+            if name not in many_shot:
+                raise ValueError(f"{name!r} is not in many_shot_methods ({', '.join(many_shot) or 'none'})")
+        return names
 
     @field_validator("method_params")
     @classmethod

@@ -518,6 +518,53 @@ def test_a_variant_of_a_loss_gap_method_is_paired_with_every_run_like_the_method
     }
 
 
+def test_a_run_named_in_paired_with_every_run_is_paired_like_a_loss_gap_method():
+    """A many-shot setting without loss gaps (task arithmetic on round updates) gets the same paired
+    rows with every other run when the spec names it; a bad name is refused with the list."""
+    tasks = ["t1", "t2"]
+    runs = [_run("experts", 0, None, dict(t1=0.5, t2=0.4))]
+    runs.append(_run("post_hoc", 0, "tsv_m", dict(t1=0.5, t2=0.2)))
+    runs.append(_run("many_shot", 0, "ta@rounds", dict(t1=0.4, t2=0.4)))
+    runs.append(_run("many_shot", 0, "ties", dict(t1=0.1, t2=0.4)))
+    variants = {"ta@rounds": {"method": "task_arithmetic", "training": {"merge_round_updates": True}}}
+    spec = CompareSpec(
+        seeds=[0],
+        variants=variants,
+        post_hoc_methods=["tsv_m"],
+        many_shot_methods=["ta@rounds", "ties"],
+        paired_with_every_run=["ta@rounds"],
+    )
+    report = build_report(runs, tasks, spec)
+    pairs = {(" ".join(c["a"]), " ".join(c["b"])): c for c in report["paired_differences"]}
+    # normalized: ta@rounds (0.8, 1.0), tsv_m (1.0, 0.5), ties (0.2, 1.0)
+    vs_tsv = pairs[("many_shot ta@rounds", "post_hoc tsv_m")]
+    assert vs_tsv["average"]["per_seed"] == pytest.approx([0.9 - 0.75])
+    assert vs_tsv["worst"]["per_seed"] == pytest.approx([0.8 - 0.5])
+    assert pairs[("many_shot ta@rounds", "many_shot ties")]["worst"]["per_seed"] == pytest.approx([0.8 - 0.2])
+    assert set(pairs) == {
+        ("many_shot ta@rounds", "post_hoc tsv_m"),
+        ("many_shot ta@rounds", "many_shot ties"),
+    }
+    assert not [
+        c
+        for c in build_report(
+            runs,
+            tasks,
+            CompareSpec(
+                seeds=[0],
+                variants=variants,
+                post_hoc_methods=["tsv_m"],
+                many_shot_methods=["ta@rounds", "ties"],
+            ),
+        )["paired_differences"]
+        if c["a"] == ["many_shot", "ta@rounds"]
+    ]
+    with pytest.raises(ValueError, match="'tsv_m' is not in many_shot_methods"):
+        CompareSpec(
+            seeds=[0], post_hoc_methods=["tsv_m"], many_shot_methods=["ties"], paired_with_every_run=["tsv_m"]
+        )
+
+
 def test_reference_rows_base_and_multitask_sft_are_normalized_paired_and_drawn(tmp_path):
     """The base model (one run) is normalized by each seed's experts; the multi-task SFT runs by
     their own seed's; many-shot METIS is paired with multi-task SFT but not with the base."""

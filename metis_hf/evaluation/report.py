@@ -261,14 +261,18 @@ def retention_ratios(run: Mapping[str, Any], base: Mapping[str, Any] | None) -> 
 
 def reference_runs(keys: Iterable[tuple[str, str]], spec: CompareSpec) -> list[tuple[str, str]]:
     """The runs compared with every other run: many-shot runs of the loss-gap methods (METIS and
-    its kin), variants of them included (a variant names the method it runs)."""
+    its kin), variants of them included (a variant names the method it runs), and those the spec's
+    ``paired_with_every_run`` names."""
     from metis_hf.merging import available_methods, get_merge_method
 
     def uses_loss_gaps(name: str) -> bool:
         method = spec.resolve(name)[0]
         return method in available_methods() and get_merge_method(method).uses_loss_gaps
 
-    return sorted(key for key in keys if key[0] == "many_shot" and uses_loss_gaps(key[1]))
+    chosen = set(spec.paired_with_every_run)
+    return sorted(
+        key for key in keys if key[0] == "many_shot" and (key[1] in chosen or uses_loss_gaps(key[1]))
+    )
 
 
 def round_summaries(by_seed: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
