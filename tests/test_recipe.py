@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_embedded_default_is_the_offline_cpu_recipe():
+    # recipes/offline/cpu-3tasks.yaml links to the package's copy (read through, for any install)
     assert default_recipe_path().read_text() == (ROOT / "recipes/offline/cpu-3tasks.yaml").read_text()
     recipe = load_recipe()
     assert recipe.model == "smollm2-135m-instruct" and len(recipe.tasks) == 3
