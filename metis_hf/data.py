@@ -156,9 +156,10 @@ def build_task(spec: TaskSpec | Mapping[str, Any]) -> Task:
     return _dataset_task(spec)
 
 
-def dataset_reference(spec: TaskSpec, split: str) -> dict[str, Any]:
-    """Where a task's ``split`` comes from, as a card's ``model-index`` names a dataset: a Hub id
-    where there is one; a generator with its seed; a local file by the task's name only. The
+def dataset_reference(spec: TaskSpec, split: str, items: int) -> dict[str, Any]:
+    """Where ``items`` examples of a task's ``split`` come from, as a card's ``model-index`` names a
+    dataset: a Hub id where there is one; a generator with its seed and the number of items
+    scored (``--limit`` may cut a split); a local file by the task's name only. The
     task's name is the configuration of a generated or local dataset: one generator may make
     several tasks of a run (other generator_config), and the model-index keys results by it."""
     if spec.source == "reasoning_gym":
@@ -171,7 +172,7 @@ def dataset_reference(spec: TaskSpec, split: str) -> dict[str, Any]:
             "dataset_args": {
                 "generator": generator,
                 "seed": spec.seed + _SPLIT_SEED_OFFSET[split],
-                "size": getattr(spec, f"{split}_size"),
+                "size": items,
                 **spec.generator_config,
             },
         }

@@ -51,6 +51,11 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def builtin_folder(name: str) -> Path:
+    """Where a built-in model's converted transformers folder lives (made on first use)."""
+    return cache_dir() / "models" / name
+
+
 def is_builtin(name_or_path: str | os.PathLike) -> bool:
     return str(name_or_path) in BUILTIN_MODELS
 
@@ -63,7 +68,7 @@ def hub_identity(name_or_path: str | os.PathLike | None) -> tuple[str | None, st
         return None, None
     name = str(name_or_path)
     for spec in BUILTIN_MODELS.values():
-        if name == spec.name or Path(name).resolve() == (cache_dir() / "models" / spec.name).resolve():
+        if name == spec.name or Path(name).resolve() == builtin_folder(spec.name).resolve():
             return spec.hub_id, spec.license
     if Path(name).exists() or name.startswith((".", "/", "~")):
         return None, None
@@ -107,7 +112,7 @@ def ensure_builtin_converted(name: str) -> Path:
     from filelock import FileLock
 
     spec = BUILTIN_MODELS[name]
-    target = cache_dir() / "models" / name
+    target = builtin_folder(name)
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

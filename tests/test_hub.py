@@ -247,7 +247,7 @@ def test_staging_does_not_write_through_hard_links(tmp_path, adapter_folder):
 
 
 def test_card_results_name_each_dataset_and_an_unscored_card_has_no_model_index(tmp_path):
-    from metis_hf.data import TaskSpec, dataset_reference
+    from metis_hf.data import TaskSpec
     from metis_hf.evaluation import TaskScore
     from metis_hf.evaluation.suite import card_results
     from metis_hf.hub import read_card_info, write_card
@@ -257,8 +257,8 @@ def test_card_results_name_each_dataset_and_an_unscored_card_has_no_model_index(
         TaskSpec(name="qa", source="hub", dataset="owner/qa", config_name="en", splits={"test": "dev"}),
         TaskSpec(name="mine", source="file", dataset=str(tmp_path / "secret-folder" / "mine.jsonl")),
     ]
-    scores = {s.name: TaskScore(s.name, score=v, exact_match=v, n=5) for s, v in zip(specs, (0.6, 0.2, 1.0))}
-    results = card_results(scores, {s.name: dataset_reference(s, "test") for s in specs})
+    scores = {s.name: TaskScore(s.name, score=v, exact_match=v, n=4) for s, v in zip(specs, (0.6, 0.2, 1.0))}
+    results = card_results(scores, specs, "test")
     info = card_info_for("adapter", "metis", "many_shot", None, tasks=list(scores), results=results)
     (tmp_path / "card").mkdir()
     (tmp_path / "plain").mkdir()
@@ -270,7 +270,8 @@ def test_card_results_name_each_dataset_and_an_unscored_card_has_no_model_index(
     assert {t: r.metric_value for t, r in found.items()} == pytest.approx(
         {"sums": 0.6, "qa": 0.2, "mine": 1.0, "Avg": 0.6, "Worst": 0.2}
     )
-    assert found["sums"].dataset_args == {"generator": "chain_sum", "seed": 20_003, "size": 5, "max_terms": 2}
+    # the items scored (4: a --limit'ed split), not the split's size (5)
+    assert found["sums"].dataset_args == {"generator": "chain_sum", "seed": 20_003, "size": 4, "max_terms": 2}
     assert (found["qa"].dataset_type, found["qa"].dataset_config, found["qa"].dataset_split) == (
         "owner/qa",
         "en",

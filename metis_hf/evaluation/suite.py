@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from metis_hf.data import Task
+from metis_hf.data import Task, TaskSpec
 from metis_hf.evaluation.generation import TaskScore, score_task
 from metis_hf.evaluation.loss import task_losses
 from metis_hf.hub import ALL_TASKS, CardResult, read_card_info, write_card
@@ -25,41 +25,34 @@ SCORE_FIELDS = ("score", "exact_match")
 
 def card_results(
     scores: Mapping[str, TaskScore],
-    datasets: Mapping[str, Mapping[str, Any]],
+    specs: Sequence[TaskSpec],
+    split: str,
     metric: str = "exact_match",
     experts: Mapping[str, float] | None = None,
 ) -> list[CardResult]:
-    """A card's ``model-index`` results: each task's ``metric`` on its dataset (see
-    ``dataset_reference``) with the Avg and Worst over the tasks; with ``experts``, the same again
-    normalized (merged / expert)."""
+    """A card's ``model-index`` results: each task's ``metric`` on the ``split`` it was scored on
+    (its dataset named by ``dataset_reference``, with the items scored) and the Avg and Worst over
+    the tasks; with ``experts``, the same again normalized (merged / expert)."""
+    from metis_hf.data import dataset_reference
     from metis_hf.evaluation.combine import summarize
 
     if not scores:
         return []
+    references = {spec.name: dataset_reference(spec, split, scores[spec.name].n) for spec in specs}
     values = scores_of(scores, metric)
     every_task = {
         "dataset_type": ALL_TASKS,
         "dataset_name": "all tasks: " + ", ".join(values),
-        "dataset_split": next(iter(datasets.values())).get("dataset_split") if datasets else None,
+        "dataset_split": split,
     }
     kinds = [(metric, None)] + ([(f"normalized_{metric}", experts)] if experts else [])
     results = []
     for name, divisors in kinds:
         summary = summarize(values, divisors)
-        results += [
-            CardResult(task, name, value, **_scored_reference(datasets[task], scores[task].n))
-            for task, value in summary["normalized"].items()
-        ]
+        results += [CardResult(t, name, value, **references[t]) for t, value in summary["normalized"].items()]
         results.append(CardResult("Avg", name, summary["average"], **every_task))
         results.append(CardResult("Worst", name, summary["worst"], **every_task))
     return results
-
-
-def _scored_reference(reference: Mapping[str, Any], items: int) -> dict[str, Any]:
-    """``reference`` with the number of items actually scored (``--limit`` may cut a split)."""
-    if reference.get("dataset_args") is None:
-        return dict(reference)
-    return {**reference, "dataset_args": {**reference["dataset_args"], "size": items}}
 
 
 def harness_card_results(harness: Mapping[str, Mapping[str, Any]]) -> list[CardResult]:
@@ -247,7 +240,7 @@ def run_eval(
     an earlier eval output), adds normalized scores on ``metric``. Returns (and with ``output``
     writes) the results. With ``card``, the results also go into the card of ``model``, a folder
     metis-hf wrote, as its ``model-index`` metadata and results table (``metis-hf push`` uploads it)."""
-    from metis_hf.data import TaskSpec, build_tasks, dataset_reference
+    from metis_hf.data import TaskSpec, build_tasks
     from metis_hf.evaluation.combine import summarize
     from metis_hf.recipe import EvaluationSpec, load_recipe
 
@@ -295,8 +288,9 @@ def run_eval(
         for task, metrics in results_out["harness"].items():
             print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if card_info is not None:
-        references = {spec.name: dataset_reference(spec, split or evaluation.split) for spec in specs}
-        card_info.results = card_results(results, references, metric, expert_scores) if built else []
+        card_info.results = (
+            card_results(results, specs, split or evaluation.split, metric, expert_scores) if built else []
+        )
         card_info.results += harness_card_results(results_out.get("harness", {}))
         write_card(model, card_info)
         print(f"[metis-hf eval] the results are in {Path(model) / 'README.md'}'s model-index metadata")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from metis_hf.models import BUILTIN_MODELS, cache_dir
+from metis_hf.models import BUILTIN_MODELS, builtin_folder
 from metis_hf.recipe import (
     Recipe,
     RecipeError,
@@ -103,7 +103,7 @@ def model_shape(model: str) -> ModelShape:
     else from metis-hf's table of the paper's backbones."""
     if model in BUILTIN_MODELS:
         hub_id = BUILTIN_MODELS[model].hub_id
-        folder = cache_dir() / "models" / model  # once converted; the plan never converts it
+        folder = builtin_folder(model)  # once converted; the plan never converts it
         if (folder / "config.json").is_file():
             return ModelShape.from_config(json.loads((folder / "config.json").read_text()), str(folder))
         return dataclasses.replace(KNOWN_SHAPES[hub_id], source=f"table ({hub_id})")
@@ -145,7 +145,7 @@ def _check_datasets(recipe: Recipe) -> list[str]:
 
 def _local_tokenizer_source(model: str) -> str | None:
     """Where the model's tokenizer can be read without loading, converting or downloading it."""
-    folder = cache_dir() / "models" / model if model in BUILTIN_MODELS else Path(model)
+    folder = builtin_folder(model) if model in BUILTIN_MODELS else Path(model)
     return str(folder) if (folder / "tokenizer_config.json").is_file() else None
 
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from metis_hf.data import build_tasks, dataset_reference
+from metis_hf.data import build_tasks
 from metis_hf.evaluation import TaskScore, format_score_table, score_tasks
 from metis_hf.evaluation.suite import card_results
 from metis_hf.files import replace_dir, write_json
@@ -39,10 +39,6 @@ def _scores(model, tokenizer, tasks, recipe: Recipe) -> dict[str, TaskScore]:
         batch_size=ev.batch_size,
         max_new_tokens=ev.max_new_tokens,
     )
-
-
-def _dataset_references(recipe: Recipe) -> dict[str, dict[str, Any]]:
-    return {spec.name: dataset_reference(spec, recipe.evaluation.split) for spec in recipe.tasks}
 
 
 def get_last_checkpoint_in(folder: Path) -> str | None:
@@ -157,7 +153,7 @@ def run_training(
             config_text=recipe_text(recipe_path, overrides),
             rounds=trainer.round_records,
             evaluation_table=format_score_table(tables) if tables else None,
-            results=card_results(tables["merged"], _dataset_references(recipe)) if evaluate else [],
+            results=card_results(tables["merged"], recipe.tasks, recipe.evaluation.split) if evaluate else [],
         ),
     )
     print(
