@@ -113,7 +113,7 @@ def trainer_section(device: str, dry_run: bool, out: Path) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from metis_hf import MetisConfig, MetisTrainer
-    from metis_hf.training.trainer import default_lora_config
+    from metis_hf.training.lora import default_lora_config
     from tests.conftest import make_tokenizer
 
     tokenizer = make_tokenizer()

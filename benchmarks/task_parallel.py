@@ -40,8 +40,8 @@ def child(args: argparse.Namespace) -> None:
 
     from metis_hf.data import build_tasks
     from metis_hf.models import load_model_and_tokenizer
-    from metis_hf.recipe import load_recipe, lora_config_from_recipe, metis_config_from_recipe
-    from metis_hf.training import MetisTrainer
+    from metis_hf.recipe import load_recipe, metis_config_from_recipe
+    from metis_hf.workflows.train import trainer_from_recipe
 
     recipe = load_recipe(args.recipe, [*args.set, f"training.task_schedule={args.schedule}"])
     config = metis_config_from_recipe(recipe, args.output_dir, disable_tqdm=True, logging_steps=10**6)
@@ -64,15 +64,7 @@ def child(args: argparse.Namespace) -> None:
 
                 wrapped.register_comm_hook(None, hook)
 
-    trainer = MetisTrainer(
-        model=model,
-        args=config,
-        train_dataset={n: t.train for n, t in tasks.items()},
-        eval_dataset={n: t.validation for n, t in tasks.items()},
-        processing_class=tokenizer,
-        peft_config=lora_config_from_recipe(recipe),
-        callbacks=[CountAllReduce()],
-    )
+    trainer = trainer_from_recipe(recipe, config, tasks, model, tokenizer, callbacks=[CountAllReduce()])
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start

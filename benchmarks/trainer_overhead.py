@@ -35,10 +35,11 @@ def child(kind: str, rounds: int, steps: int, out: str, val_size: int) -> None:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from metis_hf import MetisConfig, MetisTrainer
+    from metis_hf import MetisConfig
     from metis_hf.data import build_tasks
     from metis_hf.models import load_model_and_tokenizer
-    from metis_hf.training.trainer import default_lora_config
+    from metis_hf.training.lora import default_lora_config
+    from metis_hf.workflows.train import trainer_for_tasks
 
     tasks = build_tasks(
         [{"name": t, "train_size": 400, "validation_size": val_size, "test_size": 1} for t in TASKS]
@@ -62,14 +63,8 @@ def child(kind: str, rounds: int, steps: int, out: str, val_size: int) -> None:
         save_strategy="no",
     )
     if kind == "metis":
-        trainer = MetisTrainer(
-            model=model,
-            args=MetisConfig(num_rounds=rounds, local_steps=steps, **common),
-            train_dataset={n: t.train for n, t in tasks.items()},
-            eval_dataset={n: t.validation for n, t in tasks.items()},
-            processing_class=tokenizer,
-            peft_config=default_lora_config(),
-        )
+        args = MetisConfig(num_rounds=rounds, local_steps=steps, **common)
+        trainer = trainer_for_tasks(model, tokenizer, args, tasks, default_lora_config())
     else:
         mixed = concatenate_datasets(
             [t.train.select_columns(["prompt", "completion"]) for t in tasks.values()]

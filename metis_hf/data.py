@@ -26,6 +26,7 @@ from typing import Any, Literal
 from datasets import Dataset, DatasetDict, load_dataset
 
 from metis_hf.schema import Count, Integer, Number, config_dataclass
+from metis_hf.scoring import exact_match
 
 SPLITS = ("train", "validation", "test")
 ANSWER_PREFIX = "\nAnswer:"
@@ -45,10 +46,6 @@ def format_completion(response: str) -> str:
 def extract_answer(generated: str) -> str:
     """The answer a model generated after the prompt: the text up to the first blank line."""
     return generated.strip().split("\n\n")[0].strip()
-
-
-def exact_match(prediction: str, answer: str) -> float:
-    return float(" ".join(prediction.split()) == " ".join(str(answer).split()))
 
 
 @dataclass

@@ -27,7 +27,9 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from metis_hf.files import write_json, write_text_atomic
 from metis_hf.models import hub_identity
+from metis_hf.paper import CITATION
 from metis_hf.redact import hide_local_paths, redact_data, redact_known, redact_text, register_secret
+from metis_hf.round_record import RoundRecord
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +62,6 @@ UPLOADED_SUFFIXES = (
 )
 PICKLED_WEIGHTS = re.compile(r"(pytorch_model|adapter_model|model)(-\d+-of-\d+)?\.(bin|pt|pth)$")
 TEXT_SUFFIXES = (".json", ".jsonl", ".md", ".txt", ".csv", ".yaml")
-
-CITATION = """@inproceedings{im2026metis,
-  title     = {Post-Hoc Merging is Not Enough: Many-Shot Model Merging with Loss-Gap Balancing},
-  author    = {Im, K. and Kim, M. and Eom, C. and Kwon, M.},
-  booktitle = {Proceedings of the 43rd International Conference on Machine Learning (ICML)},
-  year      = {2026},
-  eprint    = {2606.16501},
-  archivePrefix = {arXiv}
-}"""
 
 PROTOCOLS = {
     "many_shot": "many-shot merging: each task's LoRA adapter trained locally from the previous merge, "
@@ -176,8 +169,6 @@ def framework_versions() -> dict[str, str]:
 def round_table(rounds: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> str:
     """Markdown: per round, each task's merge weight (alpha) and loss gap, the mask density and
     the merged adapter's multi-task validation loss."""
-    from metis_hf.training.rounds import RoundRecord
-
     records = [RoundRecord.from_log(row) for row in rounds]
     if not records:
         return ""

@@ -14,7 +14,7 @@ import re
 from dataclasses import field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import ValidationInfo, field_validator, model_validator
@@ -22,6 +22,7 @@ from pydantic import ValidationInfo, field_validator, model_validator
 from metis_hf.data import TaskSpec
 from metis_hf.models import DEFAULT_MODEL
 from metis_hf.schema import Count, Integer, Number, RecipeError, check_fields, config_dataclass, parse
+from metis_hf.scoring import METRICS, get_metric
 
 
 @config_dataclass
@@ -145,8 +146,9 @@ class CompareSpec:
             "seed, with intervals; the loss-gap methods (METIS and its kin) always are."
         },
     )
-    metric: Literal["exact_match", "score"] = field(
-        default="exact_match", metadata={"help": "Score normalized in the tables: exact_match or score."}
+    metric: str = field(
+        default="exact_match",
+        metadata={"help": f"Score normalized in the tables: one of {', '.join(METRICS)}."},
     )
     task_weights: dict[str, Number] = field(
         default_factory=dict, metadata={"help": "Task -> weight in Avg (default 1 each)."}
@@ -216,6 +218,12 @@ class CompareSpec:
         if info.field_name == "many_shot_methods" and not methods and not info.data.get("post_hoc_methods"):
             raise ValueError("compare needs at least one post-hoc or many-shot method")
         return methods
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, metric: str) -> str:
+        get_metric(metric)
+        return metric
 
     @field_validator("paired_with_every_run")
     @classmethod
@@ -356,7 +364,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def metis_config_from_recipe(recipe: Recipe, output_dir: str | os.PathLike, **extra: Any):
-    from metis_hf.training import MetisConfig
+    from metis_hf.training.config import MetisConfig
 
     training = check_fields(MetisConfig, {**recipe.training, **extra}, "training")
     values = {"seed": recipe.seed, "disable_tqdm": False, "logging_steps": 10, **training}
@@ -366,38 +374,24 @@ def metis_config_from_recipe(recipe: Recipe, output_dir: str | os.PathLike, **ex
         raise RecipeError(f"training: {err}") from err
 
 
-def compare_drops_training_params(recipe: Recipe) -> str | None:
-    """Why compare would run the training method with other merge parameters than the training
-    section sets (None when it would not): compare takes a method's parameters from
-    ``compare.method_params`` only, so one set in training alone would silently fall back to the
-    method's default in the grid."""
-    from metis_hf.merging import get_merge_method
+def compare_merge_spec(recipe: Recipe, name: str):
+    """The merge setting of a name in compare's method lists: a variant's own; for the training
+    section's method, what the training section states beyond the run defaults, then
+    ``compare.method_params`` over it; for another method, its ``compare.method_params``."""
+    from metis_hf.merging.spec import MergeSpec
 
-    args = metis_config_from_recipe(recipe, "compare-check", use_cpu=True)
-    method = args.merge_method
-    if method not in {*recipe.compare.post_hoc_methods, *recipe.compare.many_shot_methods}:
-        return None
-    spec, stated = get_merge_method(method), recipe.compare.method_params.get(method, {})
-    defaults = {**spec.defaults, **({"scale": 1.0 / len(recipe.tasks)} if spec.sums_tasks else {})}
-    dropped = {
-        key: value
-        for key, value in args.merge_params.items()
-        if key not in stated and defaults.get(key) != value
-    }
-    if not dropped:
-        return None
-    used = {key: defaults.get(key) for key in dropped}
-    return (
-        f"training sets {dropped} for {method}, but compare takes merge parameters from "
-        f"compare.method_params only and would run {method} with {used}; add them to compare.method_params.{method} "
-        "(or state another value there to compare another setting)."
-    )
+    method, params = recipe.compare.resolve(name)
+    if name not in recipe.compare.variants:
+        training = metis_config_from_recipe(recipe, "compare", use_cpu=True).merge_spec
+        if method == training.method:
+            params = {**training.beyond_defaults(len(recipe.tasks)), **params}
+    return MergeSpec(method, params)
 
 
 def lora_config_from_recipe(recipe: Recipe):
     from peft import LoraConfig
 
-    from metis_hf.training.trainer import check_lora_config, default_lora_config
+    from metis_hf.training.lora import check_lora_config, default_lora_config
 
     allowed = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
     values = {**default_lora_config().to_dict(), **check_fields(LoraConfig, recipe.lora, "lora")}

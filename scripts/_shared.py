@@ -22,7 +22,8 @@ def independent_adapters_trainer(model, tokenizer, tasks, steps: int, output_dir
     """A MetisTrainer that trains each task's adapter on its own for ``steps`` optimizer steps from
     the shared initialisation (post-hoc protocol, one round): the merge comes only at the end.
     ``config`` overrides MetisConfig fields (learning rate, batch size, completion-only loss)."""
-    from metis_hf import MetisConfig, MetisTrainer
+    from metis_hf import MetisConfig
+    from metis_hf.workflows.train import trainer_for_tasks
 
     settings = {
         "protocol": "post_hoc",
@@ -34,10 +35,4 @@ def independent_adapters_trainer(model, tokenizer, tasks, steps: int, output_dir
         "logging_steps": 1000,
         **config,
     }
-    return MetisTrainer(
-        model=model,
-        args=MetisConfig(output_dir=output_dir, **settings),
-        train_dataset={n: t.train for n, t in tasks.items()},
-        eval_dataset={n: t.validation for n, t in tasks.items()},
-        processing_class=tokenizer,
-    )
+    return trainer_for_tasks(model, tokenizer, MetisConfig(output_dir=output_dir, **settings), tasks)

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from metis_hf.data import build_tasks
-from metis_hf.evaluation.loss import per_example_losses
 from metis_hf.evaluation.suite import load_for_evaluation
 from metis_hf.recipe import load_recipe
 from metis_hf.tokenization import tokenize_dataset
+from metis_hf.training.loss import per_example_losses
 
 
 def main() -> None:

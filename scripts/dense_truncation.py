@@ -40,13 +40,13 @@ def main() -> None:
     model, tokenizer = load_model_and_tokenizer("smollm2-135m-instruct")
     trainer = independent_adapters_trainer(model, tokenizer, tasks, args.steps, args.out)
     trained = {}
-    end_round = trainer._end_round
+    end_round = trainer.rounds.end_round
 
     def capture(round_index: int) -> None:  # keep the trained adapters before the merge overwrites them
         trained.update({t: lora_state(trainer.peft_model, t) for t in TASKS})
         end_round(round_index)
 
-    trainer._end_round = capture
+    trainer.rounds.end_round = capture
     trainer.train()
     lora = trainer.peft_model.peft_config["default"]
     scaling = lora.lora_alpha / lora.r

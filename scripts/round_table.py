@@ -20,7 +20,7 @@ from pathlib import Path
 from _shared import read_json, seed_folders
 
 from metis_hf.evaluation.report import multitask_loss
-from metis_hf.training.rounds import RoundRecord
+from metis_hf.round_record import RoundRecord
 
 
 def rows_for(output_dir: Path, method: str) -> tuple[list[str], list[float]]:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from metis_hf.commands import main
 from metis_hf.workflows.compare import RESULT_FILE, Comparison
+from metis_hf.workflows.compare_training import RunTraining
 from tests.conftest import write_tiny_recipe
 
 TASKS = ("chain_sum", "gcd", "letter_counting")
@@ -360,6 +361,14 @@ def test_a_variants_training_overrides_reach_its_runs_only(compared):
             "compare.variants.x: training: gap_tokens must be one of",
         ),
         (
+            {
+                "many_shot_methods": ["x"],
+                "variants": {"x": {"method": "task_arithmetic", "training": {"scale_objective": "worst"}}},
+            },
+            "compare.variants.x: training: scale_objective must be one of ('multitask_loss', 'worst_task'), "
+            "got 'worst'.",
+        ),
+        (
             {"many_shot_methods": ["ties"], "method_params": {"ties": {"scale": "auto"}}},
             "compare: ties: training: ties merge of 2 tasks (round 1, merge_params "
             '{"scale": "auto"}): scale: auto scales each round\'s merged update: set merge_round_updates',
@@ -414,7 +423,7 @@ def test_compare_on_experts_trained_before_trains_none(compared, tmp_path, monke
     def refuse(*args, **kwargs):
         raise AssertionError("an expert was trained")
 
-    monkeypatch.setattr(Comparison, "_train", refuse)
+    monkeypatch.setattr(RunTraining, "train", refuse)
     data = yaml.safe_load(recipe.read_text())
     compare = {"seeds": [0, 1], "post_hoc_methods": ["task_arithmetic"], "many_shot_methods": []}
     adapters = out / "runs" / "seed1" / "experts" / "adapter" / "task_adapters"
@@ -543,14 +552,14 @@ def test_a_compare_interrupted_mid_training_resumes_each_run_to_the_same_adapter
                 interrupts.pop(0)
                 raise _Interrupted(f"{run_folder} at step {state.global_step}")
 
-    original = Comparison._trainer
+    original = RunTraining.trainer
 
     def with_interrupts(self, args, settings, *rest):
         trainer, checkpoint = original(self, args, settings, *rest)
         trainer.add_callback(InterruptAt())
         return trainer, checkpoint
 
-    monkeypatch.setattr(Comparison, "_trainer", with_interrupts)
+    monkeypatch.setattr(RunTraining, "trainer", with_interrupts)
     out = tmp_path / "broken"
     experts_trainer = out / "runs" / "seed0" / "experts" / "trainer"
 

@@ -359,15 +359,15 @@ def test_compare_scores_harness_columns_and_gives_experts_only_theirs(tmp_path, 
     }
     recipe = load_recipe(write_tiny_recipe(tmp_path, tiny_tokenizer, evaluation=evaluation))
     comparison = Comparison(recipe, tmp_path / "cmp")
-    assert comparison.score_names == ["QA"]
+    assert comparison.scorer.score_names == ["QA"]
     model = make_tiny_model(len(tiny_tokenizer), seed=3)
-    result = comparison._evaluate(model, tiny_tokenizer)
+    result = comparison.scorer.evaluate(model, tiny_tokenizer)
     expected = run_harness(
         model, tiny_tokenizer, ["metis_tiny_qa"], include_path=str(tasks_dir), batch_size=2
     )
     assert result["scores"]["QA"]["score"] == pytest.approx(expected["metis_tiny_qa"]["acc,none"])
     assert set(result["losses"]) == {"chain_sum", "gcd"} and all(v > 0 for v in result["losses"].values())
-    assert comparison._evaluate(model, tiny_tokenizer, ["chain_sum"])["scores"] == {}  # not its expert
+    assert comparison.scorer.evaluate(model, tiny_tokenizer, ["chain_sum"])["scores"] == {}  # not its expert
 
 
 # --- uncertainty -----------------------------------------------------------------------------

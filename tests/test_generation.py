@@ -102,7 +102,7 @@ def _hand_example_losses(model, tokenizer, rows) -> dict[str, torch.Tensor]:
 def test_task_loss_is_the_per_example_mean_of_token_losses(tiny_model, tiny_tokenizer):
     from datasets import Dataset
 
-    from metis_hf.evaluation.loss import task_loss
+    from metis_hf.training.loss import task_loss
 
     rows = [
         {"prompt": "What is 2 + 3?\nAnswer:", "completion": " 5\n\n"},
@@ -121,8 +121,8 @@ def test_fused_and_logits_losses_agree(tiny_model, tiny_tokenizer):
     from datasets import Dataset
     from trl.trainer.utils import add_fused_lm_head
 
-    from metis_hf.evaluation.loss import per_example_losses
     from metis_hf.tokenization import tokenize_dataset
+    from metis_hf.training.loss import per_example_losses
 
     rows = [
         {"prompt": "What is 2 + 3?\nAnswer:", "completion": " 5\n\n"},
@@ -142,8 +142,8 @@ def test_both_token_sets_from_one_forward(tiny_model, tiny_tokenizer):
     from datasets import Dataset
     from trl.trainer.utils import add_fused_lm_head
 
-    from metis_hf.evaluation.loss import per_example_losses_on
     from metis_hf.tokenization import tokenize_dataset
+    from metis_hf.training.loss import per_example_losses_on
 
     rows = [
         {"prompt": "What is 2 + 3?\nAnswer:", "completion": " 5\n\n"},

@@ -292,7 +292,7 @@ def test_apply_dense_deltas_folds_a_merged_delta_into_the_base():
 def test_loss_gaps_of_finished_adapters(tiny_tokenizer):
     from datasets import Dataset
 
-    from metis_hf.evaluation.loss import compute_loss_gaps, task_loss
+    from metis_hf.training.loss import compute_loss_gaps, task_loss
 
     model = _lora(make_tiny_model(len(tiny_tokenizer), seed=0), seed=1)
     model.add_adapter("second", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))

@@ -6,7 +6,7 @@ from metis_hf.recipe import (
     Recipe,
     RecipeError,
     apply_overrides,
-    compare_drops_training_params,
+    compare_merge_spec,
     default_recipe_path,
     load_recipe,
     lora_config_from_recipe,
@@ -64,7 +64,14 @@ def test_every_recipe_validates(path, tmp_path):
     recipe = load_recipe(path)
     config = metis_config_from_recipe(recipe, tmp_path, use_cpu=True)
     assert config.num_rounds >= 1 and recipe.tasks
-    assert compare_drops_training_params(recipe) is None  # its grid compares what it trains
+    # no setting stated twice: compare takes the training section's merge setting itself
+    training = config.merge_spec
+    restated = {
+        key: value
+        for key, value in recipe.compare.method_params.get(training.method, {}).items()
+        if training.params.get(key) == value
+    }
+    assert restated == {}
     assert lora_config_from_recipe(recipe).r >= 1
 
 
@@ -128,38 +135,40 @@ def test_compare_variants_resolve_and_bad_variants_are_named():
         compare(many_shot_methods=["tb@0.5"], variants={"ta@0.5": {"method": "task_arithmetic"}})
 
 
-@pytest.mark.bad_input
-def test_compare_names_training_merge_params_it_would_not_use(tmp_path):
-    from metis_hf.workflows.compare import Comparison
-    from metis_hf.workflows.plan import plan_recipe
+def test_compare_takes_the_training_merge_setting_unless_a_variant_states_another(tmp_path):
+    from metis_hf.merging.spec import MergeSpec
+    from metis_hf.workflows.compare_training import Run, RunTraining
 
-    def recipe(training, method_params=None, methods=("metis_robust", "task_arithmetic")):
+    def recipe(training, method_params=None, variants=None):
         tasks = [{"name": n} for n in ("a", "b", "c", "d")]
-        compare = {"many_shot_methods": list(methods), "method_params": method_params or {}}
+        methods = ["metis_robust", "task_arithmetic", "metis", *(variants or {})]
+        compare = {
+            "many_shot_methods": methods,
+            "method_params": method_params or {},
+            "variants": variants or {},
+        }
         return parse(Recipe, {"tasks": tasks, "training": training, "compare": compare})
 
     erased = {"merge_method": "metis_robust", "merge_params": {"gap_normalization": "erased", "delta": 0.3}}
-    message = compare_drops_training_params(recipe(erased))
-    # delta 0.3 is metis_robust's own default, so only the gap normalization is lost
-    assert message == (
-        "training sets {'gap_normalization': 'erased'} for metis_robust, but compare takes merge "
-        "parameters from compare.method_params only and would run metis_robust with "
-        "{'gap_normalization': 'relative'}; add them to compare.method_params.metis_robust (or state "
-        "another value there to compare another setting)."
+    # delta 0.3 is metis_robust's own default: only the gap normalization changes the merge
+    assert compare_merge_spec(recipe(erased), "metis_robust") == MergeSpec(
+        "metis_robust", {"gap_normalization": "erased"}
     )
-    with pytest.raises(RecipeError, match=r"^compare: training sets \{'gap_normalization': 'erased'\}"):
-        Comparison(recipe(erased), tmp_path / "cmp")
-    assert plan_recipe(recipe(erased))["problems"] == [f"compare: {message}"]
-    assert not (tmp_path / "cmp").exists()
-    stated = {"metis_robust": {"gap_normalization": "standardized"}}  # another setting, on purpose
-    assert compare_drops_training_params(recipe(erased, stated)) is None
-    assert compare_drops_training_params(recipe(erased, methods=["task_arithmetic"])) is None
+    args = RunTraining(recipe(erased), {}, tmp_path).args(tmp_path, Run("many_shot", 0, "metis_robust"))
+    assert args.merge_params["gap_normalization"] == "erased"  # what the grid's run trains with
+    stated = {
+        "metis_robust": {"gap_normalization": "standardized", "floor": 0.1}
+    }  # another setting, on purpose
+    assert compare_merge_spec(recipe(erased, stated), "metis_robust").params == stated["metis_robust"]
+    assert compare_merge_spec(recipe(erased), "task_arithmetic").params == {}  # not the training method
+    variant = {"r@plain": {"method": "metis_robust"}}  # a variant states its whole setting
+    assert compare_merge_spec(recipe(erased, variants=variant), "r@plain").params == {}
     # the paper's METIS settings are metis's defaults; a summing method's scale defaults to 1/T
     paper = {"merge_method": "metis", "merge_params": {"temperature": 2.0, "delta": 0.3, "k": 2, "beta": 1.0}}
-    assert compare_drops_training_params(recipe(paper, methods=["metis"])) is None
+    assert compare_merge_spec(recipe(paper), "metis").params == {}
     quarter = {"merge_method": "task_arithmetic", "merge_params": {"scale": 0.25}}
-    assert compare_drops_training_params(recipe(quarter)) is None
+    assert compare_merge_spec(recipe(quarter), "task_arithmetic").params == {}
     half = {"merge_method": "task_arithmetic", "merge_params": {"scale": 0.5}}
-    assert "would run task_arithmetic with {'scale': 0.25}" in compare_drops_training_params(recipe(half))
+    assert compare_merge_spec(recipe(half), "task_arithmetic").params == {"scale": 0.5}
     per_round = {"merge_method": "metis", "num_rounds": 2, "merge_params": {"temperature": [2.0, 1.0]}}
-    assert "{'temperature': 2.0}" in compare_drops_training_params(recipe(per_round, methods=["metis"]))
+    assert compare_merge_spec(recipe(per_round), "metis").params == {"temperature": [2.0, 1.0]}

@@ -765,9 +765,9 @@ def test_task_parallel_in_one_process_is_the_sequential_schedule(tmp_path, tiny_
 
 
 def _capture_merges(trainer):
-    """Wraps ``trainer._merge``: each merge's task adapters, G before it, parameters and result."""
+    """Wraps ``trainer.rounds.merge``: each merge's task adapters, G before it, parameters and result."""
     captured = []
-    merge_once = trainer._merge
+    merge_once = trainer.rounds.merge
 
     def spy(params, last_round):
         peft_model = trainer.peft_model
@@ -780,7 +780,7 @@ def _capture_merges(trainer):
         )
         return merged, truncation
 
-    trainer._merge = spy
+    trainer.rounds.merge = spy
     return captured
 
 
@@ -858,6 +858,63 @@ def test_scale_auto_chooses_the_lowest_validation_loss_each_round(tmp_path, tiny
         assert all(best <= multitask_loss(s) + 1e-6 for s in SCALE_CANDIDATES)
         chosen_scales.append(chosen)
     assert chosen_scales != [1.0, 1.0]  # not vacuous: the search moved off the placeholder
+
+
+def test_scale_auto_on_the_worst_task_minimises_the_largest_share_of_a_round_gain_lost(
+    tmp_path, tiny_tokenizer
+):
+    from metis_hf.merging.scale_search import SCALE_CANDIDATES
+    from metis_hf.merging.task_vectors import load_lora_state
+
+    trainer = _trainer(
+        tmp_path,
+        tiny_tokenizer,
+        merge_method="task_arithmetic",
+        merge_round_updates=True,
+        merge_params={"scale": "auto"},
+        scale_objective="worst_task",
+        learning_rate=3e-3,
+    )
+    captured = _capture_merges(trainer)
+    trainer.train()
+    peft_model = trainer.peft_model
+    objectives_differ = False
+    for merge in captured:
+        start, chosen = merge["start"], merge["params"]["scale"]
+        update = {k: sum(merge["adapters"][t][k] - start[k] for t in TRAIN) for k in start}
+
+        def task_losses(state):
+            load_lora_state(peft_model, state, "default")
+            peft_model.set_adapter("default")
+            return {t: _example_mean_loss(peft_model, tiny_tokenizer, list(VAL[t])) for t in VAL}
+
+        start_losses = task_losses(start)
+        local = {t: task_losses(merge["adapters"][t])[t] for t in VAL}
+        gained = [t for t in VAL if start_losses[t] > local[t]]
+        assert gained  # the tasks' own adapters improved on the start: the share is defined
+
+        def worst_lost(
+            scale, start=start, update=update, start_losses=start_losses, local=local, gained=gained
+        ):
+            merged = task_losses({k: start[k] + scale * update[k] for k in start})
+            share = max((merged[t] - local[t]) / (start_losses[t] - local[t]) for t in gained)
+            return share, sum(merged.values()) / len(merged)
+
+        tried = {scale: worst_lost(scale) for scale in (*SCALE_CANDIDATES, chosen)}
+        assert all(tried[chosen][0] <= share + 1e-5 for share, _ in tried.values())
+        objectives_differ |= min(tried, key=lambda s: tried[s][1]) != min(tried, key=lambda s: tried[s][0])
+    assert objectives_differ  # not vacuous: the mean loss would have chosen another scale somewhere
+
+
+def test_worst_share_lost_reads_only_tasks_whose_adapter_gained():
+    from metis_hf.training.round_merge import worst_share_lost
+
+    start = {"a": 2.0, "b": 1.0, "c": 0.5}
+    local = {"a": 1.0, "b": 0.5, "c": 0.7}  # c's own adapter got worse: no gain to lose
+    merged = {"a": 1.25, "b": 0.9, "c": 3.0}
+    # a lost 0.25 of its 1.0 gain, b 0.4 of its 0.5; c is not read
+    assert worst_share_lost(merged, start, local) == pytest.approx(0.8)
+    assert worst_share_lost(merged, start, {"a": 2.5, "b": 1.0, "c": 0.5}) == pytest.approx((1.25 + 0.9 + 3.0) / 3)
 
 
 @pytest.mark.bad_input

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from metis_hf.commands.options import add_set_option
+from metis_hf.scoring import METRICS
 
 
 def _names(text: str | None) -> list[str]:
@@ -29,7 +30,12 @@ def add_parsers(subparsers) -> None:
     ev.add_argument(
         "--experts", help="JSON of per-task expert scores (or an eval output): adds normalized scores."
     )
-    ev.add_argument("--metric", default="exact_match", help="exact_match or score, for normalized scores.")
+    ev.add_argument(
+        "--metric",
+        default="exact_match",
+        help="The metric normalized by --experts: "
+        + "; ".join(f"{m.name}: {m.help}" for m in METRICS.values()),
+    )
     ev.add_argument(
         "--harness", help="Comma-separated lm-evaluation-harness tasks (extra lm-eval), run in process."
     )

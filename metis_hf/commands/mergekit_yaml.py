@@ -19,7 +19,7 @@ def add_parsers(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from metis_hf.merging.mergekit_bridge import run_mergekit_yaml
+    from metis_hf.workflows.mergekit_yaml import run_mergekit_yaml
 
     run_mergekit_yaml(args.config, args.output_dir, args.mergekit_args)
     return 0

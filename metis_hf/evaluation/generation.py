@@ -10,8 +10,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from metis_hf.data import Task, exact_match, extract_answer
+from metis_hf.data import Task, extract_answer
 from metis_hf.logs import warn_once
+from metis_hf.scoring import METRICS
 
 logger = logging.getLogger(__name__)
 
@@ -81,31 +82,29 @@ def evaluation_rows(task: Task, split: str = "test", limit: int | None = None):
 
 
 def score_answers(task: Task, rows: Sequence[Mapping], answers: Sequence[str]) -> TaskScore:
-    """The task's score and exact match of ``answers``, one per row, in the rows' order.
+    """Every registered metric of ``answers``, one per row: per item, in the rows' order, and
+    their mean.
 
     A model's answer is untrusted input to the task's checker: an answer whose check raises
     (reasoning-gym's prime_factorization on "3 = 18") scores 0, and a warning counts them."""
-    scores, failures = [], []
-    for answer, row in zip(answers, rows, strict=True):
-        try:
-            scores.append(float(task.score(answer, row)))
-        except Exception as err:  # noqa: BLE001 - any checker's error on any answer
-            scores.append(0.0)
-            failures.append(f"{answer!r} ({type(err).__name__}: {err})")
-    if failures:
-        logger.warning(
-            f"Task {task.name!r}: the answer checker raised on {len(failures)} of {len(rows)} answers, "
-            f"each scored 0; the first: {failures[0]}."
-        )
-    matches = [float(exact_match(a, row["answer"])) for a, row in zip(answers, rows, strict=True)]
-    return TaskScore(
-        task.name,
-        sum(scores) / len(rows),
-        sum(matches) / len(rows),
-        len(rows),
-        item_scores=scores,
-        item_exact_matches=matches,
-    )
+    items: dict[str, list[float]] = {}
+    for metric in METRICS.values():
+        values, failures = [], []
+        for answer, row in zip(answers, rows, strict=True):
+            try:
+                values.append(metric.of_item(task, answer, row))
+            except Exception as err:  # noqa: BLE001 - any checker's error on any answer
+                values.append(0.0)
+                failures.append(f"{answer!r} ({type(err).__name__}: {err})")
+        if failures:
+            logger.warning(
+                f"Task {task.name!r}: the answer checker raised on {len(failures)} of {len(rows)} answers, "
+                f"each scored 0; the first: {failures[0]}."
+            )
+        items[metric.name] = values
+    means = {name: sum(values) / len(rows) for name, values in items.items()}
+    per_item = {METRICS[name].item_field: values for name, values in items.items()}
+    return TaskScore(task.name, n=len(rows), **means, **per_item)
 
 
 def answers_over_budget(tokenizer, answers: Sequence[str], max_new_tokens: int) -> list[int]:

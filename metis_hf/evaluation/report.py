@@ -279,7 +279,7 @@ def round_summaries(by_seed: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict
     """Per round, over seeds: the mean mask density (the share of coordinates the merge kept; near
     0 means the merge collapsed), the mean multi-task validation loss, and the range of the merge
     weights alpha."""
-    from metis_hf.training.rounds import RoundRecord
+    from metis_hf.round_record import RoundRecord
 
     out = []
     for index in range(min(len(rounds) for rounds in by_seed)):
@@ -636,7 +636,7 @@ def plot_round_curves(report: Mapping[str, Any], path: Path) -> bool:
         return False
     tasks = report["tasks"]
 
-    from metis_hf.training.rounds import RoundRecord
+    from metis_hf.round_record import RoundRecord
 
     def mean_curve(rows: Sequence[Mapping[str, Any]], value: Callable[[RoundRecord], Any]) -> list[float]:
         """The mean over seeds of ``value(record)`` per round (nan where a record lacks it)."""

@@ -16,11 +16,10 @@ from typing import Any
 
 from metis_hf.data import Task, TaskSpec
 from metis_hf.evaluation.generation import TaskScore, score_task
-from metis_hf.evaluation.loss import task_losses
 from metis_hf.hub import ALL_TASKS, CardResult, read_card_info, write_card
 from metis_hf.models import load_model, load_tokenizer
-
-SCORE_FIELDS = ("score", "exact_match")
+from metis_hf.scoring import get_metric
+from metis_hf.training.loss import task_losses
 
 
 def card_results(
@@ -168,8 +167,7 @@ def evaluate_model(
 
 
 def scores_of(results: Mapping[str, TaskScore], field: str = "score") -> dict[str, float]:
-    if field not in SCORE_FIELDS:
-        raise ValueError(f"Unknown score field {field!r}; choose one of {SCORE_FIELDS}.")
+    get_metric(field)
     return {task: float(getattr(r, field)) for task, r in results.items()}
 
 
@@ -248,8 +246,7 @@ def run_eval(
         raise ValueError("Give --recipe or --tasks, not both.")
     if not (recipe or tasks or harness):
         raise ValueError("Nothing to evaluate: give --tasks, --recipe or --harness.")
-    if metric not in SCORE_FIELDS:
-        raise ValueError(f"Unknown metric {metric!r}; choose one of {SCORE_FIELDS}.")
+    get_metric(metric)
     card_info = read_card_info(model) if card and Path(model).is_dir() else None
     if card and card_info is None:
         raise ValueError(f"--card: {model} is not a folder that metis-hf wrote (it has no metis_card.json).")

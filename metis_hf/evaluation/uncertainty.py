@@ -20,13 +20,14 @@ from typing import Any
 
 import numpy as np
 
-ITEM_FIELDS = {"score": "item_scores", "exact_match": "item_exact_matches"}
+from metis_hf.scoring import get_metric
+
 REPLICATES = 2000
 
 
 def item_values(run: Mapping[str, Any], task: str, metric: str) -> np.ndarray | None:
     """A run's per-item values of ``metric`` on ``task`` (None where it has none)."""
-    values = run["scores"].get(task, {}).get(ITEM_FIELDS.get(metric, ""))
+    values = run["scores"].get(task, {}).get(get_metric(metric).item_field)
     return np.asarray(values, dtype=np.float64) if values else None
 
 

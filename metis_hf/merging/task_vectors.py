@@ -154,6 +154,17 @@ def lora_scaling(rank: int, lora_alpha: float, use_rslora: bool = False) -> floa
     return lora_alpha / (math.sqrt(rank) if use_rslora else rank)
 
 
+def lora_config_at_rank(config: Mapping[str, Any], rank: int) -> dict[str, Any]:
+    """A copy of a PEFT adapter config at rank ``rank`` with the same scaling (its ``lora_alpha``
+    rescaled): the config of a merge whose output rank differs from its inputs'."""
+    out = dict(config)
+    if rank != config["r"]:
+        rslora = config.get("use_rslora", False)
+        scaling = lora_scaling(config["r"], config["lora_alpha"], rslora)
+        out.update(r=rank, lora_alpha=scaling * (math.sqrt(rank) if rslora else rank))
+    return out
+
+
 # --- dense delta space -----------------------------------------------------------------------
 
 

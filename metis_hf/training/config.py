@@ -12,14 +12,16 @@ import torch
 from trl import SFTConfig
 
 from metis_hf.merging import get_merge_method
+from metis_hf.merging.spec import MergeSpec
 from metis_hf.merging.task_vectors import check_method_space, check_space
 from metis_hf.redact import register_secret
-from metis_hf.training.rounds import check_merge_settings, is_per_round
+from metis_hf.training.rounds import check_merge_settings
 
 PROTOCOLS = ("many_shot", "post_hoc")
 TASK_SCHEDULES = ("sequential", "interleaved", "parallel", "task_parallel")
 ROUND_LR_SCHEDULES = ("linear", "linear_across_rounds", "constant")
 GAP_TOKENS = ("trained", "completion")
+SCALE_OBJECTIVES = ("multitask_loss", "worst_task")
 # Past these a run cannot finish (and its round plan would not fit in memory): a typo, not a recipe.
 MAX_ROUNDS = 10_000
 MAX_LOCAL_STEPS = 1_000_000
@@ -100,6 +102,17 @@ class MetisConfig(SFTConfig):
             "r), added to the base weights, and every adapter restarted from zero; the result is "
             "saved as one adapter of the rounds' summed rank. A scale (or METIS's beta) of 'auto' "
             "is chosen every round on the validation loss.",
+        },
+    )
+    scale_objective: str = field(
+        default="multitask_loss",
+        metadata={
+            "help": "What a scale of 'auto' minimises each round, on the validation data: "
+            "'multitask_loss', the merged adapter's mean loss over tasks; 'worst_task', the largest "
+            "share of its round's gain any task loses in the merge, (merged - local) / (start - "
+            "local) on each task's loss, where start is the merged adapter the round began from and "
+            "local the task's own adapter after the round.",
+            "choices": list(SCALE_OBJECTIVES),
         },
     )
     reset_optimizer_each_round: bool = field(
@@ -197,8 +210,7 @@ class MetisConfig(SFTConfig):
                 f"round_lr_schedule must be one of {ROUND_LR_SCHEDULES}, got {self.round_lr_schedule!r}."
             )
         if self.merge_space is None:
-            on_matrices = get_merge_method(self.merge_method).operates_on == "matrices"
-            self.merge_space = "core" if on_matrices else "lora"
+            self.merge_space = MergeSpec(self.merge_method).default_space
         try:
             self.merge_space = check_space(self.merge_space)
         except ValueError as err:
@@ -228,6 +240,10 @@ class MetisConfig(SFTConfig):
             self.gap_batch_size = self.per_device_train_batch_size
         if self.gap_batch_size < 1:
             raise ValueError(f"gap_batch_size must be >= 1, got {self.gap_batch_size}.")
+        if self.scale_objective not in SCALE_OBJECTIVES:
+            raise ValueError(
+                f"scale_objective must be one of {SCALE_OBJECTIVES}, got {self.scale_objective!r}."
+            )
         if self.gap_tokens not in GAP_TOKENS:
             raise ValueError(f"gap_tokens must be one of {GAP_TOKENS}, got {self.gap_tokens!r}.")
         self._merge_params_from_aliases()
@@ -296,11 +312,16 @@ class MetisConfig(SFTConfig):
             )
         counts = {self.num_rounds, 1}
         for name, value in self.merge_params.items():
-            if is_per_round(self.merge_method, name, value) and len(value) not in counts:
+            if self.merge_spec.is_per_round(name) and len(value) not in counts:
                 raise ValueError(
                     f"{name} has {len(value)} values for {self.num_rounds} rounds (give one, or one per round)."
                 )
         check_merge_settings(self, [f"task{i}" for i in range(self._probe_task_count())])
+
+    @property
+    def merge_spec(self) -> MergeSpec:
+        """The merge setting: ``merge_method`` with ``merge_params`` (the alias fields folded in)."""
+        return MergeSpec(self.merge_method, self.merge_params)
 
     def _probe_task_count(self) -> int:
         """A task count the merge parameters fit before the real tasks are known: that of a

@@ -11,9 +11,9 @@ adapters start from one LoRA initialisation. The extension points used, all publ
 * ``create_optimizer``: one AdamW over every task adapter. A parameter without a gradient is
   skipped by AdamW, so each task keeps its own moments and step count;
 * ``create_scheduler``: linear decay to 0 within each task's round (the reference's);
-* a callback: after the last step of a round, measure the loss gaps, merge, write the merge into
-  every adapter in place (parameter identity kept), reset the optimizer's moments, log the round;
-  on save, add the round state to the checkpoint.
+* a callback: after the last step of a round, ``RoundMerger`` (round_merge.py) measures the loss
+  gaps, merges, writes the merge into every adapter in place (parameter identity kept), resets the
+  optimizer's moments and logs the round; on save, the round state goes into the checkpoint.
 
 ``train_to_branch_point`` stops a run before a round's merge and checkpoints it there; runs that
 differ only in how they merge resume from that checkpoint (``train(resume_from_checkpoint=...)``)
@@ -34,35 +34,29 @@ from typing import Any
 import torch
 from datasets import Dataset, concatenate_datasets
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file, save_file
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
-from metis_hf.evaluation.loss import per_example_losses_on
-from metis_hf.files import write_text_atomic
-from metis_hf.hub import CITATION
 from metis_hf.merging import get_merge_method
-from metis_hf.merging.scale_search import AUTO, search_scale, searched_scale
+from metis_hf.merging.scale_search import AUTO
 from metis_hf.merging.task_vectors import (
     load_lora_state,
     lora_parameters,
-    lora_scaling,
-    merge_lora_states,
 )
 from metis_hf.models import load_model, load_tokenizer
+from metis_hf.paper import ARXIV_ID, CITATION, TITLE
 from metis_hf.tokenization import tokenize_dataset
-from metis_hf.training import fold
 from metis_hf.training.config import MetisConfig
+from metis_hf.training.lora import check_lora_config, default_lora_config
 from metis_hf.training.plan import FixedOrderSampler, RoundPlan
-from metis_hf.training.rounds import RoundRecord, check_merge_settings, merge_parameters
+from metis_hf.training.round_merge import MERGED, RoundMerger
+from metis_hf.training.rounds import check_merge_settings
 
 logger = logging.getLogger(__name__)
 
-MERGED = "default"  # PEFT's default adapter name: the merged adapter G is what gets saved and loaded
 STATE_FILE = "metis_state.json"
-ROUNDS_FILE = "rounds.jsonl"
 # MetisConfig fields a pushed adapter's card lists under "Training settings".
 CARD_SETTINGS = (
     "protocol",
@@ -88,6 +82,7 @@ MERGE_ONLY_SETTINGS = frozenset(
         "merge_params",
         "merge_space",
         "merge_round_updates",
+        "scale_objective",
         "temperature",
         "delta",
         "k",
@@ -113,18 +108,6 @@ MERGE_ONLY_SETTINGS = frozenset(
 )
 
 
-def default_lora_config() -> LoraConfig:
-    """The reference's LoRA: r 16, alpha 16, no dropout, no bias, attention projections."""
-    return LoraConfig(
-        r=16,
-        lora_alpha=16,
-        lora_dropout=0.0,
-        bias="none",
-        task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-    )
-
-
 class MetisTrainer(SFTTrainer):
     """Alternates SFT steps across per-task LoRA adapters and merges them every round.
 
@@ -141,8 +124,8 @@ class MetisTrainer(SFTTrainer):
     _tag_names = ["trl", "sft", "metis", "model-merging"]
     _name = "METIS"
     _paper = {
-        "title": "Post-Hoc Merging is Not Enough: Many-Shot Model Merging with Loss-Gap Balancing",
-        "id": "2606.16501",
+        "title": TITLE,
+        "id": ARXIV_ID,
         "citation": CITATION,
     }
 
@@ -166,8 +149,8 @@ class MetisTrainer(SFTTrainer):
             raise ValueError(f"peft_config must be a peft.LoraConfig, got {type(peft_config).__name__}.")
         check_lora_config(peft_config)
         self._parallel = args.task_schedule == "parallel"
-        self._task_parallel = args.task_schedule == "task_parallel"
-        if self._task_parallel:
+        self.task_parallel = args.task_schedule == "task_parallel"
+        if self.task_parallel:
             # Each process's loss is normalised by its own tokens: no process averages with another.
             args.average_tokens_across_devices = False
             if args.save_strategy != "no" and not args.reset_optimizer_each_round:
@@ -233,16 +216,10 @@ class MetisTrainer(SFTTrainer):
             combined.append(self.train_parts[t])
             self.task_ranges.append(range(start, start + len(self.train_parts[t])))
             start += len(self.train_parts[t])
-        self._merged_val_losses: dict[str, float] | None = None
-        self._merged_gap_losses: dict[str, float] | None = None  # under gap_tokens='completion'
-        self._base_gap_losses: dict[str, float] | None = None  # for merges that read base_losses
-        self.round_records: list[dict[str, Any]] = []
         self._branch_round: int | None = None  # train_to_branch_point: stop before this round's merge
         self._pending_merge: int | None = None  # resumed from a branch point: merge this round first
-        # merge_round_updates in the core space: the adapters' start, to which each merge resets them,
-        # and every round's merged update, folded into the base weights
-        self._initial_lora = {k: p.detach().clone() for k, p in lora_parameters(peft_model, MERGED).items()}
-        self._folded: list[fold.Factors] = []
+        # The adapters' common start, before SFTTrainer prepares the model.
+        initial_lora = {k: p.detach().clone() for k, p in lora_parameters(peft_model, MERGED).items()}
         # Ours first: a round's merge and a checkpoint's round state precede what user callbacks see.
         callbacks = [_RoundCallback(self), *(callbacks or [])]
         super().__init__(
@@ -259,6 +236,12 @@ class MetisTrainer(SFTTrainer):
                 f"SFTTrainer kept {len(self.train_dataset)} of the {start} training rows; MetisTrainer's "
                 "task ranges would point at other tasks' rows."
             )
+        self.rounds = RoundMerger(self, initial_lora)
+
+    @property
+    def round_records(self) -> list[dict[str, Any]]:
+        """Every merged round so far, as flat ``merge/...`` keys (``RoundRecord.to_log``)."""
+        return self.rounds.records
 
     # --- extension points ---------------------------------------------------------------------
 
@@ -269,14 +252,14 @@ class MetisTrainer(SFTTrainer):
         )
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self._task_parallel:  # this process's task; its gradients stay here (no all-reduce)
-            self._activate(
+        if self.task_parallel:  # this process's task; its gradients stay here (no all-reduce)
+            self.activate(
                 self.task_names[self.plan.step(self.state.global_step, self.args.process_index).task]
             )
             with self.accelerator.no_sync(model):
                 return super().training_step(model, inputs, num_items_in_batch)
         if not self._parallel:
-            self._activate(self.task_names[self.plan.step(self.state.global_step).task])
+            self.activate(self.task_names[self.plan.step(self.state.global_step).task])
             return super().training_step(model, inputs, num_items_in_batch)
         # Parallel: rows come in per-task blocks of `_rows_per_task`; route each block to its adapter
         # (PEFT's mixed-batch forward, reached through the same kind of pre-forward hook PEFT uses
@@ -286,7 +269,7 @@ class MetisTrainer(SFTTrainer):
         for t in range(len(self.task_names)):
             self._step_tokens[t] += int((labels[t * rows : (t + 1) * rows] != -100).sum())
         names = [task for task in self.task_names for _ in range(rows)][: labels.shape[0]]
-        handles = self._route_rows(names)
+        handles = _route_rows(self.peft_model, names)
         try:
             return super().training_step(model, inputs, num_items_in_batch)
         finally:
@@ -325,34 +308,12 @@ class MetisTrainer(SFTTrainer):
                 raise ValueError(f"No checkpoint found in {self.args.output_dir} to resume from.")
         if path:
             state = self._checkpoint_state(str(path))
-            self._refold(str(path))
-            self._merged_val_losses = state["merged_val_losses"]
-            self._merged_gap_losses = state.get("merged_gap_losses")
-            self._base_gap_losses = state.get("base_gap_losses")
-            self.round_records = state["round_records"]
+            self.rounds.restore(state, str(path))
             self._pending_merge = state.get("pending_merge")
-        self._reset_rounds_file(keep=len(self.round_records) if path else 0)
+        self.rounds.reset_rounds_file(keep=len(self.round_records) if path else 0)
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-        self._activate(MERGED)
+        self.activate(MERGED)
         return output
-
-    @property
-    def _folds(self) -> bool:
-        """Round updates merged in the core space and folded into the base weights."""
-        return self.args.merge_round_updates and self.args.merge_space != "lora"
-
-    def _refold(self, path: str) -> None:
-        """A resumed run's base weights: the fresh base plus the checkpoint's folded rounds."""
-        if not self._folds:
-            return
-        if self._folded:
-            raise RuntimeError(
-                "this trainer already folded rounds into its base model: build a new one to resume"
-            )
-        folded = os.path.join(path, fold.FOLDED_FILE)
-        self._folded = fold.from_tensors(load_file(folded)) if os.path.isfile(folded) else []
-        for factors in self._folded:
-            fold.fold(self.peft_model, factors, 1.0)
 
     def _checkpoint_state(self, path: str) -> dict[str, Any]:
         """A checkpoint's round state, refused unless this run continues it exactly: the same
@@ -407,8 +368,8 @@ class MetisTrainer(SFTTrainer):
             return None
         peft_model = self.peft_model
         os.makedirs(output_dir, exist_ok=True)
-        if self._folded:
-            self._save_folded_adapter(output_dir)
+        if self.rounds.folded:
+            self.rounds.save_folded_adapter(output_dir)
         else:
             peft_model.save_pretrained(output_dir, selected_adapters=[MERGED])
         self.processing_class.save_pretrained(output_dir)
@@ -486,19 +447,6 @@ class MetisTrainer(SFTTrainer):
 
     # --- rounds -------------------------------------------------------------------------------
 
-    def _route_rows(self, adapter_names: list[str]) -> list:
-        from peft.tuners.lora import LoraLayer
-
-        def hook(module, args, kwargs):
-            kwargs["adapter_names"] = adapter_names
-            return args, kwargs
-
-        return [
-            m.register_forward_pre_hook(hook, with_kwargs=True)
-            for m in self.peft_model.modules()
-            if isinstance(m, LoraLayer)
-        ]
-
     def _per_task_gradients(self, optimizer, args, kwargs) -> None:
         """Parallel schedule, before each optimizer step: the batch loss was normalised by every
         task's tokens together; adapter t's gradient comes from its own rows only, so scaling it by
@@ -521,7 +469,7 @@ class MetisTrainer(SFTTrainer):
     def peft_model(self) -> PeftModel:
         return self.accelerator.unwrap_model(self.model)
 
-    def _activate(self, adapter: str) -> None:
+    def activate(self, adapter: str) -> None:
         """Make ``adapter`` the one the forward uses. PEFT's set_adapter also switches off the
         gradients of the others; the task adapters keep theirs (the optimizer holds them all, and
         under DDP every rank must agree on which parameters require gradients)."""
@@ -531,246 +479,6 @@ class MetisTrainer(SFTTrainer):
             for task in self.task_names:
                 for p in lora_parameters(peft_model, task).values():
                     p.requires_grad_(True)
-
-    def _val_losses(self, adapter: str | None) -> tuple[dict[str, float], dict[str, float] | None]:
-        """Mean validation loss per task of ``adapter`` (None: each task's own adapter) on the
-        trained tokens and, when the gaps use the completion tokens instead, on those too (the same
-        forward gives both)."""
-        token_sets = ["completion" if self.args.completion_only_loss else "all"]
-        if self._separate_gap_tokens:
-            token_sets.append("completion")
-        trained: dict[str, float] = {}
-        completion: dict[str, float] = {}
-        for task in self._owned_tasks():
-            self._activate(adapter or task)
-            losses = per_example_losses_on(
-                self.peft_model,
-                self.validation[task],
-                token_sets,
-                self.args.gap_batch_size,
-                fused=True,  # SFTTrainer patched the model: the training loss's own kernel, no full logits
-            )
-            trained[task] = float(losses[0].mean())
-            if len(losses) > 1:
-                completion[task] = float(losses[1].mean())
-        if self._task_parallel and self.args.world_size > 1:  # each process measured its own tasks
-            gathered: list[Any] = [None] * self.args.world_size
-            torch.distributed.all_gather_object(gathered, (trained, completion))
-            trained = {t: v for part, _ in gathered for t, v in part.items()}
-            completion = {t: v for _, part in gathered for t, v in part.items()}
-            trained = {t: trained[t] for t in self.task_names}  # the tasks' order, not the owners'
-            completion = {t: completion[t] for t in self.task_names if t in completion}
-        return trained, (completion if len(token_sets) > 1 else None)
-
-    def _owned_tasks(self) -> list[str]:
-        """The tasks this process trains and measures (all of them but in task_parallel)."""
-        if not self._task_parallel:
-            return self.task_names
-        return [self.task_names[t] for t in self.plan.process_tasks[self.args.process_index]]
-
-    def _exchange_task_adapters(self) -> int:
-        """task_parallel, at a round's end: every task adapter goes from the process that trained
-        it to all the others (one broadcast of its flattened factors); returns the bytes sent."""
-        sent = 0
-        for index, task in enumerate(self.task_names):
-            params = list(lora_parameters(self.peft_model, task).values())
-            flat = torch.cat([p.detach().reshape(-1) for p in params])
-            torch.distributed.broadcast(flat, src=self.plan.owner(index))
-            sent += flat.numel() * flat.element_size()
-            offset = 0
-            for p in params:
-                p.copy_(flat[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
-        return sent
-
-    @property
-    def _separate_gap_tokens(self) -> bool:
-        """The gaps use other tokens than training (completion tokens under all-token training)."""
-        return self.args.gap_tokens == "completion" and not self.args.completion_only_loss
-
-    @torch.no_grad()
-    def _end_round(self, round_index: int) -> None:
-        """After a round's last step: measure the loss gaps, merge, record the round."""
-        previous_adapter = self.peft_model.active_adapter
-        exchanged = None
-        if self._task_parallel:  # one process alone holds every adapter already
-            exchanged = self._exchange_task_adapters() if self.args.world_size > 1 else 0
-        gaps = self._measure_gaps() if self.validation else None
-        params, alphas = merge_parameters(
-            self.args,
-            self.args.merge_method,
-            self.task_names,
-            round_index,
-            gaps and gaps["gaps"],
-            gaps and gaps["before"],
-            {t: len(self.train_parts[t]) for t in self.task_names},
-            gaps and gaps["base"],
-        )
-        searched = searched_scale(params)
-        merged, truncation = self._merge(params, last_round=round_index == self.plan.rounds - 1)
-        if searched:  # _merge put the chosen scale in params
-            alphas = get_merge_method(self.args.merge_method).weights_of(params, len(self.task_names))
-        total = sum(v.numel() for v in merged.values())
-        record = RoundRecord(
-            round=round_index + 1,
-            mask_density=sum(int(torch.count_nonzero(v)) for v in merged.values()) / total,
-            alphas=dict(zip(self.task_names, alphas)),
-            truncation_error=truncation,
-            exchanged_bytes=exchanged,
-            scale=params[searched] if searched else None,
-        )
-        if gaps is not None:
-            self._merged_val_losses, self._merged_gap_losses = self._val_losses(MERGED)
-            record.loss_gaps, record.val_loss_local = gaps["gaps"], gaps["local"]
-            record.val_loss_merged = self._merged_val_losses
-            record.base_loss = gaps["base"]
-            record.multitask_loss = sum(self._merged_val_losses.values()) / len(self.task_names)
-            if self._separate_gap_tokens:
-                record.completion_loss_merged = self._merged_gap_losses
-                record.completion_loss_local = gaps["local_gap"]
-        self._activate(previous_adapter)
-        if self.args.reset_optimizer_each_round and self.optimizer is not None:
-            inner = getattr(self.optimizer, "optimizer", self.optimizer)
-            inner.state.clear()
-        self._record_round(record)
-
-    def _measure_gaps(self) -> dict[str, dict[str, float]]:
-        """Each task's loss gap: the merged adapter's validation loss (``before``) minus the task
-        adapter's (``local``; ``local_gap`` on the gap's tokens); and for methods that use them,
-        the base model's losses on the gap's tokens (``base``, measured once per run)."""
-        # Round 1: G_0, the shared initial adapter (or a checkpoint saved without gap losses).
-        separate = self._separate_gap_tokens
-        if self._merged_val_losses is None or (separate and self._merged_gap_losses is None):
-            self._merged_val_losses, self._merged_gap_losses = self._val_losses(MERGED)
-        local, local_gap = self._val_losses(None)
-        before, after = (self._merged_gap_losses, local_gap) if separate else (self._merged_val_losses, local)
-        method = get_merge_method(self.args.merge_method)
-        if self._base_gap_losses is None and method.needs_base_losses(self.args.merge_params):
-            self._activate(MERGED)
-            with self.peft_model.disable_adapter():  # the base model, once per run
-                base, base_gap = self._val_losses(MERGED)
-            self._base_gap_losses = base_gap if separate else base
-        return {
-            "gaps": {t: before[t] - after[t] for t in self.task_names},
-            "before": before,
-            "base": self._base_gap_losses,
-            "local": local,
-            "local_gap": local_gap,
-        }
-
-    def _merge(
-        self, params: dict[str, Any], last_round: bool
-    ) -> tuple[dict[str, torch.Tensor], float | None]:
-        """Merge the task adapters into G and write G into every adapter. After the last round
-        the task adapters keep their local results: for post-hoc runs these are the experts.
-
-        With ``merge_round_updates`` the round's updates are merged (each task adapter minus G) and
-        added to G; ``scale: auto`` then chooses the update's scale on the validation loss, and
-        ``params["scale"]`` is set to the scale chosen."""
-        peft_model = self.peft_model
-        states = [{k: p.detach() for k, p in lora_parameters(peft_model, t).items()} for t in self.task_names]
-        config = peft_model.peft_config[MERGED]
-        if self._folds:
-            return self._merge_and_fold(states, params, last_round), 0.0
-        start = None
-        if self.args.merge_round_updates:
-            start = {k: p.detach().clone() for k, p in lora_parameters(peft_model, MERGED).items()}
-            states = [{k: state[k] - start[k] for k in state} for state in states]
-        searched = searched_scale(params)
-        merged, truncation = merge_lora_states(
-            self.args.merge_method,
-            states,
-            space=self.args.merge_space,
-            rank=config.r,
-            scaling=lora_scaling(config.r, config.lora_alpha, config.use_rslora),
-            names=self.task_names,
-            **{**params, searched: 1.0} if searched else params,
-        )
-        if start is not None:
-            update = merged  # every method's scale multiplies its result: one merge serves every candidate
-            if searched:
-                params[searched], _ = search_scale(
-                    lambda scale: self._multitask_loss_at(start, update, scale)
-                )
-            factor = params[searched] if searched else 1.0
-            merged = {k: start[k] + factor * update[k] for k in start}
-        for adapter in (MERGED,) if last_round else (MERGED, *self.task_names):
-            load_lora_state(peft_model, merged, adapter)
-        return merged, truncation
-
-    def _merge_and_fold(
-        self, states: list[dict[str, torch.Tensor]], params: dict[str, Any], last_round: bool
-    ) -> dict[str, torch.Tensor]:
-        """The round's merged update, exact in the core space, added to the base weights (at the
-        scale searched on validation loss under ``auto``); every adapter then starts from zero
-        again, the task adapters after the last round excepted (they keep their local results)."""
-        peft_model = self.peft_model
-        config = peft_model.peft_config[MERGED]
-        searched = searched_scale(params)
-        factors = fold.merged_round_update(
-            self.args.merge_method,
-            states,
-            scaling=lora_scaling(config.r, config.lora_alpha, config.use_rslora),
-            names=self.task_names,
-            **{**params, searched: 1.0} if searched else params,
-        )
-        for adapter in (MERGED,) if last_round else (MERGED, *self.task_names):
-            load_lora_state(peft_model, self._initial_lora, adapter)  # B = 0: the base alone
-        factor = 1.0
-        if searched:
-            applied = 0.0
-
-            def loss_at(scale: float) -> float:
-                nonlocal applied
-                fold.fold(peft_model, factors, scale - applied)
-                applied = scale
-                return self._merged_multitask_loss()
-
-            params[searched], _ = search_scale(loss_at)
-            factor = params[searched]
-            fold.fold(peft_model, factors, factor - applied)
-        else:
-            fold.fold(peft_model, factors, factor)
-        self._folded.append({prefix: (factor * b, a) for prefix, (b, a) in factors.items()})
-        return {
-            f"{prefix}.lora_{side}.weight": t
-            for prefix, pair in factors.items()
-            for side, t in zip("BA", pair)
-        }
-
-    def _multitask_loss_at(
-        self, start: dict[str, torch.Tensor], update: dict[str, torch.Tensor], scale: float
-    ) -> float:
-        """The mean validation loss over tasks of G = ``start + scale * update``, written into G."""
-        load_lora_state(self.peft_model, {k: start[k] + scale * update[k] for k in start}, MERGED)
-        return self._merged_multitask_loss()
-
-    def _merged_multitask_loss(self) -> float:
-        """The merged adapter's mean validation loss over tasks: what a scale search minimises."""
-        losses, _ = self._val_losses(MERGED)
-        return sum(losses.values()) / len(losses)
-
-    def _record_round(self, record: RoundRecord) -> None:
-        """Keep the round (checkpoints and results read ``round_records``), log it to the trackers
-        and append it to ``rounds.jsonl``."""
-        row = record.to_log()
-        self.round_records.append(row)
-        self.log(dict(row))
-        if self.is_world_process_zero():
-            os.makedirs(self.args.output_dir, exist_ok=True)
-            with open(os.path.join(self.args.output_dir, ROUNDS_FILE), "a") as handle:
-                handle.write(json.dumps({"step": self.state.global_step, **row}) + "\n")
-
-    def _reset_rounds_file(self, keep: int) -> None:
-        """``rounds.jsonl`` holds this run's rounds only: a fresh run starts it anew, a resumed run
-        keeps the rounds its checkpoint had finished (later lines would be logged again)."""
-        path = os.path.join(self.args.output_dir, ROUNDS_FILE)
-        if not self.is_world_process_zero() or not os.path.exists(path):
-            return
-        lines = open(path).read().splitlines(keepends=True)[:keep]
-        if not keep:
-            logger.warning("%s: replacing the rounds of an earlier run in this output_dir.", path)
-        write_text_atomic(path, "".join(lines))
 
     def _at_branch_point(self) -> bool:
         branch = self._branch_round
@@ -782,26 +490,13 @@ class MetisTrainer(SFTTrainer):
             "round_ends": self.plan.round_ends,
             "world_size": self.args.world_size,
             "global_step": self.state.global_step,
-            "merged_val_losses": self._merged_val_losses,
-            "merged_gap_losses": self._merged_gap_losses,
-            "base_gap_losses": self._base_gap_losses,
-            "round_records": self.round_records,
+            **self.rounds.state(),
             # A trunk's checkpoint at its branch point: the merge there is the resumed run's first act.
             "pending_merge": self._branch_round if self._at_branch_point() else None,
         }
         with open(os.path.join(checkpoint_dir, STATE_FILE), "w") as handle:
             json.dump(state, handle, indent=2)
-        if self._folded:  # the base weights are not in the checkpoint: the updates folded into them are
-            save_file(fold.to_tensors(self._folded), os.path.join(checkpoint_dir, fold.FOLDED_FILE))
-
-    def _save_folded_adapter(self, output_dir: str) -> None:
-        """The rounds' folded updates as one LoRA adapter on the original base model: their factors
-        stacked (rank: the rounds' ranks summed; scaling 1)."""
-        state, rank = fold.stacked_adapter(self._folded)
-        config = copy.deepcopy(self.peft_model.peft_config[MERGED])
-        config.r, config.lora_alpha, config.use_rslora = rank, rank, False
-        config.save_pretrained(output_dir)
-        save_file(state, os.path.join(output_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+        self.rounds.save_folded(checkpoint_dir)
 
     def _save_merged_model(self, output_dir: str) -> None:
         merged = copy.deepcopy(self.peft_model)
@@ -820,21 +515,21 @@ class _RoundCallback(TrainerCallback):
         trainer = self.trainer
         if trainer._pending_merge is not None:  # resumed from a branch point: its merge comes first
             round_index, trainer._pending_merge = trainer._pending_merge, None
-            trainer._end_round(round_index)
+            trainer.rounds.end_round(round_index)
 
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self.trainer
         if state.global_step not in trainer.plan.round_ends:
-            if trainer._task_parallel:  # mid-round, each process holds only its own tasks' adapters
+            if trainer.task_parallel:  # mid-round, each process holds only its own tasks' adapters
                 control.should_save = False
             return
         round_index = trainer.plan.round_ends.index(state.global_step)
-        if trainer._task_parallel and args.save_strategy != "no":
+        if trainer.task_parallel and args.save_strategy != "no":
             control.should_save = True  # the adapters are in sync at a round's end only: save there
         if round_index == trainer._branch_round:
             control.should_save = control.should_training_stop = True
             return
-        trainer._end_round(round_index)
+        trainer.rounds.end_round(round_index)
 
     def on_save(self, args, state, control, **kwargs):
         if self.trainer.is_world_process_zero():
@@ -843,22 +538,20 @@ class _RoundCallback(TrainerCallback):
                 self.trainer._save_round_state(folder)
 
 
-def check_lora_config(config: LoraConfig, where: str = "peft_config") -> None:
-    """What a LoRA config must hold for a run: a positive integer rank, a positive finite alpha, a
-    dropout in [0, 1), and only LoRA factors to train (no DoRA magnitudes or full-weight copies)."""
-    r, alpha, dropout = config.r, config.lora_alpha, config.lora_dropout
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"{where}.r must be an integer >= 1, got {r!r}.")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
-        raise ValueError(f"{where}.lora_alpha must be a positive number, got {alpha!r}.")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(f"{where}.lora_dropout must be in [0, 1), got {dropout!r}.")
-    for option in ("use_dora", "modules_to_save", "trainable_token_indices"):
-        if getattr(config, option, None):
-            raise ValueError(
-                f"{where}.{option} is not supported: its tensors are not LoRA factors, and "
-                "MetisTrainer merges LoRA A and B only (they would never be merged)."
-            )
+def _route_rows(peft_model: PeftModel, adapter_names: list[str]) -> list:
+    """Forward each batch row through its own adapter (PEFT's mixed-batch forward); returns the
+    hooks' handles, to remove after the step."""
+    from peft.tuners.lora import LoraLayer
+
+    def hook(module, args, kwargs):
+        kwargs["adapter_names"] = adapter_names
+        return args, kwargs
+
+    return [
+        m.register_forward_pre_hook(hook, with_kwargs=True)
+        for m in peft_model.modules()
+        if isinstance(m, LoraLayer)
+    ]
 
 
 def training_signature(args: MetisConfig) -> dict[str, Any]:

@@ -43,10 +43,12 @@ from tqdm.auto import tqdm
 from metis_hf.files import replace_dir
 from metis_hf.merging import get_merge_method
 from metis_hf.merging.checks import check_task_vectors
+from metis_hf.merging.spec import MergeSpec
 from metis_hf.merging.task_vectors import (
     check_same_keys,
     check_space,
     key_seed,
+    lora_config_at_rank,
     lora_scaling,
     merge_lora_states,
 )
@@ -116,8 +118,7 @@ class MergeConfig:
     def _space(cls, space: str | None, info: ValidationInfo) -> str:
         method = info.data.get("merge_method")
         if space is None:
-            on_matrices = method is not None and get_merge_method(method).operates_on == "matrices"
-            return "core" if on_matrices else "lora"
+            return MergeSpec(method).default_space if method is not None else "lora"
         return check_space(space)
 
     @field_validator("rank")
@@ -505,17 +506,29 @@ def _merge_adapters(config, folders, params, out: Path, progress: bool) -> Merge
         dtype=torch.float32,  # the factors are cast to the output dtype when written
         **params,
     )
-    layout = [(key, list(merged[key].shape), dtype) for key in sorted(merged)]
-    writer = StreamingShardWriter(out, "adapter_model", layout, config.max_shard_size_mb << 20)
-    for key in tqdm(sorted(merged), desc="writing", disable=not progress):
-        writer.add(key, merged[key].to(dtype))
-    writer.close()
-    output_config = dict(configs[0])
-    if rank != configs[0]["r"]:  # keep the first adapter's scaling at the new rank
-        root = math.sqrt(rank) if configs[0].get("use_rslora") else rank
-        output_config.update(r=rank, lora_alpha=scalings[0] * root)
-    (out / "adapter_config.json").write_text(json.dumps(output_config, indent=2))
+    # the first adapter's scaling at the output rank
+    write_adapter(
+        out, merged, lora_config_at_rank(configs[0], rank), dtype, config.max_shard_size_mb << 20, progress
+    )
     return MergeSummary("adapter", len(merged), out, truncation, rank)
+
+
+def write_adapter(
+    out: Path,
+    factors: dict[str, torch.Tensor],
+    adapter_config: dict[str, Any],
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 << 30,
+    progress: bool = False,
+) -> None:
+    """A LoRA adapter in PEFT's layout in the folder ``out``: the factors (in ``dtype``, or each in
+    its own) as safetensors, in shards past ``max_shard_bytes``, and ``adapter_config.json``."""
+    layout = [(key, list(factors[key].shape), dtype or factors[key].dtype) for key in sorted(factors)]
+    writer = StreamingShardWriter(out, "adapter_model", layout, max_shard_bytes)
+    for key, _, key_dtype in tqdm(layout, desc="writing", disable=not progress):
+        writer.add(key, factors[key].to(key_dtype))
+    writer.close()
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
 
 
 def _check_factor_ranks(

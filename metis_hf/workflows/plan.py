@@ -32,7 +32,7 @@ from metis_hf.models import BUILTIN_MODELS, builtin_folder
 from metis_hf.recipe import (
     Recipe,
     RecipeError,
-    compare_drops_training_params,
+    compare_merge_spec,
     lora_config_from_recipe,
     metis_config_from_recipe,
 )
@@ -220,7 +220,8 @@ def plan_recipe(
     # use_cpu: the settings are checked here, on whatever machine; fp16/bf16 are read from the recipe
     args = metis_config_from_recipe(recipe, output_dir, use_cpu=True)
     for name in {*recipe.compare.post_hoc_methods, *recipe.compare.many_shot_methods}:
-        method, params = recipe.compare.resolve(name)
+        spec = compare_merge_spec(recipe, name)
+        method, params = spec.method, dict(spec.params)
         params = {k: v for k, v in params.items() if v != "auto"}
         overrides = {**recipe.compare.training_overrides(name), "use_cpu": True}
         try:
@@ -232,9 +233,6 @@ def plan_recipe(
     lora = lora_config_from_recipe(recipe)
     shape = model_shape(recipe.model)
     problems = _check_datasets(recipe) + _check_harness(recipe) + _check_examples_keep_tokens(recipe, args)
-    dropped = compare_drops_training_params(recipe)
-    if dropped:
-        problems.append(f"compare: {dropped}")
 
     tasks = [t.name for t in recipe.tasks]
     count = len(tasks)

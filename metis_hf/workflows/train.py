@@ -8,10 +8,11 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from metis_hf.data import build_tasks
+from metis_hf.data import Task, build_tasks
 from metis_hf.evaluation import TaskScore, format_score_table, score_tasks
 from metis_hf.evaluation.suite import card_results
 from metis_hf.files import replace_dir, write_json
@@ -41,6 +42,37 @@ def _scores(model, tokenizer, tasks, recipe: Recipe) -> dict[str, TaskScore]:
     )
 
 
+def trainer_from_recipe(
+    recipe: Recipe,
+    args,
+    tasks: Mapping[str, Task],
+    model=None,
+    tokenizer=None,
+    callbacks: list | None = None,
+):
+    """A MetisTrainer on the recipe's model (loaded unless given, with its tokenizer) and LoRA
+    settings, training on each task's train split with its validation split."""
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(recipe.model)
+    return trainer_for_tasks(model, tokenizer, args, tasks, lora_config_from_recipe(recipe), callbacks)
+
+
+def trainer_for_tasks(model, tokenizer, args, tasks: Mapping[str, Task], peft_config=None, callbacks=None):
+    """A MetisTrainer training on each task's train split with its validation split (LoRA: the
+    trainer's default unless ``peft_config``)."""
+    from metis_hf.training import MetisTrainer
+
+    return MetisTrainer(
+        model=model,
+        args=args,
+        train_dataset={name: task.train for name, task in tasks.items()},
+        eval_dataset={name: task.validation for name, task in tasks.items()},
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+
+
 def get_last_checkpoint_in(folder: Path) -> str | None:
     """The latest ``checkpoint-N`` folder in ``folder``, if any."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -62,9 +94,8 @@ def run_training(
     merged adapter is complete. ``resume``: continue an interrupted run from a checkpoint folder,
     or (True) from the latest checkpoint in ``output_dir``; the recipe's
     ``training.resume_from_checkpoint`` does the same."""
-    from metis_hf.training import MetisTrainer
+    from metis_hf.training.round_merge import ROUNDS_FILE
     from metis_hf.training.rounds import check_merge_settings
-    from metis_hf.training.trainer import ROUNDS_FILE
 
     recipe = load_recipe(recipe_path, overrides)
     output_dir = Path(output_dir)
@@ -92,7 +123,7 @@ def run_training(
             f"{output_dir} holds an earlier run ({', '.join(earlier)}); pass --overwrite to replace it"
             f"{checkpoints}, or choose another --output-dir."
         )
-    lora = lora_config_from_recipe(recipe)
+    lora_config_from_recipe(recipe)  # a bad lora section fails before any work
     try:
         check_merge_settings(args, [t.name for t in recipe.tasks])
     except ValueError as err:
@@ -112,14 +143,7 @@ def run_training(
     if evaluate:
         tables["base"] = _scores(model, tokenizer, tasks, recipe)
         print(format_score_table(tables))
-    trainer = MetisTrainer(
-        model=model,
-        args=args,
-        train_dataset={name: t.train for name, t in tasks.items()},
-        eval_dataset={name: t.validation for name, t in tasks.items()},
-        processing_class=tokenizer,
-        peft_config=lora,
-    )
+    trainer = trainer_from_recipe(recipe, args, tasks, model, tokenizer)
     trained_at = time.time()
     if resume:
         print(f"[metis-hf] resuming from {resume}")
