@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from metis_hf.data import Task, TaskSpec
+from metis_hf.data import Task, TaskSpec, dataset_reference
 from metis_hf.evaluation.generation import TaskScore, score_task
 from metis_hf.hub import ALL_TASKS, CardResult, read_card_info, write_card
 from metis_hf.models import load_model, load_tokenizer
@@ -32,7 +32,6 @@ def card_results(
     """A card's ``model-index`` results: each task's ``metric`` on the ``split`` it was scored on
     (its dataset named by ``dataset_reference``, with the items scored) and the Avg and Worst over
     the tasks; with ``experts``, the same again normalized (merged / expert)."""
-    from metis_hf.data import dataset_reference
     from metis_hf.evaluation.combine import summarize
 
     if not scores:
@@ -238,7 +237,7 @@ def run_eval(
     an earlier eval output), adds normalized scores on ``metric``. Returns (and with ``output``
     writes) the results. With ``card``, the results also go into the card of ``model``, a folder
     metis-hf wrote, as its ``model-index`` metadata and results table (``metis-hf push`` uploads it)."""
-    from metis_hf.data import TaskSpec, build_tasks
+    from metis_hf.data import build_tasks
     from metis_hf.evaluation.combine import summarize
     from metis_hf.recipe import EvaluationSpec, load_recipe
 

@@ -123,7 +123,7 @@ def run_training(
             f"{output_dir} holds an earlier run ({', '.join(earlier)}); pass --overwrite to replace it"
             f"{checkpoints}, or choose another --output-dir."
         )
-    lora_config_from_recipe(recipe)  # a bad lora section fails before any work
+    lora = lora_config_from_recipe(recipe)
     try:
         check_merge_settings(args, [t.name for t in recipe.tasks])
     except ValueError as err:
@@ -143,7 +143,7 @@ def run_training(
     if evaluate:
         tables["base"] = _scores(model, tokenizer, tasks, recipe)
         print(format_score_table(tables))
-    trainer = trainer_from_recipe(recipe, args, tasks, model, tokenizer)
+    trainer = trainer_for_tasks(model, tokenizer, args, tasks, lora)
     trained_at = time.time()
     if resume:
         print(f"[metis-hf] resuming from {resume}")
